@@ -1,0 +1,3 @@
+from qfleet.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,65 @@
+"""DQN (Mnih et al. 2015) with double, dueling, n-step and Huber options.
+
+Row of DESIGN.md: loss DQN, data path local replay, aggregation single learner.
+Wiring only: one or more actors write n-step chunks into one replay, one learner
+samples it, and actors pull the learner's snapshot when its version moved.
+"""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from qfleet.algos.program import ActorLearnerProgram, Schedule
+from qfleet.config import Config
+from qfleet.envs import make_vec_env
+from qfleet.nets import QNetwork, make_q_network
+from qfleet.policies import LinearSchedule
+from qfleet.replay import Replay, make_replay
+from qfleet.roles import Actor, DQNLearner
+
+
+def _spaces(cfg: Config) -> tuple[gym.spaces.Box, int]:
+    probe = make_vec_env(cfg.env, num_envs=1)
+    obs_space, act_space = probe.single_observation_space, probe.single_action_space
+    probe.close()
+    assert isinstance(obs_space, gym.spaces.Box) and isinstance(act_space, gym.spaces.Discrete)
+    return obs_space, int(act_space.n)
+
+
+def build(cfg: Config) -> ActorLearnerProgram:
+    obs_space, num_actions = _spaces(cfg)
+    obs_shape = tuple(obs_space.shape)
+
+    def new_net() -> QNetwork:
+        return make_q_network(cfg.net, obs_shape, num_actions)
+
+    torch.manual_seed(cfg.seed)
+    learner_net = new_net()  # built first so a seed gives the same initial weights
+    steps_per_actor = cfg.train.total_env_steps // cfg.actors.count
+    epsilon = LinearSchedule(cfg.actors.eps_start, cfg.actors.eps_end,
+                             int(cfg.actors.eps_fraction * steps_per_actor))
+
+    def make_actor(index: int) -> Actor:
+        return Actor(cfg.env, new_net(), n_step=cfg.algo.n_step, gamma=cfg.algo.gamma,
+                     epsilon=epsilon, seed=cfg.seed, index=index)
+
+    def make_learner() -> DQNLearner:
+        return DQNLearner(learner_net, cfg.learner, cfg.algo)
+
+    def make_replay_() -> Replay:
+        return make_replay(cfg.replay, obs_shape, obs_space.dtype,
+                           np.random.default_rng([cfg.seed, 7919]))
+
+    return ActorLearnerProgram(
+        num_actors=cfg.actors.count,
+        make_actor=make_actor,
+        make_learner=make_learner,
+        make_replay=make_replay_,
+        make_eval_net=new_net,
+        schedule=Schedule(batch_size=cfg.learner.batch_size,
+                          learning_starts=cfg.learner.learning_starts,
+                          train_every=cfg.learner.train_every,
+                          updates_per_round=cfg.learner.updates_per_round,
+                          chunk_steps=cfg.actors.chunk_size))

@@ -1,0 +1,39 @@
+"""What an algorithm hands a backend: role factories plus the schedule that connects them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from qfleet.replay import Replay
+from qfleet.roles import Actor, DQNLearner
+
+
+@dataclass(frozen=True)
+class Schedule:
+    batch_size: int
+    learning_starts: int  # env steps before the first update
+    train_every: int  # env steps per training round
+    updates_per_round: int
+    chunk_steps: int  # vector steps per actor chunk
+
+    def updates_owed(self, env_steps: int) -> int:
+        """Total updates due after ``env_steps`` (the replay ratio, as a step function)."""
+        if env_steps < self.learning_starts:
+            return 0
+        rounds = (env_steps - self.learning_starts) // self.train_every + 1
+        return rounds * self.updates_per_round
+
+
+@dataclass(frozen=True)
+class ActorLearnerProgram:
+    """Actors -> replay -> learner, parameters flowing back as versioned snapshots."""
+
+    num_actors: int
+    make_actor: Callable[[int], Actor]
+    make_learner: Callable[[], DQNLearner]
+    make_replay: Callable[[], Replay]
+    make_eval_net: Callable[[], nn.Module]
+    schedule: Schedule

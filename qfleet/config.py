@@ -1,0 +1,325 @@
+"""Configuration: dataclasses are the one source of truth.
+
+Every field carries its allowed range in ``field(metadata=...)`` so one generic
+validator can name the key, the value and what is allowed. Presets are TOML files
+under ``qfleet/presets``; ``--set section.key=value`` overrides any field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration mistake; the CLI prints it and exits with code 2."""
+
+
+def _f(default: Any, *, lo: float | None = None, hi: float | None = None,
+       gt: float | None = None, choices: tuple[Any, ...] | None = None,
+       help: str = "") -> Any:
+    meta = {"lo": lo, "hi": hi, "gt": gt, "choices": choices, "help": help}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class EnvConfig:
+    id: str = _f("CartPole-v1", help="Gymnasium id or module:Class")
+    num_envs: int = _f(1, lo=1, help="environments per actor, stepped as one vector env")
+    max_episode_steps: int = _f(0, lo=0, help="0 keeps the env's own limit")
+    frame_stack: int = _f(4, lo=1, help="frames stacked for Atari ids")
+
+
+@dataclass
+class AlgoConfig:
+    name: str = _f("dqn", choices=("dqn",))
+    gamma: float = _f(0.99, lo=0.0, hi=1.0)
+    n_step: int = _f(1, lo=1, hi=100)
+    double: bool = _f(True)
+
+
+@dataclass
+class NetConfig:
+    torso: str = _f("auto", choices=("auto", "mlp", "cnn"))
+    hidden: list[int] = _f([256, 256])
+    dueling: bool = _f(False)
+
+
+@dataclass
+class ReplayConfig:
+    kind: str = _f("uniform", choices=("uniform",))
+    capacity: int = _f(100_000, lo=1)
+    alpha: float = _f(0.6, lo=0.0, help="prioritization exponent: p = (|td| + eps) ** alpha")
+    beta0: float = _f(0.4, lo=0.0, hi=1.0, help="initial IS exponent, annealed to 1")
+    eps: float = _f(1e-6, gt=0.0, help="added to |td| so no priority is zero")
+    shards: int = _f(1, lo=1, help="prioritized shards sampled by total priority")
+
+
+@dataclass
+class LearnerConfig:
+    lr: float = _f(1e-3, gt=0.0)
+    batch_size: int = _f(64, lo=1)
+    learning_starts: int = _f(1000, lo=0, help="env steps collected before the first update")
+    train_every: int = _f(256, lo=1, help="env steps between training rounds")
+    updates_per_round: int = _f(128, lo=1, help="gradient steps per training round")
+    target_update_every: int = _f(128, lo=1, help="updates between hard target copies")
+    tau: float = _f(1.0, gt=0.0, hi=1.0, help="1.0 = hard copy, <1 = Polyak every update")
+    huber: bool = _f(True)
+    max_grad_norm: float = _f(10.0, lo=0.0, help="0 disables clipping")
+    adam_eps: float = _f(1e-8, gt=0.0)
+    device: str = _f("auto", choices=("auto", "cpu", "cuda"))
+
+
+@dataclass
+class ActorsConfig:
+    count: int = _f(1, lo=1)
+    eps_start: float = _f(1.0, lo=0.0, hi=1.0)
+    eps_end: float = _f(0.04, lo=0.0, hi=1.0)
+    eps_fraction: float = _f(0.16, gt=0.0, hi=1.0, help="share of total steps to anneal over")
+    chunk_size: int = _f(64, lo=1, help="vector steps an actor takes per chunk")
+
+
+@dataclass
+class RuntimeConfig:
+    backend: str = _f("inline", choices=("inline",))
+    torch_threads: int = _f(1, lo=0, help="0 keeps torch's default")
+
+
+@dataclass
+class TrainConfig:
+    total_env_steps: int = _f(50_000, lo=1)
+    eval_every: int = _f(5_000, lo=0, help="env steps between greedy evals; 0 = only at the end")
+    eval_episodes: int = _f(20, lo=1)
+    target_return: float | None = _f(None, help="stop once a greedy eval reaches it")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = _f(10_000, lo=0, help="env steps between checkpoints; 0 = only at the end")
+    replay: bool = _f(False, help="also save the replay buffer")
+
+
+@dataclass
+class LogConfig:
+    every: int = _f(1_000, lo=1, help="env steps between metric lines")
+    tensorboard: bool = _f(True)
+    progress: bool = _f(True)
+
+
+@dataclass
+class Config:
+    seed: int = _f(0, lo=0)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    net: NetConfig = field(default_factory=NetConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    actors: ActorsConfig = field(default_factory=ActorsConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    description: str = _f("", help="one line shown by `qfleet presets`")
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+# ---------------------------------------------------------------- validation
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType")):
+        return any(_type_ok(value, arg) for arg in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "none")
+
+
+def _check_field(key: str, value: Any, tp: Any, meta: typing.Mapping[str, Any]) -> None:
+    if not _type_ok(value, tp):
+        raise ConfigError(f"{key} = {value!r}: expected {_type_name(tp)}, "
+                          f"got {type(value).__name__}")
+    if value is None:
+        return
+    if meta.get("choices") and value not in meta["choices"]:
+        allowed = ", ".join(repr(c) for c in meta["choices"])
+        raise ConfigError(f"{key} = {value!r}: not one of {allowed}")
+    if meta.get("lo") is not None and value < meta["lo"]:
+        raise ConfigError(f"{key} = {value!r}: must be >= {meta['lo']}")
+    if meta.get("hi") is not None and value > meta["hi"]:
+        raise ConfigError(f"{key} = {value!r}: must be <= {meta['hi']}")
+    if meta.get("gt") is not None and value <= meta["gt"]:
+        raise ConfigError(f"{key} = {value!r}: must be > {meta['gt']}")
+
+
+def _fields(obj: Any) -> dict[str, dataclasses.Field[Any]]:
+    return {f.name: f for f in dataclasses.fields(obj)}
+
+
+def validate(cfg: Config) -> None:
+    hints = typing.get_type_hints(Config)
+    for name, f in _fields(cfg).items():
+        value = getattr(cfg, name)
+        if dataclasses.is_dataclass(value):
+            section_hints = typing.get_type_hints(type(value))
+            for sub, sf in _fields(value).items():
+                _check_field(f"{name}.{sub}", getattr(value, sub), section_hints[sub], sf.metadata)
+        else:
+            _check_field(name, value, hints[name], f.metadata)
+    if any(h < 1 for h in cfg.net.hidden):
+        raise ConfigError(f"net.hidden = {cfg.net.hidden!r}: every layer width must be >= 1")
+    from qfleet.envs import check_env_id  # late: gymnasium's registry is only needed here
+
+    check_env_id(cfg.env.id)
+    if cfg.actors.eps_end > cfg.actors.eps_start:
+        raise ConfigError(f"actors.eps_end = {cfg.actors.eps_end}: must be <= "
+                          f"actors.eps_start ({cfg.actors.eps_start})")
+
+
+# ---------------------------------------------------------------- building
+
+def _unknown(key: str, known: typing.Iterable[str]) -> ConfigError:
+    close = difflib.get_close_matches(key.split(".")[-1], list(known), n=1)
+    prefix = key.rsplit(".", 1)[0] + "." if "." in key else ""
+    hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+    return ConfigError(f"unknown key {key!r}{hint}; allowed: {', '.join(sorted(known))}")
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Build a validated Config from nested dicts, rejecting unknown keys."""
+    top = _fields(Config)
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        if name not in top:
+            raise _unknown(name, top)
+        section_type = typing.get_type_hints(Config)[name]
+        if dataclasses.is_dataclass(section_type):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{name} = {value!r}: expected a [{name}] table")
+            known = _fields(section_type)
+            for sub in value:
+                if sub not in known:
+                    raise _unknown(f"{name}.{sub}", known)
+            kwargs[name] = section_type(**value)  # type: ignore[operator]
+        else:
+            kwargs[name] = value
+    return Config(**kwargs)
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # a bare word: treat as a string (env.id=CartPole-v1)
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply one ``section.key=value`` override to nested dicts (validated later)."""
+    if "=" not in override:
+        raise ConfigError(f"--set {override!r}: expected section.key=value")
+    key, _, text = override.partition("=")
+    key = key.strip()
+    parts = key.split(".")
+    top = _fields(Config)
+    if parts[0] not in top:
+        raise _unknown(parts[0], top)
+    section_type = typing.get_type_hints(Config)[parts[0]]
+    if dataclasses.is_dataclass(section_type):
+        if len(parts) != 2:
+            raise ConfigError(f"--set {override!r}: expected {parts[0]}.<key>=value")
+        if parts[1] not in _fields(section_type):
+            raise _unknown(key, _fields(section_type))
+        data.setdefault(parts[0], {})[parts[1]] = _parse_value(text.strip())
+    elif len(parts) == 1:
+        data[parts[0]] = _parse_value(text.strip())
+    else:
+        raise _unknown(key, top)
+
+
+# ---------------------------------------------------------------- loading
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: malformed TOML: {err}") from None
+
+
+def resolve_source(preset_or_path: str | Path) -> Path:
+    """A preset name or a path to a TOML file -> the file to read."""
+    text = str(preset_or_path)
+    if text.endswith(".toml") or "/" in text or Path(text).is_file():
+        path = Path(text)
+        if not path.is_file():
+            raise ConfigError(f"config file {text!r} does not exist")
+        return path
+    if (PRESET_DIR / f"{text}.toml").is_file():
+        return PRESET_DIR / f"{text}.toml"
+    close = difflib.get_close_matches(text, preset_names(), n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    raise ConfigError(f"unknown preset {text!r}{hint}; available: {', '.join(preset_names())}")
+
+
+def load_config(preset_or_path: str | Path = "cartpole-dqn",
+                overrides: typing.Sequence[str] = ()) -> Config:
+    """Load a preset name or TOML path, apply ``section.key=value`` overrides, validate."""
+    data = _read_toml(resolve_source(preset_or_path))
+    for override in overrides:
+        apply_override(data, override)
+    return from_dict(data)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def to_toml(cfg: Config) -> str:
+    """Every field, resolved, as TOML (``None`` fields are written as comments)."""
+    lines: list[str] = []
+    sections: list[tuple[str, dict[str, Any]]] = []
+    for name, value in to_dict(cfg).items():
+        if isinstance(value, dict):
+            sections.append((name, value))
+        elif value is not None:
+            lines.append(f"{name} = {_toml_value(value)}")
+    for name, values in sections:
+        lines.append(f"\n[{name}]")
+        for key, value in values.items():
+            lines.append(f"# {key} = (unset)" if value is None else f"{key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,77 @@
+"""Greedy evaluation: whole episodes, batched across envs, seeded apart from training."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torch import nn
+
+from qfleet.config import EnvConfig
+from qfleet.envs import env_fn, make_vec_env, seeds_for
+
+EVAL_STREAM = 999_983  # seed stream of eval envs, far from the actors' streams
+MAX_PARALLEL = 20
+
+
+@dataclass
+class EvalResult:
+    returns: list[float]
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.returns))
+
+    @property
+    def std(self) -> float:
+        return float(np.std(self.returns))
+
+
+@torch.no_grad()
+def _greedy(net: nn.Module, obs_EO: np.ndarray) -> np.ndarray:
+    device = next(net.parameters()).device
+    return net(torch.as_tensor(obs_EO, device=device)).argmax(dim=1).cpu().numpy()
+
+
+def evaluate(net: nn.Module, env_cfg: EnvConfig, episodes: int, seed: int) -> EvalResult:
+    """Run ``episodes`` greedy episodes; each env in a wave counts only its first episode,
+    so short episodes are not over-represented."""
+    returns: list[float] = []
+    seeds = seeds_for(seed, EVAL_STREAM, episodes)
+    was_training = net.training
+    net.eval()
+    while len(returns) < episodes:
+        wave = min(MAX_PARALLEL, episodes - len(returns))
+        env = make_vec_env(env_cfg, num_envs=wave)
+        obs_EO, _ = env.reset(seed=seeds[len(returns): len(returns) + wave])
+        ret_E, alive_E = np.zeros(wave), np.ones(wave, dtype=bool)
+        while alive_E.any():
+            obs_EO, reward_E, term_E, trunc_E, _ = env.step(_greedy(net, obs_EO))
+            ret_E += reward_E * alive_E
+            alive_E &= ~(term_E | trunc_E)
+        env.close()
+        returns += ret_E.tolist()
+    net.train(was_training)
+    return EvalResult(returns)
+
+
+def record_video(net: nn.Module, env_cfg: EnvConfig, episodes: int, seed: int,
+                 video_dir: Path) -> EvalResult:
+    """Greedy episodes one at a time through Gymnasium's RecordVideo (needs rgb_array)."""
+    env = gym.wrappers.RecordVideo(env_fn(env_cfg, render_mode="rgb_array")(), str(video_dir),
+                                   episode_trigger=lambda _: True, disable_logger=True)
+    returns = []
+    for seed_i in seeds_for(seed, EVAL_STREAM, episodes):
+        obs, _ = env.reset(seed=seed_i)
+        done, total = False, 0.0
+        while not done:
+            action = int(_greedy(net, np.asarray(obs)[None])[0])
+            obs, reward, term, trunc, _ = env.step(action)
+            total += float(reward)
+            done = term or trunc
+        returns.append(total)
+    env.close()
+    return EvalResult(returns)

@@ -1,0 +1,231 @@
+"""run_experiment: the training loop around any backend runner.
+
+The runner moves data between roles; this loop only counts, logs, evaluates and
+checkpoints. It reads top to bottom: build, (restore), step until done, finish.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import numpy as np
+import torch
+
+from qfleet import checkpoint
+from qfleet.algos import build_program
+from qfleet.config import Config, to_toml
+from qfleet.evaluate import evaluate
+from qfleet.metrics import MetricsWriter
+from qfleet.progress import ProgressLine
+from qfleet.runtime import RoundReport, make_runner
+
+
+@dataclass
+class Result:
+    eval_return_mean: float
+    eval_return_std: float
+    eval_episodes: int
+    env_steps: int
+    updates: int
+    wall_s: float
+    env_steps_per_s: float
+    best_eval_return_mean: float
+    solved_at_env_steps: int | None  # first eval >= train.target_return, if one is set
+    solved_at_wall_s: float | None
+    run_dir: str
+
+
+class Interrupted(KeyboardInterrupt):
+    """Raised after Ctrl-C / SIGTERM once a checkpoint has been written."""
+
+    def __init__(self, signum: int, ckpt: Path) -> None:
+        super().__init__(f"{signal.Signals(signum).name}: checkpoint saved to {ckpt}")
+        self.exit_code = 128 + signum
+        self.checkpoint = ckpt
+
+
+class _StopFlag:
+    """First Ctrl-C/SIGTERM asks the loop to stop after the current round (a safe point to
+    checkpoint); a second one interrupts at once."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+
+def _install_handlers(stop: _StopFlag) -> dict[int, Any]:
+    """Route SIGINT/SIGTERM to ``stop``; only the main thread may set handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+
+
+def default_run_dir(cfg: Config, name: str | None = None) -> Path:
+    stem = name or f"{cfg.env.id.split('/')[-1].split(':')[-1].lower()}-{cfg.algo.name}"
+    return Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+class Experiment:
+    def __init__(self, cfg: Config, run_dir: Path) -> None:
+        self.cfg, self.run_dir = cfg, run_dir
+        if cfg.runtime.torch_threads:
+            torch.set_num_threads(cfg.runtime.torch_threads)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.toml").write_text(to_toml(cfg))
+        self.runner = make_runner(cfg.runtime.backend, build_program(cfg))
+        self.wall_offset = 0.0
+        self.episodes: deque[float] = deque(maxlen=20)
+        self.window: list[RoundReport] = []
+        self.last_eval: tuple[int, float, float] | None = None  # (env_steps, mean, std)
+        self.best_eval = -float("inf")
+        self.solved: tuple[int, float] | None = None
+        t = cfg.train
+        self.next_log, self.next_eval, self.next_ckpt = cfg.log.every, t.eval_every, \
+            cfg.checkpoint.every
+
+    # ------------------------------------------------------------ state
+
+    def wall_s(self) -> float:
+        return self.wall_offset + time.perf_counter() - self.t0
+
+    def save_checkpoint(self) -> Path:
+        tensors, meta, replay = self.runner.state(self.cfg.checkpoint.replay)
+        meta |= {"wall_s": self.wall_s(), "best_eval": self.best_eval, "solved": self.solved,
+                 "recent_returns": list(self.episodes),
+                 "next": [self.next_log, self.next_eval, self.next_ckpt]}
+        return checkpoint.save(self.run_dir / "checkpoints", self.runner.env_steps, tensors,
+                               meta, replay)
+
+    def restore(self, ckpt: Path) -> None:
+        tensors, meta, replay = checkpoint.load(ckpt)
+        self.runner.restore(tensors, meta, replay)
+        self.wall_offset = meta["wall_s"]
+        self.best_eval, self.solved = meta["best_eval"], meta["solved"]
+        self.episodes.extend(meta["recent_returns"])
+        self.next_log, self.next_eval, self.next_ckpt = meta["next"]
+
+    # ------------------------------------------------------------ loop
+
+    def run(self) -> Result:
+        cfg = self.cfg
+        self.t0 = time.perf_counter()
+        self.t_window = self.t0
+        self.metrics = MetricsWriter(self.run_dir, cfg.log.tensorboard)
+        self.progress = ProgressLine(cfg.train.total_env_steps, cfg.log.progress,
+                                     self.runner.env_steps)
+        stop = _StopFlag()
+        handlers = _install_handlers(stop)
+        try:
+            while self.runner.env_steps < cfg.train.total_env_steps and not self._target_hit():
+                self._after_round(self.runner.step())
+                if stop.signum is not None:
+                    raise Interrupted(stop.signum, self.save_checkpoint())
+            return self._finish()
+        finally:
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+            self.progress.close()
+            self.metrics.close()
+            self.runner.close()
+
+    def _target_hit(self) -> bool:
+        return self.cfg.train.target_return is not None and self.solved is not None
+
+    def _after_round(self, report: RoundReport) -> None:
+        self.window.append(report)
+        self.episodes.extend(report.episode_returns)
+        steps = self.runner.env_steps
+        if steps >= self.next_log:
+            self._log_train()
+            self.next_log = steps + self.cfg.log.every
+        if self.cfg.train.eval_every and steps >= self.next_eval:
+            self._eval()
+            self.next_eval = steps + self.cfg.train.eval_every
+        if self.cfg.checkpoint.every and steps >= self.next_ckpt:
+            self.save_checkpoint()
+            self.next_ckpt = steps + self.cfg.checkpoint.every
+
+    def _log_train(self) -> None:
+        now = time.perf_counter()
+        win, self.window = self.window, []
+        steps = sum(r.env_steps for r in win)
+        updates = sum(r.updates for r in win)
+        dt = max(now - self.t_window, 1e-9)
+        self.t_window = now
+        actor = self.runner.actors[0]
+        record: dict[str, Any] = {
+            "env_steps": self.runner.env_steps, "wall_s": round(self.wall_s(), 3),
+            "updates": self.runner.updates, "env_steps_per_s": steps / dt,
+            "updates_per_s": updates / dt,
+            "return_mean": float(np.mean(self.episodes)) if self.episodes else None,
+            "episodes": sum(len(r.episode_returns) for r in win),
+            "epsilon": actor.epsilon(actor.env_steps),
+            "loss": sum(r.loss_sum for r in win) / updates if updates else None,
+            "q_mean": sum(r.q_sum for r in win) / updates if updates else None,
+            "param_lag": sum(r.param_lag_sum for r in win) / max(1, sum(r.chunks for r in win)),
+            "replay_size": len(self.runner.replay),
+        }
+        self.metrics.write("train", record)
+        last = self.last_eval[1] if self.last_eval else None
+        self.progress.update(record | {"eval_return_mean": last})
+
+    def _eval(self) -> tuple[float, float]:
+        steps = self.runner.env_steps
+        if self.last_eval is not None and self.last_eval[0] == steps:
+            return self.last_eval[1], self.last_eval[2]
+        res = evaluate(self.runner.policy_net, self.cfg.env, self.cfg.train.eval_episodes,
+                       self.cfg.seed)
+        self.last_eval = (steps, res.mean, res.std)
+        self.best_eval = max(self.best_eval, res.mean)
+        target = self.cfg.train.target_return
+        if target is not None and self.solved is None and res.mean >= target:
+            self.solved = (steps, self.wall_s())
+        self.metrics.write("eval", {"env_steps": steps, "wall_s": round(self.wall_s(), 3),
+                                    "eval_return_mean": res.mean, "eval_return_std": res.std,
+                                    "eval_episodes": len(res.returns)})
+        return res.mean, res.std
+
+    def _finish(self) -> Result:
+        mean, std = self._eval()
+        ckpt = self.save_checkpoint()
+        wall = self.wall_s()
+        result = Result(
+            eval_return_mean=mean, eval_return_std=std,
+            eval_episodes=self.cfg.train.eval_episodes, env_steps=self.runner.env_steps,
+            updates=self.runner.updates, wall_s=wall,
+            env_steps_per_s=self.runner.env_steps / max(wall, 1e-9),
+            best_eval_return_mean=self.best_eval,
+            solved_at_env_steps=self.solved[0] if self.solved else None,
+            solved_at_wall_s=self.solved[1] if self.solved else None,
+            run_dir=str(self.run_dir))
+        (self.run_dir / "result.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
+        self.progress.print(f"checkpoint: {ckpt}")
+        return result
+
+
+def train(cfg: Config, run_dir: str | Path | None = None) -> Result:
+    """Train ``cfg`` in a new run directory; returns the final greedy evaluation and counters."""
+    return Experiment(cfg, Path(run_dir) if run_dir else default_run_dir(cfg)).run()
+
+
+def resume(run_dir: str | Path, cfg: Config | None = None) -> Result:
+    """Continue a run from its latest checkpoint (``cfg`` defaults to the run's config.toml)."""
+    from qfleet.config import load_config
+
+    run_dir = Path(run_dir)
+    ckpt = checkpoint.find(run_dir)
+    exp = Experiment(cfg or load_config(run_dir / "config.toml"), run_dir)
+    exp.restore(ckpt)
+    return exp.run()

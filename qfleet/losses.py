@@ -1,0 +1,51 @@
+"""Losses: pure functions from a batch and networks to (loss, per-sample TD errors)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class TorchBatch:
+    obs_BO: torch.Tensor
+    action_B: torch.Tensor
+    reward_B: torch.Tensor
+    discount_B: torch.Tensor
+    next_obs_BO: torch.Tensor
+    weights_B: torch.Tensor
+
+
+@dataclass
+class LossOut:
+    loss: torch.Tensor  # scalar, differentiable
+    td_B: torch.Tensor  # target - q, detached: prioritized replay turns it into priorities
+    q_mean: torch.Tensor  # detached, for logging
+
+
+def dqn_loss(online: nn.Module, target: nn.Module, batch: TorchBatch, *, double: bool,
+             huber: bool) -> LossOut:
+    """n-step (double) DQN: y = r + discount * Q_target(s', a*), IS-weighted Huber/L2.
+
+    ``discount`` already folds gamma**n and termination (0 = no bootstrap).
+    """
+    q_BA = online(batch.obs_BO)
+    q_B = q_BA.gather(1, batch.action_B.unsqueeze(1)).squeeze(1)
+    with torch.no_grad():
+        next_target_BA = target(batch.next_obs_BO)
+        if double:  # choose with the online net, evaluate with the target (van Hasselt 2016)
+            next_action_B = online(batch.next_obs_BO).argmax(dim=1)
+            next_q_B = next_target_BA.gather(1, next_action_B.unsqueeze(1)).squeeze(1)
+        else:
+            next_q_B = next_target_BA.max(dim=1).values
+        y_B = batch.reward_B + batch.discount_B * next_q_B
+    td_B = y_B - q_B
+    if huber:
+        per_sample_B = F.smooth_l1_loss(q_B, y_B, reduction="none")
+    else:
+        per_sample_B = 0.5 * td_B.pow(2)
+    loss = (batch.weights_B * per_sample_B).mean()
+    return LossOut(loss, td_B.detach(), q_B.detach().mean())

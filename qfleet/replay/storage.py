@@ -1,0 +1,52 @@
+"""Preallocated NumPy ring storage: fixed capacity, oldest entries overwritten first."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qfleet.replay.transitions import FIELDS, Transitions
+
+
+class RingStorage:
+    def __init__(self, capacity: int, obs_shape: tuple[int, ...], obs_dtype: np.dtype) -> None:
+        self.capacity = capacity
+        self.arrays = {
+            "obs_NO": np.zeros((capacity, *obs_shape), dtype=obs_dtype),
+            "action_N": np.zeros(capacity, dtype=np.int64),
+            "reward_N": np.zeros(capacity, dtype=np.float32),
+            "discount_N": np.zeros(capacity, dtype=np.float32),
+            "next_obs_NO": np.zeros((capacity, *obs_shape), dtype=obs_dtype),
+        }
+        self.cursor = 0  # next slot to write
+        self.size = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values())
+
+    def add(self, chunk: Transitions) -> np.ndarray:
+        """Write a chunk, wrapping around; returns the slots written."""
+        n = len(chunk)
+        if n > self.capacity:  # only the newest `capacity` survive anyway
+            chunk = Transitions(*(getattr(chunk, f)[-self.capacity:] for f in FIELDS))
+            n = self.capacity
+        slots_N = (self.cursor + np.arange(n)) % self.capacity
+        for name in FIELDS:
+            self.arrays[name][slots_N] = getattr(chunk, name)
+        self.cursor = int((self.cursor + n) % self.capacity)
+        self.size = min(self.size + n, self.capacity)
+        return slots_N
+
+    def get(self, slots_B: np.ndarray) -> Transitions:
+        return Transitions(*(self.arrays[name][slots_B] for name in FIELDS))
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        state = {name: arr[: self.size] if self.size < self.capacity else arr
+                 for name, arr in self.arrays.items()}
+        state["meta"] = np.array([self.cursor, self.size], dtype=np.int64)
+        return state
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        self.cursor, self.size = (int(v) for v in state["meta"])
+        for name in FIELDS:
+            self.arrays[name][: len(state[name])] = state[name]
