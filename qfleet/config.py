@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -50,7 +51,7 @@ class AlgoConfig:
 @dataclass
 class NetConfig:
     torso: str = _f("auto", choices=("auto", "mlp", "cnn"))
-    hidden: list[int] = _f([256, 256])
+    hidden: list[int] = _f([256, 256])  # noqa: RUF009 (_f gives lists a default_factory)
     dueling: bool = _f(False)
 
 
@@ -138,7 +139,7 @@ class Config:
 
 def _type_ok(value: Any, tp: Any) -> bool:
     origin = typing.get_origin(tp)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType")):
+    if origin in (typing.Union, __import__("types").UnionType):
         return any(_type_ok(value, arg) for arg in typing.get_args(tp))
     if tp is type(None):
         return value is None

@@ -102,7 +102,14 @@ def check_spaces(env_id: str, obs_space: gym.Space[Any], act_space: gym.Space[An
                           "allowed: a flat Box (MLP torso) or an image Box (C,H,W) (CNN torso)")
 
 
-def seeds_for(base_seed: int, stream: int, count: int) -> list[int]:
+def seeds_for(base_seed: int, stream: int, count: int) -> list[int | None]:
     """Independent, reproducible per-env seeds for one stream (actor i, eval, ...)."""
     seq = np.random.SeedSequence([base_seed, stream])
     return [int(s) for s in seq.generate_state(count)]
+
+
+def box_space(env: SyncVectorEnv) -> tuple[tuple[int, ...], np.dtype[Any]]:
+    """Observation shape and dtype of one env (check_spaces already ensured a Box)."""
+    space = env.single_observation_space
+    assert isinstance(space, gym.spaces.Box)
+    return tuple(space.shape), space.dtype

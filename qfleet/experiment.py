@@ -102,7 +102,8 @@ class Experiment:
 
     def save_checkpoint(self) -> Path:
         tensors, meta, replay = self.runner.state(self.cfg.checkpoint.replay)
-        meta |= {"wall_s": self.wall_s(), "best_eval": self.best_eval, "solved": self.solved,
+        meta |= {"config": to_toml(self.cfg), "wall_s": self.wall_s(),
+                 "best_eval": self.best_eval, "solved": self.solved,
                  "recent_returns": list(self.episodes),
                  "next": [self.next_log, self.next_eval, self.next_ckpt]}
         return checkpoint.save(self.run_dir / "checkpoints", self.runner.env_steps, tensors,

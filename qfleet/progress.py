@@ -23,7 +23,7 @@ def _fmt(stats: dict[str, Any]) -> str:
 
 class ProgressLine:
     def __init__(self, total: int, enabled: bool, start: int = 0) -> None:
-        self.console = Console(stderr=True)
+        self.console = Console(stderr=True, soft_wrap=True)
         self.live = enabled and sys.stderr.isatty()
         self.enabled = enabled
         self.total = total

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from qfleet.config import EnvConfig
-from qfleet.envs import make_vec_env, seeds_for
+from qfleet.envs import box_space, make_vec_env, seeds_for
 from qfleet.policies import epsilon_greedy
 from qfleet.replay import NStepAccumulator, Transitions
 from qfleet.roles.params import ParamSnapshot
@@ -33,8 +33,8 @@ class Actor:
         self.epsilon = epsilon
         self.seed, self.index, self.resets = seed, index, 0
         self.rng = np.random.default_rng([seed, index])
-        space = self.env.single_observation_space
-        self.acc = NStepAccumulator(n_step, gamma, self.env.num_envs, space.shape, space.dtype)
+        obs_shape, obs_dtype = box_space(self.env)
+        self.acc = NStepAccumulator(n_step, gamma, self.env.num_envs, obs_shape, obs_dtype)
         self.version = -1
         self.env_steps = 0
         self.return_E = np.zeros(self.env.num_envs)

@@ -1,0 +1,36 @@
+# Two commands do all set-up on a fresh machine: `make train` and `make test`.
+# torch is pinned here (the CPU build that lies on disk); the package itself asks for a range.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: train test test-fast lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_PIN)"
+	$(BIN)/python -m pip install -q -e ".[test]" "$(TORCH_PIN)"
+	touch $(STAMP)
+
+train: $(STAMP)  ## train the default preset (CartPole DQN, about a minute)
+	$(BIN)/qfleet train cartpole-dqn
+
+test: $(STAMP) lint  ## lint, type-check, then every test including the slow learning lane
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)  ## the tests without the slow learning lane
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check qfleet tests benchmarks
+	$(BIN)/mypy qfleet
+
+bench: $(STAMP)  ## benchmarks need the peer libraries
+	$(BIN)/python -m pip install -q -e ".[bench]" "$(TORCH_PIN)"
+	$(BIN)/python benchmarks/cartpole_vs_sb3.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
