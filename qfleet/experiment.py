@@ -90,6 +90,7 @@ class Experiment:
         self.window: list[RoundReport] = []
         self.last_eval: tuple[int, float, float] | None = None  # (env_steps, mean, std)
         self.best_eval = -float("inf")
+        self.eval_s = 0.0  # wall time spent in greedy evals, so rates can exclude it
         self.solved: tuple[int, float] | None = None
         t = cfg.train
         self.next_log, self.next_eval, self.next_ckpt = cfg.log.every, t.eval_every, \
@@ -103,7 +104,7 @@ class Experiment:
     def save_checkpoint(self) -> Path:
         tensors, meta, replay = self.runner.state(self.cfg.checkpoint.replay)
         meta |= {"config": to_toml(self.cfg), "wall_s": self.wall_s(),
-                 "best_eval": self.best_eval, "solved": self.solved,
+                 "best_eval": self.best_eval, "solved": self.solved, "eval_s": self.eval_s,
                  "recent_returns": list(self.episodes),
                  "next": [self.next_log, self.next_eval, self.next_ckpt]}
         return checkpoint.save(self.run_dir / "checkpoints", self.runner.env_steps, tensors,
@@ -114,6 +115,7 @@ class Experiment:
         self.runner.restore(tensors, meta, replay)
         self.wall_offset = meta["wall_s"]
         self.best_eval, self.solved = meta["best_eval"], meta["solved"]
+        self.eval_s = meta["eval_s"]
         self.episodes.extend(meta["recent_returns"])
         self.next_log, self.next_eval, self.next_ckpt = meta["next"]
 
@@ -186,8 +188,10 @@ class Experiment:
         steps = self.runner.env_steps
         if self.last_eval is not None and self.last_eval[0] == steps:
             return self.last_eval[1], self.last_eval[2]
+        t0 = time.perf_counter()
         res = evaluate(self.runner.policy_net, self.cfg.env, self.cfg.train.eval_episodes,
                        self.cfg.seed)
+        self.eval_s += time.perf_counter() - t0
         self.last_eval = (steps, res.mean, res.std)
         self.best_eval = max(self.best_eval, res.mean)
         target = self.cfg.train.target_return
@@ -195,7 +199,8 @@ class Experiment:
             self.solved = (steps, self.wall_s())
         self.metrics.write("eval", {"env_steps": steps, "wall_s": round(self.wall_s(), 3),
                                     "eval_return_mean": res.mean, "eval_return_std": res.std,
-                                    "eval_episodes": len(res.returns)})
+                                    "eval_episodes": len(res.returns),
+                                    "eval_s": round(self.eval_s, 3)})
         return res.mean, res.std
 
     def _finish(self) -> Result:

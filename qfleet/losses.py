@@ -16,7 +16,13 @@ class TorchBatch:
     reward_B: torch.Tensor
     discount_B: torch.Tensor
     next_obs_BO: torch.Tensor
-    weights_B: torch.Tensor
+    weights_B: torch.Tensor | None  # importance weights; None = uniform sampling
+
+    def rows(self, start: int, stop: int) -> TorchBatch:
+        w = self.weights_B
+        return TorchBatch(self.obs_BO[start:stop], self.action_B[start:stop],
+                          self.reward_B[start:stop], self.discount_B[start:stop],
+                          self.next_obs_BO[start:stop], None if w is None else w[start:stop])
 
 
 @dataclass
@@ -27,15 +33,18 @@ class LossOut:
 
 
 def dqn_loss(online: nn.Module, target: nn.Module, batch: TorchBatch, *, double: bool,
-             huber: bool) -> LossOut:
+             huber: bool, next_target_BA: torch.Tensor | None = None) -> LossOut:
     """n-step (double) DQN: y = r + discount * Q_target(s', a*), IS-weighted Huber/L2.
 
     ``discount`` already folds gamma**n and termination (0 = no bootstrap).
+    ``next_target_BA`` may hold target(next_obs) computed ahead (the target net is frozen
+    between hard copies, so a learner can evaluate it for many batches in one pass).
     """
     q_BA = online(batch.obs_BO)
     q_B = q_BA.gather(1, batch.action_B.unsqueeze(1)).squeeze(1)
     with torch.no_grad():
-        next_target_BA = target(batch.next_obs_BO)
+        if next_target_BA is None:
+            next_target_BA = target(batch.next_obs_BO)
         if double:  # choose with the online net, evaluate with the target (van Hasselt 2016)
             next_action_B = online(batch.next_obs_BO).argmax(dim=1)
             next_q_B = next_target_BA.gather(1, next_action_B.unsqueeze(1)).squeeze(1)
@@ -47,5 +56,7 @@ def dqn_loss(online: nn.Module, target: nn.Module, batch: TorchBatch, *, double:
         per_sample_B = F.smooth_l1_loss(q_B, y_B, reduction="none")
     else:
         per_sample_B = 0.5 * td_B.pow(2)
-    loss = (batch.weights_B * per_sample_B).mean()
+    if batch.weights_B is not None:
+        per_sample_B = batch.weights_B * per_sample_B
+    loss = per_sample_B.mean()
     return LossOut(loss, td_B.detach(), q_B.detach().mean())

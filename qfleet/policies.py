@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,13 +19,16 @@ class LinearSchedule:
         return self.start + frac * (self.end - self.start)
 
 
-def epsilon_greedy(q_EA: np.ndarray, epsilon: float, rng: np.random.Generator) -> np.ndarray:
-    """Greedy actions, each replaced by a uniform random one with probability epsilon."""
-    action_E = q_EA.argmax(axis=1)
-    explore_E = rng.random(len(action_E)) < epsilon
-    if explore_E.any():
-        action_E[explore_E] = rng.integers(0, q_EA.shape[1], size=int(explore_E.sum()))
-    return action_E
+def epsilon_greedy(q_fn: Callable[[], np.ndarray], num_envs: int, num_actions: int,
+                   epsilon: float, rng: np.random.Generator) -> np.ndarray:
+    """Greedy actions from ``q_fn()`` (E x A), each replaced by a uniform random one with
+    probability epsilon. The coin flips come first so a step where every env explores
+    skips the forward pass (most early steps, when epsilon is near 1)."""
+    explore_E = rng.random(num_envs) < epsilon
+    random_E = rng.integers(0, num_actions, size=num_envs)
+    if explore_E.all():
+        return random_E
+    return np.where(explore_E, random_E, q_fn().argmax(axis=1))
 
 
 def apex_epsilons(num_actors: int, eps: float = 0.4, alpha: float = 7.0) -> list[float]:

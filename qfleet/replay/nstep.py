@@ -39,9 +39,11 @@ class NStepAccumulator:
         self.pending_E += 1
         self.t += 1
         done_E = terminated_E | truncated_E
-        parts = [self._emit_full(~done_E & (self.pending_E == self.n), next_obs_EO)]
-        for e in np.flatnonzero(done_E):
-            parts.append(self._flush(int(e), next_obs_EO[e], bool(terminated_E[e])))
+        full = self._emit_full(~done_E & (self.pending_E == self.n), next_obs_EO)
+        if not done_E.any():
+            return full
+        parts = [full] + [self._flush(int(e), next_obs_EO[e], bool(terminated_E[e]))
+                          for e in np.flatnonzero(done_E)]
         return Transitions.concat(parts)
 
     def _emit_full(self, mask_E: np.ndarray, next_obs_EO: np.ndarray) -> Transitions:

@@ -32,8 +32,8 @@ FIELDS = ("obs_NO", "action_N", "reward_N", "discount_N", "next_obs_NO")
 
 @dataclass
 class Batch:
-    """A sampled batch: the transitions, where they came from, and IS weights (1 if uniform)."""
+    """A sampled batch: the transitions, where they came from, and IS weights (None if uniform)."""
 
     data: Transitions
     indices_B: np.ndarray
-    weights_B: np.ndarray
+    weights_B: np.ndarray | None

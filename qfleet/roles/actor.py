@@ -35,6 +35,7 @@ class Actor:
         self.rng = np.random.default_rng([seed, index])
         obs_shape, obs_dtype = box_space(self.env)
         self.acc = NStepAccumulator(n_step, gamma, self.env.num_envs, obs_shape, obs_dtype)
+        self.num_actions = int(self.env.single_action_space.n)  # type: ignore[attr-defined]
         self.version = -1
         self.env_steps = 0
         self.return_E = np.zeros(self.env.num_envs)
@@ -56,9 +57,12 @@ class Actor:
             self.version = snapshot.version
 
     @torch.no_grad()
+    def _q_values(self) -> np.ndarray:
+        return self.net(torch.from_numpy(self.obs_EO)).numpy()
+
     def _act(self) -> np.ndarray:
-        q_EA = self.net(torch.from_numpy(self.obs_EO)).numpy()
-        return epsilon_greedy(q_EA, self.epsilon(self.env_steps), self.rng)
+        return epsilon_greedy(self._q_values, self.env.num_envs, self.num_actions,
+                              self.epsilon(self.env_steps), self.rng)
 
     def collect(self, vector_steps: int) -> Chunk:
         parts: list[Transitions] = []

@@ -37,26 +37,57 @@ class DQNLearner:
         self.device = pick_device(cfg.device)
         self.online = net.to(self.device)
         self.target = copy.deepcopy(self.online).requires_grad_(False)
-        self.opt = torch.optim.Adam(self.online.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
+        # Fused Adam: one kernel over all parameters instead of a Python loop per tensor.
+        self.opt = torch.optim.Adam(self.online.parameters(), lr=cfg.lr, eps=cfg.adam_eps,
+                                    fused=True)
+        self.params = list(self.online.parameters())
         self.version = 0  # number of updates applied
 
     def _to_torch(self, batch: Batch) -> TorchBatch:
         d, dev = batch.data, self.device
-        return TorchBatch(
-            obs_BO=torch.from_numpy(d.obs_NO).to(dev, non_blocking=True),
-            action_B=torch.from_numpy(d.action_N).to(dev, non_blocking=True),
-            reward_B=torch.from_numpy(d.reward_N).to(dev, non_blocking=True),
-            discount_B=torch.from_numpy(d.discount_N).to(dev, non_blocking=True),
-            next_obs_BO=torch.from_numpy(d.next_obs_NO).to(dev, non_blocking=True),
-            weights_B=torch.from_numpy(np.ascontiguousarray(batch.weights_B)).to(dev))
+
+        def put(a: np.ndarray) -> torch.Tensor:
+            t = torch.from_numpy(a)
+            return t if dev.type == "cpu" else t.to(dev, non_blocking=True)
+
+        return TorchBatch(put(d.obs_NO), put(d.action_N), put(d.reward_N), put(d.discount_N),
+                          put(d.next_obs_NO),
+                          None if batch.weights_B is None else put(batch.weights_B))
 
     def update(self, batch: Batch) -> UpdateStats:
-        out = dqn_loss(self.online, self.target, self._to_torch(batch),
-                       double=self.algo.double, huber=self.cfg.huber)
+        return self.update_many(batch, 1)[0]
+
+    def update_many(self, batch: Batch, count: int) -> list[UpdateStats]:
+        """``count`` sequential updates on consecutive equal slices of one big batch.
+
+        Between hard target copies the target net is frozen, so target(next_obs) for all
+        those slices is one forward pass instead of ``count`` small ones.
+        """
+        data = self._to_torch(batch)
+        size = len(batch.indices_B) // count
+        stats: list[UpdateStats] = []
+        while len(stats) < count:
+            span = count - len(stats)
+            if self.cfg.tau < 1.0:  # Polyak: the target moves every update
+                span = 1
+            else:
+                span = min(span, self.cfg.target_update_every
+                           - self.version % self.cfg.target_update_every)
+            first = len(stats) * size
+            with torch.no_grad():
+                next_target_NA = self.target(data.next_obs_BO[first: first + span * size])
+            for k in range(span):
+                rows = data.rows(first + k * size, first + (k + 1) * size)
+                stats.append(self._step(rows, next_target_NA[k * size: (k + 1) * size]))
+        return stats
+
+    def _step(self, batch: TorchBatch, next_target_BA: torch.Tensor) -> UpdateStats:
+        out = dqn_loss(self.online, self.target, batch, double=self.algo.double,
+                       huber=self.cfg.huber, next_target_BA=next_target_BA)
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
         if self.cfg.max_grad_norm > 0:
-            nn.utils.clip_grad_norm_(self.online.parameters(), self.cfg.max_grad_norm)
+            nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm, foreach=True)
         self.opt.step()
         self.version += 1
         self._update_target()

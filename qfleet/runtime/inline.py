@@ -64,17 +64,24 @@ class InlineRunner:
             self.replay.add(chunk.transitions)
             self.env_steps += chunk.env_steps
             report.add_chunk(chunk, self.learner.version)
-        owed = sched.updates_owed(self.env_steps) - self.learner.version
-        stats = []
-        for _ in range(max(0, owed)):
-            batch = self.replay.sample(sched.batch_size)
-            stats.append(self.learner.update(batch))
-            if self.replay.prioritized:
-                self.replay.update_priorities(batch.indices_B, stats[-1].td_abs_B.cpu().numpy())
+        owed = max(0, sched.updates_owed(self.env_steps) - self.learner.version)
+        stats = self._train(owed, sched.batch_size)
         report.add_updates(stats)
         if stats:
             self._publish()
         return report
+
+    def _train(self, count: int, batch_size: int) -> list[UpdateStats]:
+        if count == 0:
+            return []
+        if not self.replay.prioritized:  # draws are independent: fetch the round at once
+            return self.learner.update_many(self.replay.sample(count * batch_size), count)
+        stats = []
+        for _ in range(count):  # each draw must see the previous update's priorities
+            batch = self.replay.sample(batch_size)
+            stats.append(self.learner.update(batch))
+            self.replay.update_priorities(batch.indices_B, stats[-1].td_abs_B.cpu().numpy())
+        return stats
 
     @property
     def updates(self) -> int:
