@@ -27,7 +27,7 @@ def _register_atari() -> None:
     try:
         import ale_py
     except ImportError:
-        raise ConfigError("env.id names an Atari game: install ale-py "
+        raise ConfigError("env.id names an Atari game: install ale-py and opencv "
                           "(pip install 'qfleet[atari]')") from None
     gym.register_envs(ale_py)
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from qfleet.config import EnvConfig
+from qfleet.config import ConfigError, EnvConfig
 from qfleet.envs import env_fn, make_vec_env, seeds_for
 
 EVAL_STREAM = 999_983  # seed stream of eval envs, far from the actors' streams
@@ -61,8 +61,17 @@ def evaluate(net: nn.Module, env_cfg: EnvConfig, episodes: int, seed: int) -> Ev
 def record_video(net: nn.Module, env_cfg: EnvConfig, episodes: int, seed: int,
                  video_dir: Path) -> EvalResult:
     """Greedy episodes one at a time through Gymnasium's RecordVideo (needs rgb_array)."""
-    env = gym.wrappers.RecordVideo(env_fn(env_cfg, render_mode="rgb_array")(), str(video_dir),
-                                   episode_trigger=lambda _: True, disable_logger=True)
+    base = env_fn(env_cfg, render_mode="rgb_array")()
+    if "rgb_array" not in base.metadata.get("render_modes", []):
+        base.close()
+        raise ConfigError(f"--video: env {env_cfg.id!r} cannot render rgb_array frames "
+                          f"(render modes: {base.metadata.get('render_modes', [])})")
+    try:
+        env = gym.wrappers.RecordVideo(base, str(video_dir), episode_trigger=lambda _: True,
+                                       disable_logger=True)
+    except gym.error.DependencyNotInstalled:
+        base.close()
+        raise ConfigError("--video needs moviepy: pip install 'qfleet[video]'") from None
     returns = []
     for seed_i in seeds_for(seed, EVAL_STREAM, episodes):
         obs, _ = env.reset(seed=seed_i)

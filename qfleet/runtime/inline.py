@@ -50,6 +50,10 @@ class InlineRunner:
         self.learner = program.make_learner()
         self.actors = [program.make_actor(i) for i in range(program.num_actors)]
         self.env_steps = 0
+        # Updates the schedule owed while a replay restored empty was refilling: forgiven,
+        # so a resumed run does not burst hundreds of updates on a few fresh transitions.
+        self.forgiven = 0
+        self.refill_until = 0
         self._publish()
 
     def _publish(self) -> None:
@@ -64,7 +68,9 @@ class InlineRunner:
             self.replay.add(chunk.transitions)
             self.env_steps += chunk.env_steps
             report.add_chunk(chunk, self.learner.version)
-        owed = max(0, sched.updates_owed(self.env_steps) - self.learner.version)
+        owed = max(0, sched.updates_owed(self.env_steps) - self.learner.version - self.forgiven)
+        if self.env_steps < self.refill_until:
+            self.forgiven, owed = self.forgiven + owed, 0
         stats = self._train(owed, sched.batch_size)
         report.add_updates(stats)
         if stats:
@@ -102,6 +108,7 @@ class InlineRunner:
         tensors |= opt_tensors
         tensors["torch_rng"] = torch.get_rng_state()
         meta = {"env_steps": self.env_steps, "updates": self.learner.version,
+                "forgiven": self.forgiven, "refill_until": self.refill_until,
                 "optimizer": opt_meta, "replay_rng": self.replay.rng.bit_generator.state,
                 "actors": [{"env_steps": a.env_steps, "resets": a.resets,
                             "rng": a.rng.bit_generator.state} for a in self.actors]}
@@ -118,8 +125,11 @@ class InlineRunner:
         torch.set_rng_state(tensors["torch_rng"])
         self.env_steps = meta["env_steps"]
         self.replay.rng.bit_generator.state = meta["replay_rng"]
+        self.forgiven, self.refill_until = meta["forgiven"], meta["refill_until"]
         if replay:
             self.replay.load_state_dict(replay)
+        else:  # not saved (checkpoint.replay = false): collect afresh before training again
+            self.refill_until = self.env_steps + self.program.schedule.learning_starts
         for actor, state in zip(self.actors, meta["actors"], strict=True):
             actor.env_steps, actor.resets = state["env_steps"], state["resets"]
             actor.rng.bit_generator.state = state["rng"]
