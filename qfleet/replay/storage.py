@@ -29,6 +29,9 @@ class RingStorage:
         n = len(chunk)
         if n > self.capacity:  # only the newest `capacity` survive anyway
             chunk = Transitions(*(getattr(chunk, f)[-self.capacity:] for f in FIELDS))
+            # The dropped head counts as written, so slot = (number written) % capacity
+            # holds for every transition (prioritized replay derives slots from that).
+            self.cursor = (self.cursor + n - self.capacity) % self.capacity
             n = self.capacity
         slots_N = (self.cursor + np.arange(n)) % self.capacity
         for name in FIELDS:
@@ -39,6 +42,14 @@ class RingStorage:
 
     def get(self, slots_B: np.ndarray) -> Transitions:
         return Transitions(*(self.arrays[name][slots_B] for name in FIELDS))
+
+    def uniform_slots(self, rng: np.random.Generator, batch_size: int) -> np.ndarray:
+        """Slots drawn uniformly from the stored transitions (slots [0, size) hold them)."""
+        return rng.integers(0, self.size, size=batch_size)
+
+    def pop_dropped(self) -> np.ndarray:
+        """Slots emptied other than by overwrite since the last call: a plain ring has none."""
+        return np.empty(0, dtype=np.int64)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         state = {name: arr[: self.size] if self.size < self.capacity else arr
