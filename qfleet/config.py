@@ -57,12 +57,22 @@ class NetConfig:
 
 @dataclass
 class ReplayConfig:
-    kind: str = _f("uniform", choices=("uniform",))
+    kind: str = _f("uniform", choices=("uniform", "prioritized"))
     capacity: int = _f(100_000, lo=1)
     alpha: float = _f(0.6, lo=0.0, help="prioritization exponent: p = (|td| + eps) ** alpha")
     beta0: float = _f(0.4, lo=0.0, hi=1.0, help="initial IS exponent, annealed to 1")
+    beta_steps: int = _f(0, lo=0, help="transitions added over which beta reaches 1; "
+                         "0 = the run's train.total_env_steps")
     eps: float = _f(1e-6, gt=0.0, help="added to |td| so no priority is zero")
     shards: int = _f(1, lo=1, help="prioritized shards sampled by total priority")
+    storage: str = _f("auto", choices=("auto", "ring", "frames"),
+                      help="frames = each image frame stored once; auto = frames for "
+                      "uint8 frame stacks")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.shards, int) and self.shards > 1 and self.kind == "uniform":
+            raise ConfigError(f"replay.shards = {self.shards}: sharding needs "
+                              "replay.kind = 'prioritized'")
 
 
 @dataclass

@@ -1,21 +1,59 @@
-"""Replay as small pure parts: ring storage, n-step accumulator, samplers."""
+"""Replay as small pure parts: storages (a plain ring, deduplicated frames), n-step
+accumulation, and samplers (uniform, prioritized, sharded prioritized)."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from qfleet.config import ReplayConfig
+from qfleet.replay.base import Replay, Storage
+from qfleet.replay.frames import FrameStorage
 from qfleet.replay.nstep import NStepAccumulator
+from qfleet.replay.prioritized import PrioritizedReplay
+from qfleet.replay.sharded import ShardedReplay
 from qfleet.replay.storage import RingStorage
 from qfleet.replay.transitions import Batch, Transitions
 from qfleet.replay.uniform import UniformReplay
 
-Replay = UniformReplay
+__all__ = ["Batch", "FrameStorage", "NStepAccumulator", "PrioritizedReplay", "Replay",
+           "RingStorage", "ShardedReplay", "Storage", "Transitions", "UniformReplay",
+           "describe", "make_replay"]
 
-__all__ = ["Batch", "NStepAccumulator", "Replay", "RingStorage", "Transitions",
-           "UniformReplay", "make_replay"]
+
+def uses_frames(cfg: ReplayConfig, obs_shape: tuple[int, ...], obs_dtype: np.dtype) -> bool:
+    """Frame dedup pays off for stacks of uint8 images (F, H, W); "auto" picks it there."""
+    if cfg.storage == "auto":
+        return len(obs_shape) == 3 and np.dtype(obs_dtype) == np.uint8
+    return cfg.storage == "frames"
 
 
 def make_replay(cfg: ReplayConfig, obs_shape: tuple[int, ...], obs_dtype: np.dtype,
-                rng: np.random.Generator) -> Replay:
-    return UniformReplay(RingStorage(cfg.capacity, obs_shape, obs_dtype), rng)
+                rng: np.random.Generator, anneal_steps: int | None = None) -> Replay:
+    """Build the replay ``cfg`` asks for. ``anneal_steps`` (the run's total env steps) is
+    what beta anneals over when ``cfg.beta_steps`` is 0."""
+    frames = uses_frames(cfg, obs_shape, obs_dtype)
+
+    def new_storage(capacity: int) -> Storage:
+        if frames:
+            return FrameStorage(capacity, obs_shape, obs_dtype)
+        return RingStorage(capacity, obs_shape, obs_dtype)
+
+    if cfg.kind == "uniform":
+        return UniformReplay(new_storage(cfg.capacity), rng)
+    beta_steps = cfg.beta_steps or anneal_steps or 0
+
+    def new_shard(capacity: int) -> PrioritizedReplay:
+        return PrioritizedReplay(new_storage(capacity), rng, alpha=cfg.alpha, beta0=cfg.beta0,
+                                 eps=cfg.eps, beta_steps=beta_steps)
+
+    if cfg.shards == 1:
+        return new_shard(cfg.capacity)
+    per_shard = max(1, cfg.capacity // cfg.shards)
+    return ShardedReplay(lambda: new_shard(per_shard), rng, cfg.shards, beta0=cfg.beta0,
+                         beta_steps=beta_steps)
+
+
+def describe(replay: Replay) -> str:
+    """One line for the start of a run: kind, capacity and preallocated memory."""
+    return (f"replay: {type(replay).__name__}, capacity {replay.capacity:,}, "
+            f"{replay.nbytes / 1e9:.2f} GB preallocated")

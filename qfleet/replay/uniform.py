@@ -22,6 +22,10 @@ class UniformReplay:
     def nbytes(self) -> int:
         return self.storage.nbytes
 
+    @property
+    def capacity(self) -> int:
+        return self.storage.capacity
+
     def add(self, chunk: Transitions, priorities_N: np.ndarray | None = None) -> None:
         self.storage.add(chunk)  # uniform sampling has no use for priorities
 
