@@ -116,7 +116,7 @@ class TrainConfig:
 @dataclass
 class CheckpointConfig:
     every: int = _f(10_000, lo=0, help="env steps between checkpoints; 0 = only at the end")
-    replay: bool = _f(False, help="also save the replay buffer")
+    replay: bool = _f(True, help="also save the replay buffer (turn off for huge buffers)")
 
 
 @dataclass
