@@ -102,9 +102,9 @@ def check_spaces(env_id: str, obs_space: gym.Space[Any], act_space: gym.Space[An
                           "allowed: a flat Box (MLP torso) or an image Box (C,H,W) (CNN torso)")
 
 
-def seeds_for(base_seed: int, stream: int, count: int) -> list[int | None]:
+def seeds_for(base_seed: int, stream: int | tuple[int, ...], count: int) -> list[int | None]:
     """Independent, reproducible per-env seeds for one stream (actor i, eval, ...)."""
-    seq = np.random.SeedSequence([base_seed, stream])
+    seq = np.random.SeedSequence([base_seed, *np.atleast_1d(stream).tolist()])
     return [int(s) for s in seq.generate_state(count)]
 
 

@@ -25,6 +25,7 @@ from qfleet.config import Config, to_toml
 from qfleet.evaluate import evaluate
 from qfleet.metrics import MetricsWriter
 from qfleet.progress import ProgressLine
+from qfleet.replay import describe as describe_replay
 from qfleet.runtime import RoundReport, make_runner
 
 
@@ -65,6 +66,25 @@ class _StopFlag:
         self.signum = signum
 
 
+def summarize_window(win: list[RoundReport], dt: float, num_actors: int) -> dict[str, Any]:
+    """Rates and means over the rounds since the last log line."""
+    steps, updates = sum(r.env_steps for r in win), sum(r.updates for r in win)
+    epsilons = [r.epsilon for r in win if r.epsilon is not None]
+    stats: dict[str, Any] = {
+        "env_steps_per_s": steps / dt, "updates_per_s": updates / dt,
+        "episodes": sum(len(r.episode_returns) for r in win),
+        "epsilon": epsilons[-1] if epsilons else None,
+        "loss": sum(r.loss_sum for r in win) / updates if updates else None,
+        "q_mean": sum(r.q_sum for r in win) / updates if updates else None,
+        # learner version minus the version that chose a chunk's actions, per chunk
+        "param_lag": sum(r.param_lag_sum for r in win) / max(1, sum(r.chunks for r in win)),
+    }
+    if num_actors > 1:
+        by_actor = [sum(r.steps_by_actor.get(i, 0) for r in win) for i in range(num_actors)]
+        stats["env_steps_per_s_by_actor"] = [n / dt for n in by_actor]
+    return stats
+
+
 def _install_handlers(stop: _StopFlag) -> dict[int, Any]:
     """Route SIGINT/SIGTERM to ``stop``; only the main thread may set handlers."""
     if threading.current_thread() is not threading.main_thread():
@@ -91,6 +111,7 @@ class Experiment:
         self.last_eval: tuple[int, float, float] | None = None  # (env_steps, mean, std)
         self.best_eval = -float("inf")
         self.eval_s = 0.0  # wall time spent in greedy evals, so rates can exclude it
+        self.actor_restarts = 0
         self.solved: tuple[int, float] | None = None
         t = cfg.train
         self.next_log, self.next_eval, self.next_ckpt = cfg.log.every, t.eval_every, \
@@ -105,6 +126,7 @@ class Experiment:
         tensors, meta, replay = self.runner.state(self.cfg.checkpoint.replay)
         meta |= {"config": to_toml(self.cfg), "wall_s": self.wall_s(),
                  "best_eval": self.best_eval, "solved": self.solved, "eval_s": self.eval_s,
+                 "actor_restarts": self.actor_restarts,
                  "recent_returns": list(self.episodes),
                  "next": [self.next_log, self.next_eval, self.next_ckpt]}
         return checkpoint.save(self.run_dir / "checkpoints", self.runner.env_steps, tensors,
@@ -115,7 +137,7 @@ class Experiment:
         self.runner.restore(tensors, meta, replay)
         self.wall_offset = meta["wall_s"]
         self.best_eval, self.solved = meta["best_eval"], meta["solved"]
-        self.eval_s = meta["eval_s"]
+        self.eval_s, self.actor_restarts = meta["eval_s"], meta["actor_restarts"]
         self.episodes.extend(meta["recent_returns"])
         self.next_log, self.next_eval, self.next_ckpt = meta["next"]
 
@@ -128,6 +150,7 @@ class Experiment:
         self.metrics = MetricsWriter(self.run_dir, cfg.log.tensorboard)
         self.progress = ProgressLine(cfg.train.total_env_steps, cfg.log.progress,
                                      self.runner.env_steps)
+        self.progress.print(describe_replay(self.runner.replay))
         stop = _StopFlag()
         handlers = _install_handlers(stop)
         try:
@@ -163,23 +186,15 @@ class Experiment:
     def _log_train(self) -> None:
         now = time.perf_counter()
         win, self.window = self.window, []
-        steps = sum(r.env_steps for r in win)
-        updates = sum(r.updates for r in win)
         dt = max(now - self.t_window, 1e-9)
         self.t_window = now
-        actor = self.runner.actors[0]
+        self.actor_restarts += sum(r.actor_restarts for r in win)
         record: dict[str, Any] = {
             "env_steps": self.runner.env_steps, "wall_s": round(self.wall_s(), 3),
-            "updates": self.runner.updates, "env_steps_per_s": steps / dt,
-            "updates_per_s": updates / dt,
+            "updates": self.runner.updates,
             "return_mean": float(np.mean(self.episodes)) if self.episodes else None,
-            "episodes": sum(len(r.episode_returns) for r in win),
-            "epsilon": actor.epsilon(actor.env_steps),
-            "loss": sum(r.loss_sum for r in win) / updates if updates else None,
-            "q_mean": sum(r.q_sum for r in win) / updates if updates else None,
-            "param_lag": sum(r.param_lag_sum for r in win) / max(1, sum(r.chunks for r in win)),
-            "replay_size": len(self.runner.replay),
-        }
+            **summarize_window(win, dt, self.runner.program.num_actors),
+            "replay_size": len(self.runner.replay), "actor_restarts": self.actor_restarts}
         self.metrics.write("train", record)
         last = self.last_eval[1] if self.last_eval else None
         self.progress.update(record | {"eval_return_mean": last})

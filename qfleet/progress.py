@@ -15,7 +15,8 @@ def _fmt(stats: dict[str, Any]) -> str:
         parts.append(f"return {stats['return_mean']:7.1f}")
     if stats.get("eval_return_mean") is not None:
         parts.append(f"eval {stats['eval_return_mean']:6.1f}")
-    parts.append(f"eps {stats['epsilon']:.3f}")
+    if stats.get("epsilon") is not None:
+        parts.append(f"eps {stats['epsilon']:.3f}")
     if stats.get("loss") is not None:
         parts.append(f"loss {stats['loss']:.4f}")
     return "  ".join(parts)

@@ -41,16 +41,17 @@ def build(cfg: Config) -> ActorLearnerProgram:
     epsilon = LinearSchedule(cfg.actors.eps_start, cfg.actors.eps_end,
                              int(cfg.actors.eps_fraction * steps_per_actor))
 
-    def make_actor(index: int) -> Actor:
+    def make_actor(index: int, incarnation: int) -> Actor:
         return Actor(cfg.env, new_net(), n_step=cfg.algo.n_step, gamma=cfg.algo.gamma,
-                     epsilon=epsilon, seed=cfg.seed, index=index)
+                     epsilon=epsilon, seed=cfg.seed, index=index, incarnation=incarnation)
 
     def make_learner() -> DQNLearner:
         return DQNLearner(learner_net, cfg.learner, cfg.algo)
 
     def make_replay_() -> Replay:
         return make_replay(cfg.replay, obs_shape, obs_space.dtype,
-                           np.random.default_rng([cfg.seed, 7919]))
+                           np.random.default_rng([cfg.seed, 7919]),
+                           anneal_steps=cfg.train.total_env_steps)
 
     return ActorLearnerProgram(
         num_actors=cfg.actors.count,

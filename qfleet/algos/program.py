@@ -32,7 +32,7 @@ class ActorLearnerProgram:
     """Actors -> replay -> learner, parameters flowing back as versioned snapshots."""
 
     num_actors: int
-    make_actor: Callable[[int], Actor]
+    make_actor: Callable[[int, int], Actor]  # (actor index, incarnation) -> Actor
     make_learner: Callable[[], DQNLearner]
     make_replay: Callable[[], Replay]
     make_eval_net: Callable[[], nn.Module]

@@ -55,5 +55,6 @@ def make_replay(cfg: ReplayConfig, obs_shape: tuple[int, ...], obs_dtype: np.dty
 
 def describe(replay: Replay) -> str:
     """One line for the start of a run: kind, capacity and preallocated memory."""
-    return (f"replay: {type(replay).__name__}, capacity {replay.capacity:,}, "
-            f"{replay.nbytes / 1e9:.2f} GB preallocated")
+    size = (f"{replay.nbytes / 1e9:.2f} GB" if replay.nbytes >= 1e9
+            else f"{replay.nbytes / 1e6:.1f} MB")
+    return f"replay: {type(replay).__name__}, capacity {replay.capacity:,}, {size} preallocated"

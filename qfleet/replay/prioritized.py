@@ -85,7 +85,8 @@ class PrioritizedReplay:
     def priority(self, td_abs_N: np.ndarray) -> np.ndarray:
         return (np.abs(np.asarray(td_abs_N, dtype=np.float64)) + self.eps) ** self.alpha
 
-    def add(self, chunk: Transitions, priorities_N: np.ndarray | None = None) -> None:
+    def add(self, chunk: Transitions, priorities_N: np.ndarray | None = None,
+            shard: int | None = None) -> None:
         """Store ``chunk``. ``priorities_N``, if given, are the actor's |td| errors (turned
         into priorities like ``update_priorities``); else the max priority so far."""
         n = len(chunk)

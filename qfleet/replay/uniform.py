@@ -26,7 +26,8 @@ class UniformReplay:
     def capacity(self) -> int:
         return self.storage.capacity
 
-    def add(self, chunk: Transitions, priorities_N: np.ndarray | None = None) -> None:
+    def add(self, chunk: Transitions, priorities_N: np.ndarray | None = None,
+            shard: int | None = None) -> None:
         self.storage.add(chunk)  # uniform sampling has no use for priorities
 
     def sample(self, batch_size: int) -> Batch:

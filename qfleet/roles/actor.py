@@ -23,16 +23,25 @@ class Chunk:
     episode_returns: list[float] = field(default_factory=list)
     episode_lengths: list[int] = field(default_factory=list)
     param_version: int = 0  # the snapshot that chose these actions (parameter lag)
+    epsilon: float = 0.0  # exploration rate at the end of the chunk
+    priorities_N: np.ndarray | None = None  # the actor's own |td| (Ape-X initial priorities)
+
+
+PriorityFn = Callable[[nn.Module, Transitions], np.ndarray]
 
 
 class Actor:
+    """``incarnation`` counts restarts of this actor slot: each one gets fresh seeds.
+    ``priority_fn`` (Ape-X) scores each chunk with the actor's local network."""
+
     def __init__(self, env_cfg: EnvConfig, net: nn.Module, *, n_step: int, gamma: float,
-                 epsilon: Callable[[int], float], seed: int, index: int) -> None:
+                 epsilon: Callable[[int], float], seed: int, index: int, incarnation: int = 0,
+                 priority_fn: PriorityFn | None = None) -> None:
         self.env = make_vec_env(env_cfg)
         self.net = net.eval()
-        self.epsilon = epsilon
-        self.seed, self.index, self.resets = seed, index, 0
-        self.rng = np.random.default_rng([seed, index])
+        self.epsilon, self.priority_fn = epsilon, priority_fn
+        self.seed, self.index, self.incarnation, self.resets = seed, index, incarnation, 0
+        self.rng = np.random.default_rng([seed, index, incarnation])
         obs_shape, obs_dtype = box_space(self.env)
         self.acc = NStepAccumulator(n_step, gamma, self.env.num_envs, obs_shape, obs_dtype)
         self.num_actions = int(self.env.single_action_space.n)  # type: ignore[attr-defined]
@@ -44,7 +53,7 @@ class Actor:
 
     def reset_envs(self) -> None:
         """(Re)start every env with fresh seeds; a restored run gets new ones per restore."""
-        stream = 1 + self.index + 1000 * self.resets
+        stream = (1 + self.index, self.incarnation, self.resets)
         self.obs_EO, _ = self.env.reset(seed=seeds_for(self.seed, stream, self.env.num_envs))
         self.resets += 1
         self.acc.reset()
@@ -88,8 +97,10 @@ class Actor:
             self.length_E[done_E] = 0
             self.obs_EO = next_obs_EO
             self.env_steps += self.env.num_envs
-        return Chunk(Transitions.concat(parts), vector_steps * self.env.num_envs,
-                     returns, lengths, self.version)
+        data = Transitions.concat(parts)
+        priorities_N = None if self.priority_fn is None else self.priority_fn(self.net, data)
+        return Chunk(data, vector_steps * self.env.num_envs, returns, lengths, self.version,
+                     self.epsilon(self.env_steps), priorities_N)
 
     def close(self) -> None:
         self.env.close()

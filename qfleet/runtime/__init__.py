@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from qfleet.algos.program import ActorLearnerProgram
 from qfleet.config import ConfigError
-from qfleet.runtime.inline import InlineRunner, RoundReport
+from qfleet.runtime.base import RoundReport
+from qfleet.runtime.inline import InlineRunner
 
 __all__ = ["InlineRunner", "RoundReport", "make_runner"]
 

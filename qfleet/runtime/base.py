@@ -1,0 +1,134 @@
+"""What every backend shares: the learner side (replay + learner + counters) and the report.
+
+A backend decides where actors run and how chunks reach the replay; the learner side,
+the update schedule and the checkpoint layout are the same everywhere, so they live here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from qfleet.algos.program import ActorLearnerProgram
+from qfleet.checkpoint import flatten_optimizer, unflatten_optimizer
+from qfleet.roles import Chunk, UpdateStats
+
+
+@dataclass
+class RoundReport:
+    """What happened in one ``runner.step()``; the experiment loop aggregates these."""
+
+    env_steps: int = 0
+    updates: int = 0
+    episode_returns: list[float] = field(default_factory=list)
+    episode_lengths: list[int] = field(default_factory=list)
+    steps_by_actor: dict[int, int] = field(default_factory=dict)
+    loss_sum: float = 0.0
+    q_sum: float = 0.0
+    param_lag_sum: int = 0
+    chunks: int = 0
+    epsilon: float | None = None  # of actor 0, for the progress line
+    actor_restarts: int = 0
+
+    def add_chunk(self, actor: int, chunk: Chunk, learner_version: int) -> None:
+        self.env_steps += chunk.env_steps
+        self.steps_by_actor[actor] = self.steps_by_actor.get(actor, 0) + chunk.env_steps
+        self.episode_returns += chunk.episode_returns
+        self.episode_lengths += chunk.episode_lengths
+        self.param_lag_sum += learner_version - chunk.param_version
+        self.chunks += 1
+        if actor == 0:
+            self.epsilon = chunk.epsilon
+
+    def add_updates(self, stats: list[UpdateStats]) -> None:
+        if stats:  # one sync for the whole round instead of one per update
+            self.loss_sum += float(torch.stack([s.loss for s in stats]).sum())
+            self.q_sum += float(torch.stack([s.q_mean for s in stats]).sum())
+            self.updates += len(stats)
+
+
+class LearnerSide:
+    """Replay, learner and the counters that tie the update schedule to env steps."""
+
+    def __init__(self, program: ActorLearnerProgram) -> None:
+        self.program = program
+        self.replay = program.make_replay()
+        self.learner = program.make_learner()
+        self.env_steps = 0
+        # Updates the schedule owed while a replay restored empty was refilling: forgiven,
+        # so a resumed run does not burst hundreds of updates on a few fresh transitions.
+        self.forgiven = 0
+        self.refill_until = 0
+
+    @property
+    def updates(self) -> int:
+        return self.learner.version
+
+    @property
+    def policy_net(self) -> torch.nn.Module:
+        return self.learner.online
+
+    def write(self, actor: int, chunk: Chunk, report: RoundReport) -> None:
+        """Put one actor's chunk into its shard of the replay."""
+        self.replay.add(chunk.transitions, chunk.priorities_N, shard=actor)
+        self.env_steps += chunk.env_steps
+        report.add_chunk(actor, chunk, self.learner.version)
+
+    def updates_owed(self) -> int:
+        sched = self.program.schedule
+        owed = max(0, sched.updates_owed(self.env_steps) - self.learner.version - self.forgiven)
+        if self.env_steps < self.refill_until:
+            self.forgiven, owed = self.forgiven + owed, 0
+        return owed
+
+    def train(self, count: int) -> list[UpdateStats]:
+        if count == 0:
+            return []
+        batch_size = self.program.schedule.batch_size
+        if not self.replay.prioritized:  # draws are independent: fetch the round at once
+            return self.learner.update_many(self.replay.sample(count * batch_size), count)
+        stats = []
+        for _ in range(count):  # each draw must see the previous update's priorities
+            batch = self.replay.sample(batch_size)
+            stats.append(self.learner.update(batch))
+            self.replay.update_priorities(batch.indices_B, stats[-1].td_abs_B.cpu().numpy())
+        return stats
+
+    # ------------------------------------------------------------ checkpoint state
+
+    def state(self, with_replay: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any],
+                                                dict[str, np.ndarray]]:
+        """(tensors, JSON-able meta, replay arrays) for a checkpoint."""
+        learner = self.learner
+        tensors = {f"online.{k}": v for k, v in learner.online.state_dict().items()}
+        tensors |= {f"target.{k}": v for k, v in learner.target.state_dict().items()}
+        opt_tensors, opt_meta = flatten_optimizer(learner.opt.state_dict())
+        tensors |= opt_tensors
+        tensors["torch_rng"] = torch.get_rng_state()
+        meta = {"env_steps": self.env_steps, "updates": learner.version,
+                "forgiven": self.forgiven, "refill_until": self.refill_until,
+                "optimizer": opt_meta, "replay_rng": self.replay.rng.bit_generator.state}
+        return tensors, meta, self.replay.state_dict() if with_replay else {}
+
+    def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                replay: dict[str, np.ndarray]) -> None:
+        learner = self.learner
+        learner.online.load_state_dict(_prefixed(tensors, "online."))
+        learner.target.load_state_dict(_prefixed(tensors, "target."))
+        learner.opt.load_state_dict(unflatten_optimizer(tensors, meta["optimizer"]))
+        learner.version = meta["updates"]
+        torch.set_rng_state(tensors["torch_rng"])
+        self.env_steps = meta["env_steps"]
+        self.replay.rng.bit_generator.state = meta["replay_rng"]
+        self.forgiven, self.refill_until = meta["forgiven"], meta["refill_until"]
+        if replay:
+            self.replay.load_state_dict(replay)
+        else:  # not saved (checkpoint.replay = false): collect afresh before training again
+            self.refill_until = self.env_steps + self.program.schedule.learning_starts
+
+
+def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
