@@ -42,7 +42,7 @@ class EnvConfig:
 
 @dataclass
 class AlgoConfig:
-    name: str = _f("dqn", choices=("dqn",))
+    name: str = _f("dqn", choices=("dqn", "apex"))
     gamma: float = _f(0.99, lo=0.0, hi=1.0)
     n_step: int = _f(1, lo=1, hi=100)
     double: bool = _f(True)
@@ -97,11 +97,15 @@ class ActorsConfig:
     eps_end: float = _f(0.04, lo=0.0, hi=1.0)
     eps_fraction: float = _f(0.16, gt=0.0, hi=1.0, help="share of total steps to anneal over")
     chunk_size: int = _f(64, lo=1, help="vector steps an actor takes per chunk")
+    sync_every: int = _f(400, lo=1, help="env steps between an actor's parameter pulls")
+    apex_eps: float = _f(0.4, lo=0.0, hi=1.0, help="Ape-X: actor i explores with "
+                         "apex_eps ** (1 + apex_alpha * i / (N - 1))")
+    apex_alpha: float = _f(7.0, lo=0.0)
 
 
 @dataclass
 class RuntimeConfig:
-    backend: str = _f("inline", choices=("inline",))
+    backend: str = _f("inline", choices=("inline", "processes"))
     torch_threads: int = _f(1, lo=0, help="0 keeps torch's default")
 
 

@@ -32,16 +32,12 @@ class LossOut:
     q_mean: torch.Tensor  # detached, for logging
 
 
-def dqn_loss(online: nn.Module, target: nn.Module, batch: TorchBatch, *, double: bool,
-             huber: bool, next_target_BA: torch.Tensor | None = None) -> LossOut:
-    """n-step (double) DQN: y = r + discount * Q_target(s', a*), IS-weighted Huber/L2.
+def bootstrap_target(online: nn.Module, target: nn.Module, batch: TorchBatch, *, double: bool,
+                     next_target_BA: torch.Tensor | None = None) -> torch.Tensor:
+    """y = r + discount * Q_target(s', a*), a* = argmax online (double) or target; no grad.
 
     ``discount`` already folds gamma**n and termination (0 = no bootstrap).
-    ``next_target_BA`` may hold target(next_obs) computed ahead (the target net is frozen
-    between hard copies, so a learner can evaluate it for many batches in one pass).
     """
-    q_BA = online(batch.obs_BO)
-    q_B = q_BA.gather(1, batch.action_B.unsqueeze(1)).squeeze(1)
     with torch.no_grad():
         if next_target_BA is None:
             next_target_BA = target(batch.next_obs_BO)
@@ -50,7 +46,19 @@ def dqn_loss(online: nn.Module, target: nn.Module, batch: TorchBatch, *, double:
             next_q_B = next_target_BA.gather(1, next_action_B.unsqueeze(1)).squeeze(1)
         else:
             next_q_B = next_target_BA.max(dim=1).values
-        y_B = batch.reward_B + batch.discount_B * next_q_B
+        return batch.reward_B + batch.discount_B * next_q_B
+
+
+def dqn_loss(online: nn.Module, target: nn.Module, batch: TorchBatch, *, double: bool,
+             huber: bool, next_target_BA: torch.Tensor | None = None) -> LossOut:
+    """n-step (double) DQN, IS-weighted Huber/L2 on y - Q(s, a).
+
+    ``next_target_BA`` may hold target(next_obs) computed ahead (the target net is frozen
+    between hard copies, so a learner can evaluate it for many batches in one pass).
+    """
+    q_BA = online(batch.obs_BO)
+    q_B = q_BA.gather(1, batch.action_B.unsqueeze(1)).squeeze(1)
+    y_B = bootstrap_target(online, target, batch, double=double, next_target_BA=next_target_BA)
     td_B = y_B - q_B
     if huber:
         per_sample_B = F.smooth_l1_loss(q_B, y_B, reduction="none")
@@ -60,3 +68,11 @@ def dqn_loss(online: nn.Module, target: nn.Module, batch: TorchBatch, *, double:
         per_sample_B = batch.weights_B * per_sample_B
     loss = per_sample_B.mean()
     return LossOut(loss, td_B.detach(), q_B.detach().mean())
+
+
+@torch.no_grad()
+def td_abs(net: nn.Module, batch: TorchBatch, *, double: bool) -> torch.Tensor:
+    """|y - Q(s, a)| with one network as both online and target: how an Ape-X actor scores
+    its own transitions with its local copy before the learner ever sees them."""
+    q_B = net(batch.obs_BO).gather(1, batch.action_B.unsqueeze(1)).squeeze(1)
+    return (bootstrap_target(net, net, batch, double=double) - q_B).abs()

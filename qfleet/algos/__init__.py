@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from qfleet.algos import dqn
+from qfleet.algos import apex, dqn
 from qfleet.algos.program import ActorLearnerProgram, Schedule
 from qfleet.config import Config, ConfigError
 
-BUILDERS = {"dqn": dqn.build}
+BUILDERS = {"dqn": dqn.build, "apex": apex.build}
 
 __all__ = ["ActorLearnerProgram", "Schedule", "build_program"]
 

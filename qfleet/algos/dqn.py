@@ -1,23 +1,29 @@
 """DQN (Mnih et al. 2015) with double, dueling, n-step and Huber options.
 
 Row of DESIGN.md: loss DQN, data path local replay, aggregation single learner.
-Wiring only: one or more actors write n-step chunks into one replay, one learner
-samples it, and actors pull the learner's snapshot when its version moved.
+Wiring only: actors write n-step chunks into the replay, one learner samples it, and
+actors pull the learner's snapshot when its version moved. ``wire`` is shared with
+Ape-X, which differs only in exploration, initial priorities and replay shards.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import gymnasium as gym
 import numpy as np
 import torch
 
 from qfleet.algos.program import ActorLearnerProgram, Schedule
-from qfleet.config import Config
+from qfleet.config import Config, ReplayConfig
 from qfleet.envs import make_vec_env
 from qfleet.nets import QNetwork, make_q_network
 from qfleet.policies import LinearSchedule
 from qfleet.replay import Replay, make_replay
 from qfleet.roles import Actor, DQNLearner
+from qfleet.roles.actor import PriorityFn
+
+EpsilonFor = Callable[[int], Callable[[int], float]]  # actor index -> (env steps -> epsilon)
 
 
 def _spaces(cfg: Config) -> tuple[gym.spaces.Box, int]:
@@ -29,6 +35,14 @@ def _spaces(cfg: Config) -> tuple[gym.spaces.Box, int]:
 
 
 def build(cfg: Config) -> ActorLearnerProgram:
+    steps_per_actor = cfg.train.total_env_steps // cfg.actors.count
+    epsilon = LinearSchedule(cfg.actors.eps_start, cfg.actors.eps_end,
+                             int(cfg.actors.eps_fraction * steps_per_actor))
+    return wire(cfg, lambda index: epsilon, priority_fn=None, replay_cfg=cfg.replay)
+
+
+def wire(cfg: Config, epsilon_for: EpsilonFor, priority_fn: PriorityFn | None,
+         replay_cfg: ReplayConfig) -> ActorLearnerProgram:
     obs_space, num_actions = _spaces(cfg)
     obs_shape = tuple(obs_space.shape)
 
@@ -37,19 +51,17 @@ def build(cfg: Config) -> ActorLearnerProgram:
 
     torch.manual_seed(cfg.seed)
     learner_net = new_net()  # built first so a seed gives the same initial weights
-    steps_per_actor = cfg.train.total_env_steps // cfg.actors.count
-    epsilon = LinearSchedule(cfg.actors.eps_start, cfg.actors.eps_end,
-                             int(cfg.actors.eps_fraction * steps_per_actor))
 
     def make_actor(index: int, incarnation: int) -> Actor:
         return Actor(cfg.env, new_net(), n_step=cfg.algo.n_step, gamma=cfg.algo.gamma,
-                     epsilon=epsilon, seed=cfg.seed, index=index, incarnation=incarnation)
+                     epsilon=epsilon_for(index), seed=cfg.seed, index=index,
+                     incarnation=incarnation, priority_fn=priority_fn)
 
     def make_learner() -> DQNLearner:
         return DQNLearner(learner_net, cfg.learner, cfg.algo)
 
     def make_replay_() -> Replay:
-        return make_replay(cfg.replay, obs_shape, obs_space.dtype,
+        return make_replay(replay_cfg, obs_shape, obs_space.dtype,
                            np.random.default_rng([cfg.seed, 7919]),
                            anneal_steps=cfg.train.total_env_steps)
 
@@ -63,4 +75,9 @@ def build(cfg: Config) -> ActorLearnerProgram:
                           learning_starts=cfg.learner.learning_starts,
                           train_every=cfg.learner.train_every,
                           updates_per_round=cfg.learner.updates_per_round,
-                          chunk_steps=cfg.actors.chunk_size))
+                          chunk_steps=cfg.actors.chunk_size),
+        sync_every=cfg.actors.sync_every,
+        obs_shape=obs_shape,
+        obs_dtype=obs_space.dtype,
+        # every env emits at most one transition per step, plus its n-1 pending at an end
+        max_chunk_rows=(cfg.actors.chunk_size + cfg.algo.n_step - 1) * cfg.env.num_envs)

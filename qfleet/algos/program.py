@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 from torch import nn
 
 from qfleet.replay import Replay
@@ -37,3 +38,7 @@ class ActorLearnerProgram:
     make_replay: Callable[[], Replay]
     make_eval_net: Callable[[], nn.Module]
     schedule: Schedule
+    sync_every: int  # env steps an actor takes between checks for new parameters
+    obs_shape: tuple[int, ...]
+    obs_dtype: np.dtype
+    max_chunk_rows: int  # the most transitions one chunk can hold (sizes transport slots)

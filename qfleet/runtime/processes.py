@@ -1,0 +1,212 @@
+"""The processes backend: each actor in a worker process, learner and replay in this one.
+
+Workers are forked (the role factories are closures, and fork shares the preallocated
+shared memory for free). An actor writes a chunk into one of its shared slots and sends
+only the slot id and counters; the learner copies the slot into that actor's replay
+shard and hands the slot back. Parameters flow the other way through SharedParams.
+
+Faults: a worker killed by a signal is restarted with fresh seeds (same shard, so data it
+already delivered stays); a worker that raises stops the run with its traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import time
+import traceback
+from dataclasses import dataclass
+from multiprocessing import get_context
+from multiprocessing.context import ForkProcess
+from multiprocessing.synchronize import Event
+from typing import Any
+
+import torch
+
+from qfleet.algos.program import ActorLearnerProgram
+from qfleet.roles import Chunk
+from qfleet.runtime.base import LearnerSide, RoundReport
+from qfleet.runtime.shm import ChunkSlots, SharedParams
+
+SLOTS_PER_ACTOR = 4
+POLL_S = 0.05  # how long the learner waits for data when it is ahead of the actors
+SHUTDOWN_S = 10.0
+
+
+class WorkerError(RuntimeError):
+    """An actor raised; carries the worker's own traceback."""
+
+
+@dataclass(frozen=True)
+class ChunkMsg:
+    actor: int
+    incarnation: int
+    slot: int
+    rows: int
+    env_steps: int
+    returns: list[float]
+    lengths: list[int]
+    param_version: int
+    epsilon: float
+    has_priorities: bool
+
+
+@dataclass(frozen=True)
+class ErrorMsg:
+    actor: int
+    incarnation: int
+    traceback: str
+
+
+def _actor_main(program: ActorLearnerProgram, index: int, incarnation: int,
+                slots: ChunkSlots, out_q: Any, params: SharedParams, stop: Event,
+                parent_pid: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    torch.set_num_threads(1)
+    out_q.cancel_join_thread()  # exit promptly even if the learner stopped reading
+    try:
+        actor = program.make_actor(index, incarnation)
+        since_sync = program.sync_every
+        while not stop.is_set() and os.getppid() == parent_pid:
+            if since_sync >= program.sync_every:
+                snapshot = params.pull(actor.version)
+                if snapshot is not None:
+                    actor.set_params(snapshot)
+                since_sync = 0
+            chunk = actor.collect(program.schedule.chunk_steps)
+            since_sync += chunk.env_steps
+            slot = _take_slot(slots, stop, parent_pid)
+            if slot is None:
+                break
+            rows = slots.write(slot, chunk.transitions, chunk.priorities_N)
+            out_q.put(ChunkMsg(index, incarnation, slot, rows, chunk.env_steps,
+                               chunk.episode_returns, chunk.episode_lengths,
+                               chunk.param_version, chunk.epsilon,
+                               chunk.priorities_N is not None))
+        actor.close()
+    except Exception:
+        out_q.put(ErrorMsg(index, incarnation, traceback.format_exc()))
+
+
+def _take_slot(slots: ChunkSlots, stop: Event, parent_pid: int) -> int | None:
+    while not stop.is_set() and os.getppid() == parent_pid:
+        try:
+            return int(slots.free.get(timeout=0.1))
+        except queue.Empty:
+            continue
+    return None
+
+
+@dataclass
+class _Worker:
+    index: int
+    incarnation: int
+    process: ForkProcess
+    slots: ChunkSlots
+
+
+class ProcessesRunner(LearnerSide):
+    def __init__(self, program: ActorLearnerProgram) -> None:
+        super().__init__(program)
+        self.ctx = get_context("fork")
+        self.params = SharedParams(self.learner.online, self.ctx)
+        self.params.publish(self.learner.online, self.learner.version)
+        self.out_q: Any = self.ctx.Queue()
+        self.stop = self.ctx.Event()
+        self.slots: dict[tuple[int, int], ChunkSlots] = {}
+        self.workers: list[_Worker] = []
+        self.workers = [self._spawn(i, 0) for i in range(program.num_actors)]
+
+    def _spawn(self, index: int, incarnation: int) -> _Worker:
+        p = self.program
+        slots = ChunkSlots(SLOTS_PER_ACTOR, p.max_chunk_rows, p.obs_shape, p.obs_dtype, self.ctx)
+        self.slots[(index, incarnation)] = slots
+        self.slots.pop((index, incarnation - 2), None)  # no message can still name it
+        process = self.ctx.Process(
+            target=_actor_main, name=f"qfleet-actor-{index}", daemon=True,
+            args=(p, index, incarnation, slots, self.out_q, self.params, self.stop,
+                  os.getpid()))
+        process.start()
+        return _Worker(index, incarnation, process, slots)
+
+    def step(self) -> RoundReport:
+        report, per_round = RoundReport(), self.program.schedule.updates_per_round
+        owed = self.updates_owed()
+        # Backpressure: while the learner owes more than a round, it leaves chunks in the
+        # slots, so actors wait instead of outrunning the schedule's replay ratio.
+        if owed <= per_round:
+            self._drain(report, wait=owed == 0)
+        self._check_health(report)
+        stats = self.train(min(self.updates_owed(), per_round))
+        report.add_updates(stats)
+        if stats:
+            self.params.publish(self.learner.online, self.learner.version)
+        return report
+
+    def _drain(self, report: RoundReport, wait: bool) -> None:
+        """Move every chunk that has arrived into replay (waiting briefly if asked)."""
+        block = wait
+        while True:
+            try:
+                msg = self.out_q.get(timeout=POLL_S) if block else self.out_q.get_nowait()
+            except queue.Empty:
+                return
+            block = False
+            if isinstance(msg, ErrorMsg):
+                raise WorkerError(f"actor {msg.actor} (incarnation {msg.incarnation}) failed:"
+                                  f"\n{msg.traceback}")
+            self._receive(msg, report)
+
+    def _receive(self, msg: ChunkMsg, report: RoundReport) -> None:
+        slots = self.slots.get((msg.actor, msg.incarnation))
+        if slots is None:
+            return  # from an incarnation long gone
+        data, prio = slots.read(msg.slot, msg.rows, msg.has_priorities)
+        chunk = Chunk(data, msg.env_steps, msg.returns, msg.lengths, msg.param_version,
+                      msg.epsilon, prio)
+        self.write(msg.actor, chunk, report)  # copies into the replay shard
+        slots.free.put(msg.slot)
+
+    def _check_health(self, report: RoundReport) -> None:
+        for i, worker in enumerate(self.workers):
+            if worker.process.is_alive():
+                continue
+            self._drain(report, wait=False)  # an ErrorMsg explaining the death comes first
+            self.workers[i] = self._spawn(worker.index, worker.incarnation + 1)
+            report.actor_restarts += 1
+
+    def state(self, with_replay: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any],
+                                                dict[str, Any]]:
+        tensors, meta, replay = super().state(with_replay)
+        meta["actors"] = [{"incarnation": w.incarnation} for w in self.workers]
+        return tensors, meta, replay
+
+    def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                replay: dict[str, Any]) -> None:
+        super().restore(tensors, meta, replay)
+        self.params.publish(self.learner.online, self.learner.version)
+        # Running actors pull the restored parameters; restart them with fresh incarnations
+        # so a resumed run does not replay the seeds of the first one.
+        for i, state in enumerate(meta.get("actors", [])[: len(self.workers)]):
+            self._replace(i, state["incarnation"] + 1)
+
+    def _replace(self, i: int, incarnation: int) -> None:
+        worker = self.workers[i]
+        worker.process.kill()
+        worker.process.join(timeout=SHUTDOWN_S)
+        self.workers[i] = self._spawn(worker.index, incarnation)
+
+    def close(self) -> None:
+        self.stop.set()
+        deadline = time.monotonic() + SHUTDOWN_S
+        for w in self.workers:
+            w.process.join(timeout=max(0.0, deadline - time.monotonic()))
+        for w in self.workers:
+            if w.process.is_alive():
+                w.process.kill()
+                w.process.join(timeout=1.0)
+        self.out_q.close()
+        self.out_q.cancel_join_thread()
+        for slots in self.slots.values():
+            slots.close()

@@ -1,0 +1,105 @@
+"""Shared-memory transport for one machine: versioned parameters and chunk slots.
+
+Both are allocated by the main process before it forks the workers, as torch tensors in
+shared memory (torch unlinks the segments at once, so nothing is left in /dev/shm even
+after a SIGKILL). Only small control messages travel through queues; arrays never do.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from multiprocessing.context import ForkContext
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from qfleet.replay import Transitions
+from qfleet.replay.transitions import FIELDS
+from qfleet.roles import ParamSnapshot
+
+
+def shared_array(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """A zeroed NumPy array backed by shared memory that forked children see."""
+    return torch.from_numpy(np.zeros(shape, dtype=dtype)).share_memory_().numpy()
+
+
+class SharedParams:
+    """One flat shared buffer of a module's state_dict plus a version number.
+
+    The learner publishes under a lock; an actor checks the version without the lock and
+    copies only when it moved (Sample Factory's policy_versions, on one machine).
+    """
+
+    def __init__(self, module: nn.Module, ctx: ForkContext) -> None:
+        state = module.state_dict()
+        self.layout = [(k, tuple(v.shape), v.numel(), v.dtype) for k, v in state.items()]
+        total = sum(n for _, _, n, _ in self.layout)
+        self.flat = torch.zeros(total, dtype=torch.float32).share_memory_()
+        self.version = ctx.Value("q", -1, lock=False)
+        self.lock = ctx.Lock()
+
+    def _views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        views, offset = {}, 0
+        for name, shape, n, dtype in self.layout:
+            views[name] = flat[offset: offset + n].view(shape).to(dtype)
+            offset += n
+        return views
+
+    def publish(self, module: nn.Module, version: int) -> None:
+        with self.lock:
+            offset = 0
+            for (_, _, n, _), value in zip(self.layout, module.state_dict().values(),
+                                           strict=True):
+                self.flat[offset: offset + n].copy_(value.detach().reshape(-1))
+                offset += n
+            self.version.value = version
+
+    def pull(self, known_version: int) -> ParamSnapshot | None:
+        """A private copy of the newest parameters, or None if ``known_version`` is newest."""
+        if self.version.value == known_version:
+            return None
+        with self.lock:
+            version, flat = int(self.version.value), self.flat.clone()
+        return ParamSnapshot(version, self._views(flat))
+
+
+class ChunkSlots:
+    """S preallocated chunk buffers for one actor; a slot is owned by the actor until it
+    sends the slot's id, and by the learner until it hands the id back."""
+
+    def __init__(self, num_slots: int, max_rows: int, obs_shape: tuple[int, ...],
+                 obs_dtype: np.dtype, ctx: ForkContext) -> None:
+        dtypes: dict[str, Any] = {
+            "obs_NO": obs_dtype, "action_N": np.int64, "reward_N": np.float32,
+            "discount_N": np.float32, "next_obs_NO": obs_dtype, "priority_N": np.float32}
+        self.max_rows = max_rows
+        self.arrays = {name: shared_array((num_slots, max_rows,
+                                           *(obs_shape if name.endswith("_NO") else ())),
+                                          np.dtype(dt))
+                       for name, dt in dtypes.items()}
+        self.free: mp.Queue[int] = ctx.Queue()
+        for slot in range(num_slots):
+            self.free.put(slot)
+
+    def write(self, slot: int, data: Transitions, priorities_N: np.ndarray | None) -> int:
+        rows = len(data)
+        if rows > self.max_rows:
+            raise ValueError(f"chunk of {rows} transitions exceeds the slot size {self.max_rows}")
+        for name in FIELDS:
+            self.arrays[name][slot, :rows] = getattr(data, name)
+        if priorities_N is not None:
+            self.arrays["priority_N"][slot, :rows] = priorities_N
+        return rows
+
+    def read(self, slot: int, rows: int, with_priorities: bool) -> tuple[Transitions,
+                                                                         np.ndarray | None]:
+        """Views into the slot: valid until the slot id is handed back to ``free``."""
+        data = Transitions(*(self.arrays[name][slot, :rows] for name in FIELDS))
+        prio = self.arrays["priority_N"][slot, :rows] if with_priorities else None
+        return data, prio
+
+    def close(self) -> None:
+        self.free.close()
+        self.free.cancel_join_thread()
