@@ -19,6 +19,7 @@ from qfleet.config import (
     resolve_source,
     to_toml,
 )
+from qfleet.runtime.processes import WorkerError
 
 if TYPE_CHECKING:
     from qfleet.experiment import Result
@@ -158,6 +159,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, CheckpointError) as err:
         err_console.print(f"[bold red]qfleet: error:[/] {err}", highlight=False)
         return 2
+    except WorkerError as err:  # the worker's own traceback is in the message
+        err_console.print(f"[bold red]qfleet: a worker failed, run stopped:[/] {err}",
+                          highlight=False, markup=True)
+        return 1
     except KeyboardInterrupt as err:
         from qfleet.experiment import Interrupted
 

@@ -171,6 +171,8 @@ class Experiment:
 
     def _after_round(self, report: RoundReport) -> None:
         self.window.append(report)
+        for note in report.notes:
+            self.progress.print(note)
         self.episodes.extend(report.episode_returns)
         steps = self.runner.env_steps
         if steps >= self.next_log:

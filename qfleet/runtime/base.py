@@ -32,6 +32,7 @@ class RoundReport:
     chunks: int = 0
     epsilon: float | None = None  # of actor 0, for the progress line
     actor_restarts: int = 0
+    notes: list[str] = field(default_factory=list)  # events worth a line on the console
 
     def add_chunk(self, actor: int, chunk: Chunk, learner_version: int) -> None:
         self.env_steps += chunk.env_steps

@@ -32,6 +32,7 @@ from qfleet.runtime.shm import ChunkSlots, SharedParams
 SLOTS_PER_ACTOR = 4
 POLL_S = 0.05  # how long the learner waits for data when it is ahead of the actors
 SHUTDOWN_S = 10.0
+MAX_RESTARTS = 20  # per actor slot: past this a crash loop is a bug to report, not retry
 
 
 class WorkerError(RuntimeError):
@@ -64,7 +65,6 @@ def _actor_main(program: ActorLearnerProgram, index: int, incarnation: int,
                 parent_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     torch.set_num_threads(1)
-    out_q.cancel_join_thread()  # exit promptly even if the learner stopped reading
     try:
         actor = program.make_actor(index, incarnation)
         since_sync = program.sync_every
@@ -85,8 +85,11 @@ def _actor_main(program: ActorLearnerProgram, index: int, incarnation: int,
                                chunk.param_version, chunk.epsilon,
                                chunk.priorities_N is not None))
         actor.close()
+        out_q.cancel_join_thread()  # stopping: chunks still buffered are not needed
     except Exception:
         out_q.put(ErrorMsg(index, incarnation, traceback.format_exc()))
+        out_q.close()
+        out_q.join_thread()  # the error must reach the learner before this process ends
 
 
 def _take_slot(slots: ChunkSlots, stop: Event, parent_pid: int) -> int | None:
@@ -115,6 +118,7 @@ class ProcessesRunner(LearnerSide):
         self.out_q: Any = self.ctx.Queue()
         self.stop = self.ctx.Event()
         self.slots: dict[tuple[int, int], ChunkSlots] = {}
+        self.restarts = [0] * program.num_actors
         self.workers: list[_Worker] = []
         self.workers = [self._spawn(i, 0) for i in range(program.num_actors)]
 
@@ -173,8 +177,15 @@ class ProcessesRunner(LearnerSide):
             if worker.process.is_alive():
                 continue
             self._drain(report, wait=False)  # an ErrorMsg explaining the death comes first
+            code = worker.process.exitcode or 0
+            cause = signal.Signals(-code).name if code < 0 else f"exit code {code}"
+            self.restarts[i] += 1
+            if self.restarts[i] > MAX_RESTARTS:
+                raise WorkerError(f"actor {i} died {self.restarts[i]} times (last: {cause}); "
+                                  "giving up")
             self.workers[i] = self._spawn(worker.index, worker.incarnation + 1)
             report.actor_restarts += 1
+            report.notes.append(f"actor {i} died ({cause}); restarted with fresh seeds")
 
     def state(self, with_replay: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any],
                                                 dict[str, Any]]:

@@ -1,0 +1,28 @@
+"""Environments that fail on purpose, to test how workers report errors."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+MAIN_PID = os.getpid()  # the test process; forked workers inherit the value
+
+
+class ExplodingEnv(gym.Env[np.ndarray, int]):
+    """Works in the main process (so the run can start) and raises inside a worker."""
+
+    observation_space = gym.spaces.Box(-1.0, 1.0, (4,), np.float32)
+    action_space = gym.spaces.Discrete(2)
+
+    def reset(self, *, seed: int | None = None,
+              options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+        super().reset(seed=seed)
+        return np.zeros(4, np.float32), {}
+
+    def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        if os.getpid() != MAIN_PID:
+            raise RuntimeError("boom from inside the env")
+        return np.zeros(4, np.float32), 0.0, False, False, {}
