@@ -163,6 +163,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         err_console.print(f"[bold red]qfleet: a worker failed, run stopped:[/] {err}",
                           highlight=False, markup=True)
         return 1
+    except Exception as err:  # a bug or a broken learner: say so, keep the traceback
+        import traceback
+
+        traceback.print_exc()
+        err_console.print(f"[bold red]qfleet: training failed:[/] {type(err).__name__}: {err}."
+                          " Workers were stopped; the last checkpoint (if any) is under the "
+                          "run directory's checkpoints/ and loads with `qfleet resume`.",
+                          highlight=False)
+        return 1
     except KeyboardInterrupt as err:
         from qfleet.experiment import Interrupted
 

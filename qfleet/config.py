@@ -87,6 +87,8 @@ class LearnerConfig:
     huber: bool = _f(True)
     max_grad_norm: float = _f(10.0, lo=0.0, help="0 disables clipping")
     adam_eps: float = _f(1e-8, gt=0.0)
+    max_replay_ratio: float = _f(0.0, lo=0.0, help="cap on sampled / inserted transitions; "
+                                 "0 = only the train_every/updates_per_round schedule")
     device: str = _f("auto", choices=("auto", "cpu", "cuda"))
 
 

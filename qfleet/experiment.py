@@ -66,13 +66,15 @@ class _StopFlag:
         self.signum = signum
 
 
-def summarize_window(win: list[RoundReport], dt: float, num_actors: int) -> dict[str, Any]:
+def summarize_window(win: list[RoundReport], dt: float, num_actors: int,
+                     batch_size: int) -> dict[str, Any]:
     """Rates and means over the rounds since the last log line."""
     steps, updates = sum(r.env_steps for r in win), sum(r.updates for r in win)
     epsilons = [r.epsilon for r in win if r.epsilon is not None]
     stats: dict[str, Any] = {
         "env_steps_per_s": steps / dt, "updates_per_s": updates / dt,
         "episodes": sum(len(r.episode_returns) for r in win),
+        "replay_ratio": updates * batch_size / steps if steps else None,  # samples / insert
         "epsilon": epsilons[-1] if epsilons else None,
         "loss": sum(r.loss_sum for r in win) / updates if updates else None,
         "q_mean": sum(r.q_sum for r in win) / updates if updates else None,
@@ -195,7 +197,8 @@ class Experiment:
             "env_steps": self.runner.env_steps, "wall_s": round(self.wall_s(), 3),
             "updates": self.runner.updates,
             "return_mean": float(np.mean(self.episodes)) if self.episodes else None,
-            **summarize_window(win, dt, self.runner.program.num_actors),
+            **summarize_window(win, dt, self.runner.program.num_actors,
+                               self.runner.program.schedule.batch_size),
             "replay_size": len(self.runner.replay), "actor_restarts": self.actor_restarts}
         self.metrics.write("train", record)
         last = self.last_eval[1] if self.last_eval else None

@@ -130,3 +130,49 @@ def test_signal_checkpoints_and_stops_every_worker(tmp_path: Path, sig: int, cod
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_learner_exception_stops_workers_and_keeps_the_checkpoint(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from qfleet.roles.learner import DQNLearner
+
+    real_update, calls = DQNLearner.update, {"n": 0}
+
+    def failing_update(self: DQNLearner, batch):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] > 60:
+            raise FloatingPointError("learner exploded on purpose")
+        return real_update(self, batch)
+
+    monkeypatch.setattr(DQNLearner, "update", failing_update)
+    cfg = _cfg("checkpoint.every=100", "train.total_env_steps=1000000", "train.eval_every=0")
+    with pytest.raises(FloatingPointError, match="on purpose"):
+        qfleet.train(cfg, tmp_path / "run")
+    assert not _children(os.getpid()) or all(
+        "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+        for pid in _children(os.getpid()) if Path(f"/proc/{pid}").exists())
+    _, meta, replay = checkpoint.load(checkpoint.find(tmp_path / "run"))
+    assert meta["updates"] > 0 and replay
+
+
+def test_actors_exit_when_the_main_process_is_killed(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "qfleet", "train", "cartpole-apex", "--run-dir", str(run_dir),
+           *[x for s in SMALL for x in ("--set", s)], "--set", "train.total_env_steps=10000000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while len(workers := _children(proc.pid)) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 5
+        while any(Path(f"/proc/{pid}").exists() for pid in workers):
+            assert time.monotonic() < deadline, "actor outlived its learner"
+            time.sleep(0.1)
+    finally:
+        for pid in _children(proc.pid):
+            os.kill(int(pid), signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()

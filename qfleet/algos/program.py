@@ -19,13 +19,17 @@ class Schedule:
     train_every: int  # env steps per training round
     updates_per_round: int
     chunk_steps: int  # vector steps per actor chunk
+    max_replay_ratio: float = 0.0  # 0 = no cap beyond the round schedule
 
     def updates_owed(self, env_steps: int) -> int:
         """Total updates due after ``env_steps`` (the replay ratio, as a step function)."""
         if env_steps < self.learning_starts:
             return 0
         rounds = (env_steps - self.learning_starts) // self.train_every + 1
-        return rounds * self.updates_per_round
+        owed = rounds * self.updates_per_round
+        if self.max_replay_ratio > 0:
+            owed = min(owed, int(self.max_replay_ratio * env_steps / self.batch_size))
+        return owed
 
 
 @dataclass(frozen=True)
