@@ -21,7 +21,7 @@ import torch
 
 from qfleet import checkpoint
 from qfleet.algos import build_program
-from qfleet.config import Config, to_toml
+from qfleet.config import Config, ConfigError, to_toml
 from qfleet.evaluate import evaluate
 from qfleet.metrics import MetricsWriter
 from qfleet.progress import ProgressLine
@@ -109,6 +109,7 @@ class Experiment:
         self.runner = make_runner(cfg.runtime.backend, build_program(cfg))
         self.wall_offset = 0.0
         self.episodes: deque[float] = deque(maxlen=20)
+        self.episodes_by_actor: dict[int, deque[float]] = {}
         self.window: list[RoundReport] = []
         self.last_eval: tuple[int, float, float] | None = None  # (env_steps, mean, std)
         self.best_eval = -float("inf")
@@ -176,6 +177,8 @@ class Experiment:
         for note in report.notes:
             self.progress.print(note)
         self.episodes.extend(report.episode_returns)
+        for actor, returns in report.returns_by_actor.items():
+            self.episodes_by_actor.setdefault(actor, deque(maxlen=20)).extend(returns)
         steps = self.runner.env_steps
         if steps >= self.next_log:
             self._log_train()
@@ -200,6 +203,10 @@ class Experiment:
             **summarize_window(win, dt, self.runner.program.num_actors,
                                self.runner.program.schedule.batch_size),
             "replay_size": len(self.runner.replay), "actor_restarts": self.actor_restarts}
+        if self.runner.program.num_actors > 1:  # Ape-X actors explore differently: show each
+            record["return_mean_by_actor"] = [
+                float(np.mean(d)) if (d := self.episodes_by_actor.get(i)) else None
+                for i in range(self.runner.program.num_actors)]
         self.metrics.write("train", record)
         last = self.last_eval[1] if self.last_eval else None
         self.progress.update(record | {"eval_return_mean": last})
@@ -243,7 +250,11 @@ class Experiment:
 
 def train(cfg: Config, run_dir: str | Path | None = None) -> Result:
     """Train ``cfg`` in a new run directory; returns the final greedy evaluation and counters."""
-    return Experiment(cfg, Path(run_dir) if run_dir else default_run_dir(cfg)).run()
+    path = Path(run_dir) if run_dir else default_run_dir(cfg)
+    if (path / "metrics.jsonl").exists():
+        raise ConfigError(f"run directory {str(path)!r} already holds a run: continue it with "
+                          "`qfleet resume`, or choose another --run-dir")
+    return Experiment(cfg, path).run()
 
 
 def resume(run_dir: str | Path, cfg: Config | None = None) -> Result:
