@@ -1,0 +1,117 @@
+"""Shared helpers for the foundation tests: small configs and the real ``qfleet`` command."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from qfleet.config import Config, load_config
+
+TESTS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = TESTS_DIR.parent
+if str(TESTS_DIR) not in sys.path:  # makes "envs_for_tests:Class" importable
+    sys.path.insert(0, str(TESTS_DIR))
+
+# A CartPole run that takes a few seconds: enough rounds to train, log, eval and checkpoint.
+FAST_SETS = (
+    "train.total_env_steps=2000",
+    "learner.learning_starts=500",
+    "train.eval_episodes=3",
+    "log.tensorboard=false",
+    "log.progress=false",
+)
+
+
+def _cli_env() -> dict[str, str]:
+    env = dict(os.environ)
+    extra = os.pathsep.join([str(REPO_ROOT), str(TESTS_DIR)])
+    env["PYTHONPATH"] = extra + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.update(PYTHONUNBUFFERED="1", NO_COLOR="1", COLUMNS="200", TERM="dumb")
+    return env
+
+
+def _set_args(sets: Sequence[str]) -> list[str]:
+    return [arg for s in sets for arg in ("--set", s)]
+
+
+@pytest.fixture(scope="session")
+def fast_sets() -> list[str]:
+    return list(FAST_SETS)
+
+
+@pytest.fixture
+def make_cfg() -> Callable[..., Config]:
+    """``make_cfg("learner.lr=1e-3", ...)``: the cartpole preset, shrunk, plus overrides."""
+
+    def make(*overrides: str, preset: str = "cartpole-dqn") -> Config:
+        return load_config(preset, [*FAST_SETS, *overrides])
+
+    return make
+
+
+CliRunner = Callable[..., "subprocess.CompletedProcess[str]"]
+
+
+@pytest.fixture(scope="session")
+def run_cli(tmp_path_factory: pytest.TempPathFactory) -> CliRunner:
+    """Run ``python -m qfleet ARGS`` for real; returns the completed process (text).
+
+    ``cwd`` defaults to a scratch folder, so a default ``runs/`` never lands in the repo.
+    """
+    scratch = tmp_path_factory.mktemp("cli-cwd")
+
+    def run(*args: str, sets: Sequence[str] = (), cwd: Path | None = None,
+            timeout: float = 240) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "qfleet", *args, *_set_args(sets)],
+                              cwd=cwd or scratch, env=_cli_env(), capture_output=True,
+                              text=True, timeout=timeout, check=False)
+
+    return run
+
+
+@pytest.fixture
+def spawn_cli(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[str]]]:
+    """Start ``python -m qfleet ARGS`` in the background (output to files under tmp_path).
+
+    Every process started here is killed at teardown if the test left it running.
+    """
+    procs: list[subprocess.Popen[str]] = []
+    handles = []
+
+    def spawn(*args: str, sets: Sequence[str] = (), name: str = "proc") -> subprocess.Popen[str]:
+        out = (tmp_path / f"{name}.stdout").open("w")
+        err = (tmp_path / f"{name}.stderr").open("w")
+        handles.extend([out, err])
+        proc = subprocess.Popen([sys.executable, "-m", "qfleet", *args, *_set_args(sets)],
+                                cwd=tmp_path, env=_cli_env(), stdout=out, stderr=err,
+                                text=True)
+        procs.append(proc)
+        return proc
+
+    try:
+        yield spawn
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
+        for fh in handles:
+            fh.close()
+
+
+def assert_clean_error(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
+    """Exit code 2, every needle on stderr, and no Python traceback anywhere."""
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr
+    for needle in needles:
+        assert needle in proc.stderr, (needle, proc.stderr)
+
+
+@pytest.fixture
+def clean_error() -> Callable[..., None]:
+    return assert_clean_error

@@ -1,0 +1,27 @@
+"""Slow lane: the cartpole-dqn preset solves CartPole-v1 within its 50k-step budget."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from qfleet.config import load_config
+from qfleet.experiment import train
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cartpole_dqn_preset_solves(seed: int, tmp_path: Path) -> None:
+    # Only output switches are changed: the learning settings are the preset's own.
+    cfg = load_config("cartpole-dqn", [f"seed={seed}", "log.tensorboard=false",
+                                       "log.progress=false"])
+    assert cfg.train.total_env_steps == 50_000 and cfg.train.target_return == 475.0
+    result = train(cfg, tmp_path / "run")
+    summary = json.dumps({k: v for k, v in vars(result).items() if k != "run_dir"})
+    assert result.eval_return_mean >= 475, summary
+    assert result.env_steps <= 50_000, summary
+    assert result.solved_at_env_steps is not None, summary
+    assert result.solved_at_env_steps == result.env_steps, summary  # stopped on reaching it
