@@ -102,6 +102,8 @@ def test_unnamed_writes_go_round_robin_and_empty_replay_refuses() -> None:
     for tag in range(4):
         replay.add(chunk(3, tag))
     assert [len(replay.shards[k]) for k in (0, 1)] == [6, 6]
+    replay.add(chunk(5, 9), shard=3)  # writer 3 of a 2-shard replay: shard 3 % 2 = 1
+    assert [len(replay.shards[k]) for k in (0, 1)] == [6, 11]
 
 
 def test_checkpoint_round_trip(tmp_path: Path) -> None:

@@ -37,6 +37,7 @@ def test_random_updates_match_naive_cumsum(capacity: int, top: int, min_top: int
                                            seed: int) -> None:
     rng = np.random.default_rng(seed)
     tree = SumMinTree(capacity, top=top, min_top=min_top)
+    tree.rebuild_every = 10**9  # check the incremental sums alone (integers: exact)
     ref_N = np.zeros(capacity)
     for _ in range(40):
         size = int(rng.integers(1, 2 * capacity + 2))  # > capacity forces duplicates
@@ -51,6 +52,7 @@ def test_thousands_of_real_valued_updates_on_a_large_tree() -> None:
     rng = np.random.default_rng(0)
     capacity = 50_000
     tree = SumMinTree(capacity, top=64, min_top=256)
+    assert tree.rebuild_every < 3000  # drift is cleaned up along the way, as in real use
     ref_N = np.zeros(capacity)
     for step in range(3000):
         idx_B = rng.integers(0, capacity, 64)
@@ -112,6 +114,22 @@ def test_safe_walk_agrees_with_fast_walk_and_skips_zero_subtrees() -> None:
     over_B = tree._descend(np.ones(5, dtype=np.int64), np.full(5, prio_N.sum() * 1.5),
                            safe=True)
     assert (prio_N[over_B] > 0).all()
+
+
+def test_drifted_sums_are_rebuilt_before_a_zero_slot_is_returned() -> None:
+    rng = np.random.default_rng(3)
+    tree = SumMinTree(64, top=2)
+    tree.update(np.array([5]), np.array([1.0]))
+    # Pretend delta updates left residue on the empty right half (its root and a child):
+    tree.sum_T[3] += 1.0
+    tree.sum_T[6] += 1.0
+    slots_B, prio_B = tree.sample(512, rng)
+    assert (slots_B == 5).all() and (prio_B == 1.0).all()
+    assert tree.total == 1.0  # rebuilt from the leaves
+    tree.update(np.array([5]), np.array([0.0]))
+    tree.sum_T[2] += 1e-3
+    with pytest.raises(RuntimeError, match="zero"):
+        tree.sample(4, rng)
 
 
 def test_stratified_sampling_frequencies_match_p_chi_square() -> None:

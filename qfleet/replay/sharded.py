@@ -72,13 +72,17 @@ class ShardedReplay:
 
     def add(self, chunk: Transitions, priorities_N: np.ndarray | None = None,
             shard: int | None = None) -> None:
-        """Write to ``shard`` (its owner), or round-robin over shards if none is named."""
-        if shard is None:
+        """Write to shard ``shard`` (the writer's own). A writer naming no shard, or one
+        that does not exist (more writers than shards), is mapped onto the live shards:
+        round-robin per write, or by its number, so every write lands somewhere."""
+        if shard not in self.shards:
             keys = sorted(self.shards)
             if not keys:
                 raise RuntimeError("no shards to write to")
-            shard = keys[self._turn % len(keys)]
-            self._turn += 1
+            if shard is None:
+                shard, self._turn = keys[self._turn % len(keys)], self._turn + 1
+            else:
+                shard = keys[shard % len(keys)]
         self.shards[shard].add(chunk, priorities_N)
         self.added += len(chunk)
 

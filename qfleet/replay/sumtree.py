@@ -61,6 +61,10 @@ class SumMinTree:
         self._cum_R1 = np.zeros(self.roots + 1, dtype=np.float64)  # [0, prefix sums...]
         self._shifts_D1 = np.arange(1, self.depth + 1, dtype=np.int64)[:, None]
         self._strata_B = np.arange(0, dtype=np.float64)
+        # A rebuild costs about 2N element ops; every leaf0/256 updates keeps it ~1% of
+        # the update cost while bounding the sums' rounding drift to a few thousand ulps.
+        self.rebuild_every = max(1, self.leaf0 // 256)
+        self._updates_since_rebuild = 0
 
     @property
     def nbytes(self) -> int:
@@ -96,18 +100,32 @@ class SumMinTree:
             raise ValueError("priorities must be finite and >= 0")
         node_U = idx_U + self.leaf0
         sum_T, min_T = self.sum_T, self.min_T
-        sum_T[node_U] = val_U
-        min_T[node_U] = np.where(val_U > 0, val_U, np.inf)
-        # Every ancestor of every leaf, one row per level, in one call; repeated parents
-        # recompute the same value from the same children, so they are harmless.
+        delta_U = val_U - sum_T.take(node_U)
+        sum_T[node_U] = val_U  # leaves exact; internal sums move by the change
+        # Every ancestor of every leaf in one (depth, U) array, and one unbuffered add
+        # over all of them (np.add.at accumulates repeated ancestors): a handful of NumPy
+        # calls instead of four per level. Deltas leave rounding residue in the sums, so
+        # the levels are rebuilt exactly from the leaves every ``rebuild_every`` updates.
         parent_DU = node_U >> self._shifts_D1
-        left_DU = parent_DU << 1
-        right_DU = left_DU | 1
-        for level, (parent_U, left_U, right_U) in enumerate(zip(parent_DU, left_DU, right_DU,
-                                                                strict=True)):
-            sum_T[parent_U] = sum_T.take(left_U) + sum_T.take(right_U)
-            if level < self.min_depth:
-                min_T[parent_U] = np.minimum(min_T.take(left_U), min_T.take(right_U))
+        # Indices and values as plain same-length 1-D arrays: NumPy 2.4's ufunc.at
+        # mis-broadcasts a 1-D value array against 2-D indices (reads garbage).
+        np.add.at(sum_T, parent_DU.ravel(), np.tile(delta_U, self.depth))
+        # min has no inverse: recompute the min-tree's levels from their children.
+        min_T[node_U] = np.where(val_U > 0, val_U, np.inf)
+        left_MU = parent_DU[:self.min_depth] << 1
+        right_MU = left_MU | 1
+        for parent_U, left_U, right_U in zip(parent_DU, left_MU, right_MU, strict=False):
+            min_T[parent_U] = np.minimum(min_T.take(left_U), min_T.take(right_U))
+        self._updates_since_rebuild += 1
+        if self._updates_since_rebuild >= self.rebuild_every:
+            self._rebuild_sums()
+
+    def _rebuild_sums(self) -> None:
+        lo = self.leaf0 // 2
+        while lo >= self.roots:  # whole levels, bottom up
+            self.sum_T[lo:2 * lo] = self.sum_T[2 * lo:4 * lo].reshape(-1, 2).sum(axis=1)
+            lo //= 2
+        self._updates_since_rebuild = 0
 
     def set_all(self, prio_N: np.ndarray) -> None:
         """Replace every priority at once (checkpoint restore): rebuilds the levels."""
@@ -118,11 +136,10 @@ class SumMinTree:
         self.min_T[:] = np.inf
         self.sum_T[self.leaf0:self.leaf0 + self.capacity] = prio_N
         self.min_T[self.leaf0:self.leaf0 + self.capacity] = np.where(prio_N > 0, prio_N, np.inf)
+        self._rebuild_sums()
         lo = self.leaf0 // 2
-        while lo >= self.roots:  # whole levels, bottom up
-            self.sum_T[lo:2 * lo] = self.sum_T[2 * lo:4 * lo].reshape(-1, 2).sum(axis=1)
-            if lo >= self.min_roots:
-                self.min_T[lo:2 * lo] = self.min_T[2 * lo:4 * lo].reshape(-1, 2).min(axis=1)
+        while lo >= self.min_roots:
+            self.min_T[lo:2 * lo] = self.min_T[2 * lo:4 * lo].reshape(-1, 2).min(axis=1)
             lo //= 2
 
     def _root_prefix(self) -> np.ndarray:
@@ -156,14 +173,20 @@ class SumMinTree:
     def _search(self, cum_R1: np.ndarray, u_B: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Needs 0 <= u < total, so the root search lands on a root with a positive sum."""
         root_B = np.searchsorted(cum_R1[1:], u_B, side="right")
-        u_B -= cum_R1.take(root_B)
+        rel_B = u_B - cum_R1.take(root_B)
         root_B += self.roots
-        leaf_B = self._descend(root_B.copy(), u_B.copy(), safe=False)
+        leaf_B = self._descend(root_B.copy(), rel_B.copy(), safe=False)
         prio_B = self.sum_T.take(leaf_B + self.leaf0)
         bad_B = prio_B <= 0
         if bad_B.any():  # rounding pushed u past a subtree's sum: redo those carefully
-            leaf_B[bad_B] = self._descend(root_B[bad_B], u_B[bad_B], safe=True)
+            leaf_B[bad_B] = self._descend(root_B[bad_B], rel_B[bad_B], safe=True)
             prio_B = self.sum_T.take(leaf_B + self.leaf0)
+            if (prio_B <= 0).any():  # drift left a sum on an all-zero subtree: make exact
+                self._rebuild_sums()
+                cum_R1 = self._root_prefix()
+                if not cum_R1[-1] > 0:
+                    raise RuntimeError("cannot sample: every priority is zero")
+                return self._search(cum_R1, np.minimum(u_B, np.nextafter(cum_R1[-1], -1)))
         return leaf_B, prio_B
 
     def _descend(self, node_B: np.ndarray, u_B: np.ndarray, *, safe: bool) -> np.ndarray:
