@@ -60,6 +60,15 @@ def find(path: Path) -> Path:
                           "checkpoints/ folder, or a step-* checkpoint folder)")
 
 
+def load_meta(ckpt: Path) -> dict[str, Any]:
+    """Only the JSON part (config, counters) of a checkpoint."""
+    try:
+        meta: dict[str, Any] = json.loads((ckpt / "state.json").read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{ckpt}: unreadable checkpoint ({err})") from None
+    return meta
+
+
 def load(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, np.ndarray]]:
     try:
         meta = json.loads((ckpt / "state.json").read_text())

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.console import Console
+from rich.markup import escape
 
 from qfleet.checkpoint import CheckpointError
 from qfleet.config import (
@@ -40,7 +41,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = _config_from(args, args.config)
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg, Path(args.config).stem)
-    console.print(f"[bold]qfleet[/] training {args.config} -> {run_dir}")
+    console.print(f"[bold]qfleet[/] training {escape(args.config)} -> {escape(str(run_dir))}")
     _print_result(train(cfg, run_dir))
     return 0
 
@@ -52,7 +53,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     ckpt = checkpoint.find(run_dir)
     cfg = _config_from(args, run_dir / "config.toml")
-    console.print(f"[bold]qfleet[/] resuming {run_dir} from {ckpt.name}")
+    console.print(f"[bold]qfleet[/] resuming {escape(str(run_dir))} from {ckpt.name}")
     _print_result(resume(run_dir, cfg))
     return 0
 
@@ -65,13 +66,13 @@ def _print_result(result: Result) -> None:
         f"{result.eval_return_std:.1f} over {result.eval_episodes} episodes; "
         f"{result.env_steps:,} env steps, {result.updates:,} updates in {result.wall_s:.1f} s "
         f"({result.env_steps_per_s:.0f} steps/s){solved}\n"
-        f"run directory: {result.run_dir}", highlight=False)
+        f"run directory: {escape(result.run_dir)}", highlight=False)
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
     for name in preset_names():
         cfg = load_config(name)
-        console.print(f"[bold]{name:<22}[/] {cfg.description}", highlight=False)
+        console.print(f"[bold]{name:<22}[/] {escape(cfg.description)}", highlight=False)
     return 0
 
 
@@ -157,17 +158,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except (ConfigError, CheckpointError) as err:
-        err_console.print(f"[bold red]qfleet: error:[/] {err}", highlight=False)
+        err_console.print(f"[bold red]qfleet: error:[/] {escape(str(err))}", highlight=False)
         return 2
     except WorkerError as err:  # the worker's own traceback is in the message
-        err_console.print(f"[bold red]qfleet: a worker failed, run stopped:[/] {err}",
-                          highlight=False, markup=True)
+        err_console.print(f"[bold red]qfleet: a worker failed, run stopped:[/] "
+                          f"{escape(str(err))}", highlight=False)
         return 1
     except Exception as err:  # a bug or a broken learner: say so, keep the traceback
         import traceback
 
         traceback.print_exc()
-        err_console.print(f"[bold red]qfleet: training failed:[/] {type(err).__name__}: {err}."
+        err_console.print(f"[bold red]qfleet: training failed:[/] {type(err).__name__}: "
+                          f"{escape(str(err))}."
                           " Workers were stopped; the last checkpoint (if any) is under the "
                           "run directory's checkpoints/ and loads with `qfleet resume`.",
                           highlight=False)
@@ -176,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from qfleet.experiment import Interrupted
 
         if isinstance(err, Interrupted):
-            err_console.print(f"interrupted ({err}); continue with: qfleet resume "
-                              f"{err.checkpoint.parent.parent}", highlight=False)
+            err_console.print(f"interrupted ({escape(str(err))}); continue with: qfleet resume "
+                              f"{escape(str(err.checkpoint.parent.parent))}", highlight=False)
             return err.exit_code
         return 130

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
+import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -170,7 +170,9 @@ def _type_ok(value: Any, tp: Any) -> bool:
 
 
 def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp)).replace("NoneType", "none")
+    if typing.get_origin(tp) is not None:  # list[int], float | None: keep the arguments
+        return str(tp).replace("NoneType", "none")
+    return getattr(tp, "__name__", str(tp))
 
 
 def _check_field(key: str, value: Any, tp: Any, meta: typing.Mapping[str, Any]) -> None:
@@ -249,6 +251,8 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 
 def _parse_value(text: str) -> Any:
+    if text in ("none", "null"):  # unsets an optional field (train.target_return=none)
+        return None
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
@@ -319,8 +323,8 @@ def load_config(preset_or_path: str | Path = "cartpole-dqn",
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, str):  # JSON string escapes are valid TOML basic-string escapes
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return repr(value)

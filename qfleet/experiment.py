@@ -10,6 +10,7 @@ import json
 import signal
 import threading
 import time
+import tomllib
 from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -105,7 +106,6 @@ class Experiment:
         if cfg.runtime.torch_threads:
             torch.set_num_threads(cfg.runtime.torch_threads)
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.toml").write_text(to_toml(cfg))
         self.runner = make_runner(cfg.runtime.backend, build_program(cfg))
         self.wall_offset = 0.0
         self.episodes: deque[float] = deque(maxlen=20)
@@ -150,6 +150,8 @@ class Experiment:
         cfg = self.cfg
         self.t0 = time.perf_counter()
         self.t_window = self.t0
+        # Written only now that a resume's restore succeeded: a failed one keeps the old file.
+        (self.run_dir / "config.toml").write_text(to_toml(cfg))
         self.metrics = MetricsWriter(self.run_dir, cfg.log.tensorboard)
         self.progress = ProgressLine(cfg.train.total_env_steps, cfg.log.progress,
                                      self.runner.env_steps)
@@ -257,12 +259,29 @@ def train(cfg: Config, run_dir: str | Path | None = None) -> Result:
     return Experiment(cfg, path).run()
 
 
+# Fields a resumed run cannot change: they shape the networks, the replay or the roles.
+FIXED_ON_RESUME = ("env.id", "algo.name", "algo.n_step", "algo.gamma", "net.torso", "net.hidden",
+                   "net.dueling", "actors.count", "replay.kind", "replay.capacity",
+                   "replay.shards", "replay.storage", "runtime.backend")
+
+
+def check_resumable(saved: Config, cfg: Config) -> None:
+    for key in FIXED_ON_RESUME:
+        section, name = key.split(".")
+        old, new = getattr(getattr(saved, section), name), getattr(getattr(cfg, section), name)
+        if old != new:
+            raise ConfigError(f"{key} = {new!r}: cannot change on resume "
+                              f"(the checkpoint has {old!r})")
+
+
 def resume(run_dir: str | Path, cfg: Config | None = None) -> Result:
     """Continue a run from its latest checkpoint (``cfg`` defaults to the run's config.toml)."""
-    from qfleet.config import load_config
+    from qfleet.config import from_dict, load_config
 
     run_dir = Path(run_dir)
     ckpt = checkpoint.find(run_dir)
-    exp = Experiment(cfg or load_config(run_dir / "config.toml"), run_dir)
+    cfg = cfg or load_config(run_dir / "config.toml")
+    check_resumable(from_dict(tomllib.loads(checkpoint.load_meta(ckpt)["config"])), cfg)
+    exp = Experiment(cfg, run_dir)
     exp.restore(ckpt)
     return exp.run()

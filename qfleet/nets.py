@@ -68,6 +68,9 @@ def pick_torso(cfg: NetConfig, obs_shape: tuple[int, ...]) -> str:
     if torso == "cnn" and len(obs_shape) != 3:
         raise ConfigError(f"net.torso = 'cnn': observation shape {obs_shape} is not (C, H, W); "
                           "use net.torso = 'mlp' or 'auto'")
+    if torso == "cnn" and obs_shape[-1] in (1, 3, 4) and obs_shape[0] > 4:
+        raise ConfigError(f"net.torso = 'cnn': observation shape {obs_shape} looks channels-last "
+                          "(H, W, C); the Nature-CNN takes (C, H, W): transpose it in a wrapper")
     if torso == "cnn" and min(obs_shape[1:]) < 36:
         raise ConfigError(f"net.torso = 'cnn': frames {obs_shape[1:]} are smaller than the "
                           "Nature-CNN's 36x36 minimum")

@@ -9,12 +9,12 @@ import shutil
 import signal
 import subprocess
 import time
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import tomllib
 
 from qfleet import checkpoint
 from qfleet.algos.program import Schedule
@@ -221,10 +221,6 @@ def test_malformed_toml_exits_2(run_cli: Callable[..., Any], tmp_path: Path,
     clean_error(run_cli("config", str(bad)), "malformed TOML", "line 2", "column")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "cli.main prints ConfigError text through rich markup: '[learner]' in the message is "
-    "swallowed as a style tag, and a value like '[/x]' raises rich.errors.MarkupError "
-    "(traceback, exit 1)"))
 @pytest.mark.parametrize("case", ["section-name-in-brackets", "closing-tag-in-value"])
 def test_error_text_is_printed_verbatim(case: str, run_cli: Callable[..., Any],
                                         tmp_path: Path,

@@ -194,10 +194,6 @@ def incompatible(make_cfg: Callable[..., Config]) -> Config:
                     "checkpoint.every=0", "net.hidden=[32]")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "experiment.Experiment.__init__ writes config.toml before restore() runs, so a resume "
-    "that fails (here: net.hidden changed) leaves the run's config.toml rewritten and every "
-    "later plain `qfleet resume` fails the same way"))
 def test_failed_resume_leaves_the_run_config_alone(
         finished: tuple[Experiment, Config, Path], make_cfg: Callable[..., Config]) -> None:
     _, cfg, run_dir = finished
@@ -206,10 +202,6 @@ def test_failed_resume_leaves_the_run_config_alone(
     assert load_config(run_dir / "config.toml") == cfg
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "runtime/inline.py restore(): load_state_dict raises a bare RuntimeError (size mismatch) "
-    "when an override changes the network, so `qfleet resume --set net.hidden=...` ends in "
-    "a traceback (exit 1) instead of a ConfigError naming the field (exit 2)"))
 def test_resume_with_a_changed_network_is_a_config_error(
         finished: tuple[Experiment, Config, Path], make_cfg: Callable[..., Config]) -> None:
     _, _, run_dir = finished
