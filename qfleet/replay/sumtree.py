@@ -56,12 +56,8 @@ class SumMinTree:
         # sum-tree's roots need a (slow, sequential) cumsum on every sample.
         self.min_roots = max(min(_pow2_at_least(min_top), self.leaf0), self.roots)
         self.min_depth = (self.leaf0 // self.min_roots).bit_length() - 1
-        # Sum and min of a node side by side: an update touches the min-tree on the cache
-        # lines the preceding descent already brought in (a 1M-slot tree is 32 MB).
-        self._tree_T2 = np.empty((2 * self.leaf0, 2), dtype=np.float64)
-        self.sum_T, self.min_T = self._tree_T2[:, 0], self._tree_T2[:, 1]
-        self.sum_T[:] = 0.0
-        self.min_T[:] = np.inf
+        self.sum_T = np.zeros(2 * self.leaf0, dtype=np.float64)
+        self.min_T = np.full(2 * self.leaf0, np.inf, dtype=np.float64)
         self._cum_R1 = np.zeros(self.roots + 1, dtype=np.float64)  # [0, prefix sums...]
         self._shifts_D1 = np.arange(1, self.depth + 1, dtype=np.int64)[:, None]
         self._strata_B = np.arange(0, dtype=np.float64)
@@ -72,7 +68,7 @@ class SumMinTree:
 
     @property
     def nbytes(self) -> int:
-        return self._tree_T2.nbytes + self._cum_R1.nbytes
+        return self.sum_T.nbytes + self.min_T.nbytes + self._cum_R1.nbytes
 
     @property
     def total(self) -> float:
