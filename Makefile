@@ -26,7 +26,7 @@ test-fast: $(STAMP)  ## the tests without the slow learning lane
 
 lint: $(STAMP)
 	$(BIN)/ruff check qfleet tests benchmarks
-	$(BIN)/mypy qfleet
+	$(BIN)/mypy qfleet benchmarks
 
 bench: $(STAMP)  ## benchmarks need the peer libraries
 	$(BIN)/python -m pip install -q -e ".[bench]" "$(TORCH_PIN)"

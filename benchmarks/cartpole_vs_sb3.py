@@ -16,11 +16,12 @@ import json
 import statistics
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 SOLVED = 475.0
-ZOO = {  # rl-baselines3-zoo hyperparams/dqn.yml, CartPole-v1
+ZOO: dict[str, Any] = {  # rl-baselines3-zoo hyperparams/dqn.yml, CartPole-v1
     "learning_rate": 2.3e-3, "batch_size": 64, "buffer_size": 100_000,
     "learning_starts": 1000, "gamma": 0.99, "target_update_interval": 10,
     "train_freq": 256, "gradient_steps": 128, "exploration_fraction": 0.16,
@@ -60,7 +61,8 @@ def run_qfleet(seed: int, steps: int, eval_every: int) -> Run:
     cfg = qfleet.load_config("cartpole-dqn", [
         f"seed={seed}", f"train.total_env_steps={steps}", f"train.eval_every={eval_every}",
         "train.target_return=1e9", "log.progress=false", "log.tensorboard=false",
-        "checkpoint.every=0", "runtime.torch_threads=0"])
+        "checkpoint.every=0", "runtime.torch_threads=0",
+        "algo.double=false"])  # SB3's DQN is the vanilla (non-double) one
     run_dir = f"/tmp/qfleet-bench/sb3cmp-{seed}-{time.time_ns()}"
     result = qfleet.train(cfg, run_dir)
     run = Run("qfleet", seed, wall_s=result.wall_s, steps=result.env_steps)
@@ -94,7 +96,7 @@ def run_sb3(seed: int, steps: int, eval_every: int) -> Run:
                                           deterministic=True)
                 run.eval_s += time.perf_counter() - t
                 run.evals.append((self.num_timesteps, time.perf_counter() - self.t0,
-                                  run.eval_s, float(mean)))
+                                  run.eval_s, float(mean)))  # type: ignore[arg-type]
             return True
 
     model = DQN("MlpPolicy", "CartPole-v1", seed=seed, policy_kwargs={"net_arch": [256, 256]},
@@ -139,9 +141,9 @@ def summarize(runs: dict[str, list[Run]]) -> None:
         solve = {lib: [s[idx] for r in rs if (s := r.first_solve())] for lib, rs in runs.items()}
         counts = {lib: f"{len(v)}/{len(runs[lib])}" for lib, v in solve.items()}
         if solve["qfleet"] and solve["sb3"]:
-            q, s = statistics.mean(solve["qfleet"]), statistics.mean(solve["sb3"])
+            q, sb = statistics.mean(solve["qfleet"]), statistics.mean(solve["sb3"])
             print(f"time to first eval >= 475 ({key}): qfleet {q:.1f} s ({counts['qfleet']} "
-                  f"seeds), sb3 {s:.1f} s ({counts['sb3']} seeds), ratio {q / s:.2f} "
+                  f"seeds), sb3 {sb:.1f} s ({counts['sb3']} seeds), ratio {q / sb:.2f} "
                   f"(goal <= 0.7), means over the seeds that solved")
         else:
             print(f"time to solve ({key}): solved seeds {counts}")

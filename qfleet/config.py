@@ -89,6 +89,8 @@ class LearnerConfig:
     adam_eps: float = _f(1e-8, gt=0.0)
     max_replay_ratio: float = _f(0.0, lo=0.0, help="cap on sampled / inserted transitions; "
                                  "0 = only the train_every/updates_per_round schedule")
+    prefetch: int = _f(1, lo=1, help="prioritized replay: batches drawn at once, their "
+                       "priorities written back after all of them (Ape-X prefetching)")
     device: str = _f("auto", choices=("auto", "cpu", "cuda"))
 
 

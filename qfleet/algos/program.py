@@ -20,6 +20,7 @@ class Schedule:
     updates_per_round: int
     chunk_steps: int  # vector steps per actor chunk
     max_replay_ratio: float = 0.0  # 0 = no cap beyond the round schedule
+    prefetch: int = 1  # prioritized batches drawn before their priorities are written back
 
     def updates_owed(self, env_steps: int) -> int:
         """Total updates due after ``env_steps`` (the replay ratio, as a step function)."""

@@ -34,8 +34,13 @@ class RingStorage:
             self.cursor = (self.cursor + n - self.capacity) % self.capacity
             n = self.capacity
         slots_N = (self.cursor + np.arange(n)) % self.capacity
+        # At most two contiguous slice copies (split at the wrap): several times faster
+        # than a fancy-index write for image chunks.
+        head = min(n, self.capacity - self.cursor)
         for name in FIELDS:
-            self.arrays[name][slots_N] = getattr(chunk, name)
+            src, dst = getattr(chunk, name), self.arrays[name]
+            dst[self.cursor: self.cursor + head] = src[:head]
+            dst[: n - head] = src[head:]
         self.cursor = int((self.cursor + n) % self.capacity)
         self.size = min(self.size + n, self.capacity)
         return slots_N

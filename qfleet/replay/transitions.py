@@ -37,3 +37,13 @@ class Batch:
     data: Transitions
     indices_B: np.ndarray
     weights_B: np.ndarray | None
+
+    def __len__(self) -> int:
+        return len(self.indices_B)
+
+    def take(self, rows_B: np.ndarray) -> Batch:
+        """The rows ``rows_B`` of this batch, in that order."""
+        d = self.data
+        return Batch(Transitions(*(getattr(d, name)[rows_B] for name in FIELDS)),
+                     self.indices_B[rows_B],
+                     None if self.weights_B is None else self.weights_B[rows_B])

@@ -93,11 +93,19 @@ class LearnerSide:
         batch_size = self.program.schedule.batch_size
         if not self.replay.prioritized:  # draws are independent: fetch the round at once
             return self.learner.update_many(self.replay.sample(count * batch_size), count)
-        stats = []
-        for _ in range(count):  # each draw must see the previous update's priorities
-            batch = self.replay.sample(batch_size)
-            stats.append(self.learner.update(batch))
-            self.replay.update_priorities(batch.indices_B, stats[-1].td_abs_B.cpu().numpy())
+        # Prioritized: draw `prefetch` batches at once (an Ape-X learner's prefetch queue),
+        # update on each, then write their priorities back. prefetch = 1 is strictly
+        # sequential. Stratified draws come out sorted, so shuffle before slicing.
+        stats: list[UpdateStats] = []
+        while len(stats) < count:
+            group = min(self.program.schedule.prefetch, count - len(stats))
+            batch = self.replay.sample(group * batch_size)
+            if group > 1:
+                batch = batch.take(self.replay.rng.permutation(len(batch)))
+            group_stats = self.learner.update_many(batch, group)
+            td_abs = torch.cat([s.td_abs_B for s in group_stats]).cpu().numpy()
+            self.replay.update_priorities(batch.indices_B, td_abs)
+            stats += group_stats
         return stats
 
     # ------------------------------------------------------------ checkpoint state
