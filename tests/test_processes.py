@@ -136,18 +136,20 @@ def test_learner_exception_stops_workers_and_keeps_the_checkpoint(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from qfleet.roles.learner import DQNLearner
 
-    real_update, calls = DQNLearner.update, {"n": 0}
+    real_step, calls = DQNLearner._step, {"n": 0}
 
-    def failing_update(self: DQNLearner, batch):  # type: ignore[no-untyped-def]
+    def failing_step(self: DQNLearner, *args):  # type: ignore[no-untyped-def]
         calls["n"] += 1
         if calls["n"] > 60:
             raise FloatingPointError("learner exploded on purpose")
-        return real_update(self, batch)
+        return real_step(self, *args)
 
-    monkeypatch.setattr(DQNLearner, "update", failing_update)
-    cfg = _cfg("checkpoint.every=100", "train.total_env_steps=1000000", "train.eval_every=0")
+    monkeypatch.setattr(DQNLearner, "_step", failing_step)
+    # A budget the run must not reach: if the failure never fired, the test fails fast.
+    cfg = _cfg("checkpoint.every=100", "train.total_env_steps=20000", "train.eval_every=0")
     with pytest.raises(FloatingPointError, match="on purpose"):
         qfleet.train(cfg, tmp_path / "run")
+    assert calls["n"] == 61
     assert not _children(os.getpid()) or all(
         "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
         for pid in _children(os.getpid()) if Path(f"/proc/{pid}").exists())
