@@ -13,6 +13,8 @@ O(B log N); in NumPy, fewer and fatter calls are what make them fast.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
@@ -167,7 +169,7 @@ class SumMinTree:
         u_B += self._strata_B
         u_B *= total / batch_size
         if batch_size:  # only the last stratum can round up to the total
-            u_B[-1] = min(u_B[-1], np.nextafter(total, -np.inf))
+            u_B[-1] = min(float(u_B[-1]), math.nextafter(total, -math.inf))
         return self._search(cum_R1, u_B)
 
     def _search(self, cum_R1: np.ndarray, u_B: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
