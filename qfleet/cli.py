@@ -70,9 +70,13 @@ def _print_result(result: Result) -> None:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
+    from qfleet.algos import scheme_row
+
     for name in preset_names():
         cfg = load_config(name)
-        console.print(f"[bold]{name:<22}[/] {escape(cfg.description)}", highlight=False)
+        row = " · ".join(f"{k}: {v}" for k, v in scheme_row(cfg).items())
+        console.print(f"[bold]{name:<18}[/] {escape(cfg.description)}\n"
+                      f"{'':<18} [dim]{escape(row)}[/]", highlight=False)
     return 0
 
 
