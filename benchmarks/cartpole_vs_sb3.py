@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 SOLVED = 475.0
@@ -96,7 +97,7 @@ def run_sb3(seed: int, steps: int, eval_every: int) -> Run:
                                           deterministic=True)
                 run.eval_s += time.perf_counter() - t
                 run.evals.append((self.num_timesteps, time.perf_counter() - self.t0,
-                                  run.eval_s, float(mean)))  # type: ignore[arg-type]
+                                  run.eval_s, float(np.mean(mean))))
             return True
 
     model = DQN("MlpPolicy", "CartPole-v1", seed=seed, policy_kwargs={"net_arch": [256, 256]},
