@@ -13,7 +13,7 @@ class MLP(nn.Module):
         super().__init__()
         layers: list[nn.Module] = []
         for width in hidden:
-            layers += [nn.Linear(in_dim, width), nn.ReLU()]
+            layers += [nn.Linear(in_dim, width), nn.ReLU(inplace=True)]
             in_dim = width
         self.body = nn.Sequential(*layers)
         self.out_dim = in_dim
