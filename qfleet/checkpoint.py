@@ -60,27 +60,45 @@ def find(path: Path) -> Path:
                           "checkpoints/ folder, or a step-* checkpoint folder)")
 
 
-def load_meta(ckpt: Path) -> dict[str, Any]:
-    """Only the JSON part (config, counters) of a checkpoint."""
+def _unreadable(ckpt: Path, err: Exception) -> CheckpointError:
+    return CheckpointError(f"{ckpt}: unreadable checkpoint ({err})")
+
+
+def _read_meta(ckpt: Path) -> dict[str, Any]:
     try:
         meta: dict[str, Any] = json.loads((ckpt / "state.json").read_text())
     except (OSError, ValueError) as err:
-        raise CheckpointError(f"{ckpt}: unreadable checkpoint ({err})") from None
+        raise _unreadable(ckpt, err) from None
     return meta
 
 
-def load(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, np.ndarray]]:
-    try:
-        meta = json.loads((ckpt / "state.json").read_text())
-        tensors = load_torch(str(ckpt / "tensors.safetensors"))
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{ckpt}: unreadable checkpoint ({err})") from None
+def _check_format(ckpt: Path, meta: dict[str, Any]) -> dict[str, Any]:
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{ckpt}: checkpoint format {meta.get('format')!r}, "
                               f"this qfleet reads {FORMAT}")
+    return meta
+
+
+def load_meta(ckpt: Path) -> dict[str, Any]:
+    """Only the JSON part (config, counters) of a checkpoint, format checked."""
+    return _check_format(ckpt, _read_meta(ckpt))
+
+
+def load(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, np.ndarray]]:
+    meta = _read_meta(ckpt)
+    try:
+        tensors = load_torch(str(ckpt / "tensors.safetensors"))
+    except (OSError, ValueError) as err:
+        raise _unreadable(ckpt, err) from None
+    _check_format(ckpt, meta)
     replay_file = ckpt / "replay.safetensors"
     replay = load_numpy(str(replay_file)) if replay_file.is_file() else {}
     return tensors, meta, replay
+
+
+def with_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors saved under ``prefix`` (e.g. "online."), with the prefix stripped."""
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 def flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -113,3 +113,13 @@ def box_space(env: SyncVectorEnv) -> tuple[tuple[int, ...], np.dtype[Any]]:
     space = env.single_observation_space
     assert isinstance(space, gym.spaces.Box)
     return tuple(space.shape), space.dtype
+
+
+def probe_spaces(cfg: EnvConfig) -> tuple[tuple[int, ...], np.dtype[Any], int]:
+    """(observation shape, observation dtype, number of actions) of ``cfg``'s env, checked."""
+    probe = make_vec_env(cfg, num_envs=1)
+    try:
+        obs_shape, obs_dtype = box_space(probe)
+        return obs_shape, obs_dtype, int(probe.single_action_space.n)  # type: ignore[attr-defined]
+    finally:
+        probe.close()

@@ -9,7 +9,7 @@ from torch import nn
 
 from qfleet import checkpoint
 from qfleet.config import Config, from_dict
-from qfleet.envs import box_space, make_vec_env
+from qfleet.envs import probe_spaces
 from qfleet.nets import make_q_network
 
 
@@ -18,11 +18,7 @@ def load_policy(path: Path) -> tuple[nn.Module, Config]:
     ckpt = checkpoint.find(path)
     tensors, meta, _ = checkpoint.load(ckpt)
     cfg = from_dict(tomllib.loads(meta["config"]))
-    probe = make_vec_env(cfg.env, num_envs=1)
-    obs_shape, _ = box_space(probe)
-    num_actions = int(probe.single_action_space.n)  # type: ignore[attr-defined]
-    probe.close()
+    obs_shape, _, num_actions = probe_spaces(cfg.env)
     net = make_q_network(cfg.net, obs_shape, num_actions)
-    prefix = "online."
-    net.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    net.load_state_dict(checkpoint.with_prefix(tensors, "online."))
     return net.eval(), cfg

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import gymnasium as gym
 import numpy as np
 import torch
 
 from qfleet.algos.program import ActorLearnerProgram, Schedule
 from qfleet.config import Config, ReplayConfig
-from qfleet.envs import make_vec_env
+from qfleet.envs import probe_spaces
 from qfleet.nets import QNetwork, make_q_network
 from qfleet.policies import LinearSchedule
 from qfleet.replay import Replay, make_replay
@@ -24,14 +23,6 @@ from qfleet.roles import Actor, DQNLearner
 from qfleet.roles.actor import PriorityFn
 
 EpsilonFor = Callable[[int], Callable[[int], float]]  # actor index -> (env steps -> epsilon)
-
-
-def _spaces(cfg: Config) -> tuple[gym.spaces.Box, int]:
-    probe = make_vec_env(cfg.env, num_envs=1)
-    obs_space, act_space = probe.single_observation_space, probe.single_action_space
-    probe.close()
-    assert isinstance(obs_space, gym.spaces.Box) and isinstance(act_space, gym.spaces.Discrete)
-    return obs_space, int(act_space.n)
 
 
 def build(cfg: Config) -> ActorLearnerProgram:
@@ -43,8 +34,7 @@ def build(cfg: Config) -> ActorLearnerProgram:
 
 def wire(cfg: Config, epsilon_for: EpsilonFor, priority_fn: PriorityFn | None,
          replay_cfg: ReplayConfig) -> ActorLearnerProgram:
-    obs_space, num_actions = _spaces(cfg)
-    obs_shape = tuple(obs_space.shape)
+    obs_shape, obs_dtype, num_actions = probe_spaces(cfg.env)
 
     def new_net() -> QNetwork:
         return make_q_network(cfg.net, obs_shape, num_actions)
@@ -61,7 +51,7 @@ def wire(cfg: Config, epsilon_for: EpsilonFor, priority_fn: PriorityFn | None,
         return DQNLearner(learner_net, cfg.learner, cfg.algo)
 
     def make_replay_() -> Replay:
-        return make_replay(replay_cfg, obs_shape, obs_space.dtype,
+        return make_replay(replay_cfg, obs_shape, obs_dtype,
                            np.random.default_rng([cfg.seed, 7919]),
                            anneal_steps=cfg.train.total_env_steps)
 
@@ -80,6 +70,6 @@ def wire(cfg: Config, epsilon_for: EpsilonFor, priority_fn: PriorityFn | None,
                           prefetch=cfg.learner.prefetch),
         sync_every=cfg.actors.sync_every,
         obs_shape=obs_shape,
-        obs_dtype=obs_space.dtype,
+        obs_dtype=obs_dtype,
         # every env emits at most one transition per step, plus its n-1 pending at an end
         max_chunk_rows=(cfg.actors.chunk_size + cfg.algo.n_step - 1) * cfg.env.num_envs)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from qfleet.algos.program import ActorLearnerProgram
-from qfleet.checkpoint import flatten_optimizer, unflatten_optimizer
+from qfleet.checkpoint import flatten_optimizer, unflatten_optimizer, with_prefix
 from qfleet.roles import Chunk, UpdateStats
 
 
@@ -24,7 +24,6 @@ class RoundReport:
     env_steps: int = 0
     updates: int = 0
     episode_returns: list[float] = field(default_factory=list)
-    episode_lengths: list[int] = field(default_factory=list)
     steps_by_actor: dict[int, int] = field(default_factory=dict)
     returns_by_actor: dict[int, list[float]] = field(default_factory=dict)
     loss_sum: float = 0.0
@@ -40,7 +39,6 @@ class RoundReport:
         self.steps_by_actor[actor] = self.steps_by_actor.get(actor, 0) + chunk.env_steps
         self.episode_returns += chunk.episode_returns
         self.returns_by_actor.setdefault(actor, []).extend(chunk.episode_returns)
-        self.episode_lengths += chunk.episode_lengths
         self.param_lag_sum += learner_version - chunk.param_version
         self.chunks += 1
         if actor == 0:
@@ -127,8 +125,8 @@ class LearnerSide:
     def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
                 replay: dict[str, np.ndarray]) -> None:
         learner = self.learner
-        learner.online.load_state_dict(_prefixed(tensors, "online."))
-        learner.target.load_state_dict(_prefixed(tensors, "target."))
+        learner.online.load_state_dict(with_prefix(tensors, "online."))
+        learner.target.load_state_dict(with_prefix(tensors, "target."))
         learner.opt.load_state_dict(unflatten_optimizer(tensors, meta["optimizer"]))
         learner.version = meta["updates"]
         torch.set_rng_state(tensors["torch_rng"])
@@ -140,6 +138,3 @@ class LearnerSide:
         else:  # not saved (checkpoint.replay = false): collect afresh before training again
             self.refill_until = self.env_steps + self.program.schedule.learning_starts
 
-
-def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
