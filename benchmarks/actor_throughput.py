@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 import qfleet
-from qfleet.algos import build_program
+from qfleet.algos import ActorLearnerProgram, build_program
 from qfleet.replay import Transitions
 from qfleet.replay.storage import RingStorage
 from qfleet.runtime import ProcessesRunner
@@ -104,8 +104,14 @@ def config(preset: str, num_envs: int, actors: int, chunk_size: int | None) -> q
         "log.progress=false", "log.tensorboard=false", "checkpoint.every=0"])
 
 
-def in_process(cfg: qfleet.Config, warmup: float, seconds: float) -> Rate:
+def actor_learner(cfg: qfleet.Config) -> ActorLearnerProgram:
     program = build_program(cfg)
+    assert isinstance(program, ActorLearnerProgram), "an actor-learner preset (dqn, apex)"
+    return program
+
+
+def in_process(cfg: qfleet.Config, warmup: float, seconds: float) -> Rate:
+    program = actor_learner(cfg)
     actor = program.make_actor(0, 0)
     chunk_steps = program.schedule.chunk_steps
     try:
@@ -124,7 +130,7 @@ def in_process(cfg: qfleet.Config, warmup: float, seconds: float) -> Rate:
 
 
 def through_processes(cfg: qfleet.Config, warmup: float, seconds: float) -> Rate:
-    runner = ProcessesRunner(build_program(cfg))
+    runner = ProcessesRunner(actor_learner(cfg))
     try:
         t_end = time.perf_counter() + warmup  # fork, env creation, first chunks
         while time.perf_counter() < t_end:

@@ -72,11 +72,12 @@ def _print_result(result: Result) -> None:
 def cmd_presets(args: argparse.Namespace) -> int:
     from qfleet.algos import scheme_row
 
+    width = max(map(len, preset_names()))
     for name in preset_names():
         cfg = load_config(name)
         row = " · ".join(f"{k}: {v}" for k, v in scheme_row(cfg).items())
-        console.print(f"[bold]{name:<18}[/] {escape(cfg.description)}\n"
-                      f"{'':<18} [dim]{escape(row)}[/]", highlight=False)
+        console.print(f"[bold]{name:<{width}}[/] {escape(cfg.description)}\n"
+                      f"{'':<{width}} [dim]{escape(row)}[/]", highlight=False)
     return 0
 
 

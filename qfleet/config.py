@@ -42,10 +42,28 @@ class EnvConfig:
 
 @dataclass
 class AlgoConfig:
-    name: str = _f("dqn", choices=("dqn", "apex"))
+    name: str = _f("dqn", choices=("dqn", "apex", "gorila", "a3c", "a2c"))
     gamma: float = _f(0.99, lo=0.0, hi=1.0)
-    n_step: int = _f(1, lo=1, hi=100)
+    n_step: int = _f(1, lo=1, hi=100, help="a2c/a3c: the rollout length of each return")
     double: bool = _f(True)
+    # Gradient schemes (gorila, a3c, a2c): workers send gradients to a global model.
+    aggregation: str = _f("auto", choices=("auto", "sync", "async", "grouped"),
+                          help="auto = sync for gorila and a2c, async for a3c")
+    group_size: int = _f(0, lo=0, help="grouped: workers averaged synchronously per group; "
+                         "groups update the global model asynchronously")
+    max_staleness: int = _f(8, lo=0, help="async/grouped: gradients computed on parameters "
+                            "more than this many global updates old are dropped or scaled")
+    stale: str = _f("drop", choices=("drop", "scale"),
+                    help="scale = weight (max_staleness + 1) / (staleness + 1)")
+    on_worker_loss: str = _f("proceed", choices=("proceed", "wait"),
+                             help="sync: average the live workers, or wait for the restart")
+    sync_every: int = _f(1, lo=1, help="gradients a worker sends between parameter pulls")
+    a3c_mode: str = _f("hogwild", choices=("hogwild", "queue"),
+                       help="hogwild = workers apply gradients to the shared model lock-free; "
+                       "queue = workers push rollouts, trainers compute the gradients")
+    trainers: int = _f(1, lo=1, help="a3c queue mode: trainer threads popping rollouts")
+    value_coef: float = _f(0.5, lo=0.0, help="a2c/a3c: weight of the value loss")
+    entropy_coef: float = _f(0.01, lo=0.0, help="a2c/a3c: weight of the entropy bonus")
 
 
 @dataclass
@@ -53,6 +71,12 @@ class NetConfig:
     torso: str = _f("auto", choices=("auto", "mlp", "cnn"))
     hidden: list[int] = _f([256, 256])  # noqa: RUF009 (_f gives lists a default_factory)
     dueling: bool = _f(False)
+    activation: str = _f("relu", choices=("relu", "tanh"), help="MLP hidden activation")
+    shared_torso: bool = _f(True, help="actor-critic: policy and value heads share one "
+                            "torso; false = two separate MLPs (as SB3's A2C builds them)")
+    init: str = _f("default", choices=("default", "orthogonal"),
+                   help="actor-critic: orthogonal = gain sqrt(2) hidden, 0.01 policy head, "
+                   "1 value head (the A2C/PPO convention)")
 
 
 @dataclass
@@ -68,6 +92,9 @@ class ReplayConfig:
     storage: str = _f("auto", choices=("auto", "ring", "frames"),
                       help="frames = each image frame stored once; auto = frames for "
                       "uint8 frame stacks")
+    scope: str = _f("local", choices=("local", "shared", "sharded"),
+                    help="gorila: each worker its own replay, one replay for all, or one "
+                    "prioritized shard per worker sampled by every worker")
 
     def __post_init__(self) -> None:
         if isinstance(self.shards, int) and self.shards > 1 and self.kind == "uniform":
@@ -86,7 +113,9 @@ class LearnerConfig:
     tau: float = _f(1.0, gt=0.0, hi=1.0, help="1.0 = hard copy, <1 = Polyak every update")
     huber: bool = _f(True)
     max_grad_norm: float = _f(10.0, lo=0.0, help="0 disables clipping")
-    adam_eps: float = _f(1e-8, gt=0.0)
+    adam_eps: float = _f(1e-8, gt=0.0, help="eps of the optimizer (Adam or RMSprop)")
+    optimizer: str = _f("adam", choices=("adam", "rmsprop"),
+                        help="rmsprop: alpha 0.99, as A2C/A3C use it")
     max_replay_ratio: float = _f(0.0, lo=0.0, help="cap on sampled / inserted transitions; "
                                  "0 = only the train_every/updates_per_round schedule")
     prefetch: int = _f(1, lo=1, help="prioritized replay: batches drawn at once, their "
@@ -109,7 +138,9 @@ class ActorsConfig:
 
 @dataclass
 class RuntimeConfig:
-    backend: str = _f("inline", choices=("inline", "processes"))
+    backend: str = _f("inline", choices=("inline", "processes", "ray"))
+    address: str = _f("local", help="ray: 'local' starts Ray in this process; 'auto' or "
+                      "'ray://host:port' joins a running cluster")
     torch_threads: int = _f(1, lo=0, help="0 keeps torch's default")
 
 
@@ -216,6 +247,55 @@ def validate(cfg: Config) -> None:
     if cfg.actors.eps_end > cfg.actors.eps_start:
         raise ConfigError(f"actors.eps_end = {cfg.actors.eps_end}: must be <= "
                           f"actors.eps_start ({cfg.actors.eps_start})")
+    _check_gradient_scheme(cfg)
+
+
+GRADIENT_SCHEMES = ("gorila", "a3c", "a2c")
+
+
+def aggregation_of(cfg: Config) -> str:
+    """The resolved aggregation: 'single' for actor-learner schemes, else sync/async/grouped."""
+    algo = cfg.algo
+    if algo.name not in GRADIENT_SCHEMES:
+        return "single"
+    if algo.aggregation != "auto":
+        return algo.aggregation
+    return "async" if algo.name == "a3c" else "sync"
+
+
+def group_size_of(cfg: Config) -> int:
+    """Workers averaged together before one global step: W for sync, 1 for async."""
+    agg = aggregation_of(cfg)
+    return {"sync": cfg.actors.count, "async": 1}.get(agg, cfg.algo.group_size)
+
+
+def _check_gradient_scheme(cfg: Config) -> None:
+    algo, workers = cfg.algo, cfg.actors.count
+    agg = aggregation_of(cfg)
+    if agg == "single" and algo.aggregation != "auto":
+        raise ConfigError(f"algo.aggregation = {algo.aggregation!r}: only gradient schemes "
+                          f"({', '.join(GRADIENT_SCHEMES)}) aggregate gradients; "
+                          f"algo.name = {algo.name!r} has a single learner")
+    if algo.name == "a3c" and agg != "async":
+        raise ConfigError(f"algo.aggregation = {agg!r}: a3c is asynchronous; "
+                          "use algo.name = 'a2c' for the synchronous counterpart")
+    if algo.name == "a2c" and agg != "sync":
+        raise ConfigError(f"algo.aggregation = {agg!r}: a2c is synchronous; "
+                          "use algo.name = 'a3c' for the asynchronous counterpart")
+    if algo.name == "gorila" and agg == "sync" and workers == 1:
+        raise ConfigError("algo.aggregation = 'sync' with actors.count = 1: sync averages "
+                          "the gradients of several workers; set actors.count >= 2")
+    if agg == "grouped" and (algo.group_size < 1 or workers % algo.group_size):
+        divisors = ", ".join(str(g) for g in range(1, workers + 1) if workers % g == 0)
+        raise ConfigError(f"algo.group_size = {algo.group_size}: must divide actors.count = "
+                          f"{workers} (allowed: {divisors})")
+    if algo.name == "a3c" and algo.a3c_mode == "queue" \
+            and cfg.replay.capacity < cfg.learner.batch_size:
+        raise ConfigError(f"replay.capacity = {cfg.replay.capacity}: the a3c queue must hold "
+                          f"at least one batch (learner.batch_size = {cfg.learner.batch_size})")
+    if cfg.replay.scope != "local" and algo.name != "gorila":
+        raise ConfigError(f"replay.scope = {cfg.replay.scope!r}: only gorila workers share "
+                          f"replay; {algo.name} keeps 'local'")
 
 
 # ---------------------------------------------------------------- building

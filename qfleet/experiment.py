@@ -26,7 +26,6 @@ from qfleet.config import Config, ConfigError, to_toml
 from qfleet.evaluate import evaluate
 from qfleet.metrics import MetricsWriter
 from qfleet.progress import ProgressLine
-from qfleet.replay import describe as describe_replay
 from qfleet.runtime import RoundReport, make_runner
 
 
@@ -71,17 +70,21 @@ def summarize_window(win: list[RoundReport], dt: float, num_actors: int,
                      batch_size: int) -> dict[str, Any]:
     """Rates and means over the rounds since the last log line."""
     steps, updates = sum(r.env_steps for r in win), sum(r.updates for r in win)
+    losses, applied = sum(r.loss_count for r in win), sum(r.grads_applied for r in win)
     epsilons = [r.epsilon for r in win if r.epsilon is not None]
     stats: dict[str, Any] = {
         "env_steps_per_s": steps / dt, "updates_per_s": updates / dt,
         "episodes": sum(len(r.episode_returns) for r in win),
-        "replay_ratio": updates * batch_size / steps if steps else None,  # samples / insert
+        "replay_ratio": losses * batch_size / steps if steps else None,  # samples / insert
         "epsilon": epsilons[-1] if epsilons else None,
-        "loss": sum(r.loss_sum for r in win) / updates if updates else None,
-        "q_mean": sum(r.q_sum for r in win) / updates if updates else None,
+        "loss": sum(r.loss_sum for r in win) / losses if losses else None,
+        "q_mean": sum(r.q_sum for r in win) / losses if losses else None,
         # learner version minus the version that chose a chunk's actions, per chunk
         "param_lag": sum(r.param_lag_sum for r in win) / max(1, sum(r.chunks for r in win)),
     }
+    if applied or any(r.grads_dropped for r in win):  # gradient schemes
+        stats["staleness"] = sum(r.staleness_sum for r in win) / applied if applied else None
+        stats["grads_dropped"] = sum(r.grads_dropped for r in win)
     if num_actors > 1:
         by_actor = [sum(r.steps_by_actor.get(i, 0) for r in win) for i in range(num_actors)]
         stats["env_steps_per_s_by_actor"] = [n / dt for n in by_actor]
@@ -106,7 +109,7 @@ class Experiment:
         if cfg.runtime.torch_threads:
             torch.set_num_threads(cfg.runtime.torch_threads)
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.runner = make_runner(cfg.runtime.backend, build_program(cfg))
+        self.runner = make_runner(cfg.runtime.backend, build_program(cfg), cfg.runtime.address)
         self.wall_offset = 0.0
         self.episodes: deque[float] = deque(maxlen=20)
         self.episodes_by_actor: dict[int, deque[float]] = {}
@@ -155,13 +158,14 @@ class Experiment:
         self.metrics = MetricsWriter(self.run_dir, cfg.log.tensorboard)
         self.progress = ProgressLine(cfg.train.total_env_steps, cfg.log.progress,
                                      self.runner.env_steps)
-        self.progress.print(describe_replay(self.runner.replay))
+        self.progress.print(self.runner.describe())
         stop = _StopFlag()
         handlers = _install_handlers(stop)
         try:
             while self.runner.env_steps < cfg.train.total_env_steps and not self._target_hit():
                 self._after_round(self.runner.step())
                 if stop.signum is not None:
+                    self.runner.freeze()
                     raise Interrupted(stop.signum, self.save_checkpoint())
             return self._finish()
         finally:
@@ -203,8 +207,8 @@ class Experiment:
             "updates": self.runner.updates,
             "return_mean": float(np.mean(self.episodes)) if self.episodes else None,
             **summarize_window(win, dt, self.runner.program.num_actors,
-                               self.runner.program.schedule.batch_size),
-            "replay_size": len(self.runner.replay), "actor_restarts": self.actor_restarts}
+                               self.runner.program.batch_size),
+            "replay_size": self.runner.replay_size, "actor_restarts": self.actor_restarts}
         if self.runner.program.num_actors > 1:  # Ape-X actors explore differently: show each
             record["return_mean_by_actor"] = [
                 float(np.mean(d)) if (d := self.episodes_by_actor.get(i)) else None
@@ -233,6 +237,7 @@ class Experiment:
         return res.mean, res.std
 
     def _finish(self) -> Result:
+        self.runner.freeze()
         mean, std = self._eval()
         ckpt = self.save_checkpoint()
         wall = self.wall_s()
@@ -261,8 +266,9 @@ def train(cfg: Config, run_dir: str | Path | None = None) -> Result:
 
 # Fields a resumed run cannot change: they shape the networks, the replay or the roles.
 FIXED_ON_RESUME = ("env.id", "algo.name", "algo.n_step", "algo.gamma", "net.torso", "net.hidden",
-                   "net.dueling", "actors.count", "replay.kind", "replay.capacity",
-                   "replay.shards", "replay.storage", "runtime.backend")
+                   "net.dueling", "net.activation", "net.shared_torso", "actors.count",
+                   "replay.kind", "replay.capacity", "replay.shards", "replay.storage",
+                   "replay.scope", "runtime.backend", "algo.a3c_mode")
 
 
 def check_resumable(saved: Config, cfg: Config) -> None:

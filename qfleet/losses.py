@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qfleet.nets import ActorCritic
+
 
 @dataclass
 class TorchBatch:
@@ -76,3 +78,25 @@ def td_abs(net: nn.Module, batch: TorchBatch, *, double: bool) -> torch.Tensor:
     its own transitions with its local copy before the learner ever sees them."""
     q_B = net(batch.obs_BO).gather(1, batch.action_B.unsqueeze(1)).squeeze(1)
     return (bootstrap_target(net, net, batch, double=double) - q_B).abs()
+
+
+def ac_loss(net: ActorCritic, batch: TorchBatch, *, value_coef: float,
+            entropy_coef: float) -> LossOut:
+    """Advantage actor-critic on n-step transitions (A2C/A3C, Mnih et al. 2016).
+
+    Target y = r + discount * V(s') (no grad), advantage = y - V(s). Loss = policy gradient
+    -log pi(a|s) * advantage + value_coef * (y - V(s))^2 - entropy_coef * H(pi(.|s)),
+    all batch means (the value term as SB3's A2C writes it, MSE without a 1/2).
+    ``td_B`` is the advantage; ``q_mean`` the mean V(s).
+    """
+    logits_BA, value_B = net.logits_value(batch.obs_BO)
+    with torch.no_grad():
+        next_value_B = net.logits_value(batch.next_obs_BO)[1]
+        y_B = batch.reward_B + batch.discount_B * next_value_B
+    adv_B = y_B - value_B.detach()
+    logp_BA = F.log_softmax(logits_BA, dim=1)
+    logp_B = logp_BA.gather(1, batch.action_B.unsqueeze(1)).squeeze(1)
+    entropy_B = -(logp_BA.exp() * logp_BA).sum(dim=1)
+    loss = (-(adv_B * logp_B).mean() + value_coef * F.mse_loss(value_B, y_B)
+            - entropy_coef * entropy_B.mean())
+    return LossOut(loss, adv_B, value_B.detach().mean())

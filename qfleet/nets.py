@@ -1,4 +1,5 @@
-"""Networks: an MLP or Nature-CNN torso under a (optionally dueling) Q head."""
+"""Networks: an MLP or Nature-CNN torso under a (optionally dueling) Q head, or under
+policy and value heads (actor-critic)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ from qfleet.config import ConfigError, NetConfig
 
 
 class MLP(nn.Module):
-    def __init__(self, in_dim: int, hidden: list[int]) -> None:
+    def __init__(self, in_dim: int, hidden: list[int], activation: str = "relu") -> None:
         super().__init__()
         layers: list[nn.Module] = []
         for width in hidden:
-            layers += [nn.Linear(in_dim, width), nn.ReLU(inplace=True)]
+            act = nn.ReLU(inplace=True) if activation == "relu" else nn.Tanh()
+            layers += [nn.Linear(in_dim, width), act]
             in_dim = width
         self.body = nn.Sequential(*layers)
         self.out_dim = in_dim
@@ -77,10 +79,55 @@ def pick_torso(cfg: NetConfig, obs_shape: tuple[int, ...]) -> str:
     return torso
 
 
-def make_q_network(cfg: NetConfig, obs_shape: tuple[int, ...], num_actions: int) -> QNetwork:
-    torso: MLP | NatureCNN
+class ActorCritic(nn.Module):
+    """A policy head (logits) and a value head over one shared torso, or over two
+    (``value_torso``). ``forward`` returns the logits, so acting, greedy evaluation and
+    policy export treat it like a Q-network (argmax)."""
+
+    def __init__(self, torso: nn.Module, out_dim: int, num_actions: int,
+                 value_torso: nn.Module | None = None) -> None:
+        super().__init__()
+        self.torso, self.value_torso = torso, value_torso
+        self.policy = nn.Linear(out_dim, num_actions)
+        self.value = nn.Linear(out_dim, 1)
+
+    def forward(self, obs_BO: torch.Tensor) -> torch.Tensor:
+        return self.policy(self.torso(obs_BO))
+
+    def logits_value(self, obs_BO: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h_BH = self.torso(obs_BO)
+        v_BH = h_BH if self.value_torso is None else self.value_torso(obs_BO)
+        return self.policy(h_BH), self.value(v_BH).squeeze(1)
+
+
+def make_torso(cfg: NetConfig, obs_shape: tuple[int, ...]) -> MLP | NatureCNN:
     if pick_torso(cfg, obs_shape) == "mlp":
-        torso = MLP(obs_shape[0], cfg.hidden)
-    else:
-        torso = NatureCNN(obs_shape, cfg.hidden[-1] if cfg.hidden else 512)
+        return MLP(obs_shape[0], cfg.hidden, cfg.activation)
+    return NatureCNN(obs_shape, cfg.hidden[-1] if cfg.hidden else 512)
+
+
+def make_q_network(cfg: NetConfig, obs_shape: tuple[int, ...], num_actions: int) -> QNetwork:
+    torso = make_torso(cfg, obs_shape)
     return QNetwork(torso, torso.out_dim, num_actions, cfg.dueling)
+
+
+def make_actor_critic(cfg: NetConfig, obs_shape: tuple[int, ...],
+                      num_actions: int) -> ActorCritic:
+    torso = make_torso(cfg, obs_shape)
+    value_torso = None if cfg.shared_torso else make_torso(cfg, obs_shape)
+    net = ActorCritic(torso, torso.out_dim, num_actions, value_torso)
+    if cfg.init == "orthogonal":
+        orthogonal_init(net)
+    return net
+
+
+@torch.no_grad()
+def orthogonal_init(net: ActorCritic) -> None:
+    """Orthogonal weights, zero biases; a small policy head starts the policy near uniform."""
+    for module in net.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            nn.init.orthogonal_(module.weight, gain=2 ** 0.5)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    nn.init.orthogonal_(net.policy.weight, gain=0.01)
+    nn.init.orthogonal_(net.value.weight, gain=1.0)

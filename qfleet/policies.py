@@ -1,4 +1,5 @@
-"""Exploration: a linear epsilon schedule, epsilon-greedy over a batch, the Ape-X ladder."""
+"""Exploration: a linear epsilon schedule, epsilon-greedy over a batch, the Ape-X ladder,
+and sampling from policy logits (actor-critic)."""
 
 from __future__ import annotations
 
@@ -36,3 +37,10 @@ def apex_epsilons(num_actors: int, eps: float = 0.4, alpha: float = 7.0) -> list
     if num_actors == 1:
         return [eps]
     return [eps ** (1 + alpha * i / (num_actors - 1)) for i in range(num_actors)]
+
+
+def sample_logits(logits_EA: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One action per row from softmax(logits), by the Gumbel-max trick: drawn from the
+    actor's own NumPy stream, so a seeded run samples the same actions every time."""
+    gumbel_EA = -np.log(-np.log(rng.random(logits_EA.shape) + 1e-20) + 1e-20)
+    return np.asarray((logits_EA + gumbel_EA).argmax(axis=1))

@@ -1,4 +1,5 @@
-"""Load a trained Q-network from a run directory or checkpoint (safetensors + JSON only)."""
+"""Load a trained policy (Q-network or actor-critic) from a run directory or checkpoint
+(safetensors + JSON only)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,8 @@ from pathlib import Path
 from torch import nn
 
 from qfleet import checkpoint
+from qfleet.algos import build_program
 from qfleet.config import Config, from_dict
-from qfleet.envs import probe_spaces
-from qfleet.nets import make_q_network
 
 
 def load_policy(path: Path) -> tuple[nn.Module, Config]:
@@ -18,7 +18,6 @@ def load_policy(path: Path) -> tuple[nn.Module, Config]:
     ckpt = checkpoint.find(path)
     tensors, meta, _ = checkpoint.load(ckpt)
     cfg = from_dict(tomllib.loads(meta["config"]))
-    obs_shape, _, num_actions = probe_spaces(cfg.env)
-    net = make_q_network(cfg.net, obs_shape, num_actions)
+    net = build_program(cfg).make_eval_net()  # the scheme's network, without its roles
     net.load_state_dict(checkpoint.with_prefix(tensors, "online."))
     return net.eval(), cfg

@@ -108,7 +108,7 @@ def test_out_of_range(override: str, parts: tuple[str, ...]) -> None:
 
 @pytest.mark.parametrize("override, parts", [
     ("algo.name=ppo", ("algo.name", "'ppo'", "'dqn'")),
-    ("runtime.backend=ray", ("runtime.backend", "'ray'", "'inline'")),
+    ("runtime.backend=mpi", ("runtime.backend", "'mpi'", "'inline'", "'ray'")),
     ("net.torso=resnet", ("net.torso", "'resnet'", "'auto'", "'mlp'", "'cnn'")),
     ("learner.device=tpu", ("learner.device", "'tpu'", "'cpu'", "'cuda'")),
 ])

@@ -1,4 +1,8 @@
-"""What an algorithm hands a backend: role factories plus the schedule that connects them."""
+"""What an algorithm hands a backend: role factories plus the schedule that connects them.
+
+Two shapes of program cover every row of DESIGN.md's table: actors feeding one learner
+(DQN, Ape-X, A3C's queue variant), and gradient workers feeding an aggregator (Gorila,
+batch-synchronous DQN, A3C, A2C)."""
 
 from __future__ import annotations
 
@@ -8,8 +12,11 @@ from dataclasses import dataclass
 import numpy as np
 from torch import nn
 
+from qfleet.config import Config, group_size_of
 from qfleet.replay import Replay
 from qfleet.roles import Actor, DQNLearner
+from qfleet.roles.ac_learner import ACLearner
+from qfleet.roles.gradients import Aggregator, GradientWorker
 
 
 @dataclass(frozen=True)
@@ -21,6 +28,7 @@ class Schedule:
     chunk_steps: int  # vector steps per actor chunk
     max_replay_ratio: float = 0.0  # 0 = no cap beyond the round schedule
     prefetch: int = 1  # prioritized batches drawn before their priorities are written back
+    on_policy: bool = False  # the replay is a queue: one update per batch_size rows in it
 
     def updates_owed(self, env_steps: int) -> int:
         """Total updates due after ``env_steps`` (the replay ratio, as a step function)."""
@@ -39,7 +47,7 @@ class ActorLearnerProgram:
 
     num_actors: int
     make_actor: Callable[[int, int], Actor]  # (actor index, incarnation) -> Actor
-    make_learner: Callable[[], DQNLearner]
+    make_learner: Callable[[], DQNLearner | ACLearner]
     make_replay: Callable[[], Replay]
     make_eval_net: Callable[[], nn.Module]
     schedule: Schedule
@@ -47,3 +55,58 @@ class ActorLearnerProgram:
     obs_shape: tuple[int, ...]
     obs_dtype: np.dtype
     max_chunk_rows: int  # the most transitions one chunk can hold (sizes transport slots)
+
+    @property
+    def batch_size(self) -> int:
+        return self.schedule.batch_size
+
+
+@dataclass(frozen=True)
+class GradientProgram:
+    """Workers -> gradients -> aggregator -> versioned parameters -> workers.
+
+    Workers send one gradient per ``work()``; ``group_size`` of them are averaged into one
+    global step (W = sync, 1 = async); a worker pulls the global parameters after every
+    ``sync_every`` gradients it sent. ``hogwild``: on a multi-process backend the workers
+    apply their own gradients to a shared-memory global model instead of sending them.
+    """
+
+    num_workers: int
+    make_worker: Callable[[int, int, Replay | None], GradientWorker]  # index, incarnation,
+    # the replay every worker shares (scope shared/sharded), or None: each its own or none
+    make_aggregator: Callable[[], Aggregator]
+    make_shared_replay: Callable[[], Replay] | None
+    make_eval_net: Callable[[], nn.Module]
+    group_size: int
+    max_staleness: int
+    stale: str  # "drop" | "scale"
+    wait_for_restart: bool  # sync: a lost worker's group waits for its replacement
+    sync_every: int
+    hogwild: bool
+    batch_size: int
+    obs_shape: tuple[int, ...]
+    obs_dtype: np.dtype
+    max_chunk_rows: int
+
+    @property
+    def num_actors(self) -> int:
+        return self.num_workers
+
+
+def gradient_program(cfg: Config, *, make_worker: Callable[[int, int, Replay | None],
+                                                         GradientWorker],
+                     make_aggregator: Callable[[], Aggregator],
+                     make_shared_replay: Callable[[], Replay] | None,
+                     make_eval_net: Callable[[], nn.Module], hogwild: bool,
+                     obs_shape: tuple[int, ...], obs_dtype: np.dtype,
+                     batch_size: int | None = None) -> GradientProgram:
+    """The aggregation fields every gradient scheme reads the same way from ``cfg``."""
+    return GradientProgram(
+        num_workers=cfg.actors.count, make_worker=make_worker,
+        make_aggregator=make_aggregator, make_shared_replay=make_shared_replay,
+        make_eval_net=make_eval_net, group_size=group_size_of(cfg),
+        max_staleness=cfg.algo.max_staleness, stale=cfg.algo.stale,
+        wait_for_restart=cfg.algo.on_worker_loss == "wait", sync_every=cfg.algo.sync_every,
+        hogwild=hogwild, batch_size=batch_size or cfg.learner.batch_size, obs_shape=obs_shape,
+        obs_dtype=obs_dtype,
+        max_chunk_rows=(cfg.actors.chunk_size + cfg.algo.n_step - 1) * cfg.env.num_envs)

@@ -10,14 +10,15 @@ from qfleet.replay.base import Replay, Storage
 from qfleet.replay.frames import FrameStorage
 from qfleet.replay.nstep import NStepAccumulator
 from qfleet.replay.prioritized import PrioritizedReplay
+from qfleet.replay.queue import RolloutQueue
 from qfleet.replay.sharded import ShardedReplay
 from qfleet.replay.storage import RingStorage
 from qfleet.replay.transitions import Batch, Transitions
 from qfleet.replay.uniform import UniformReplay
 
 __all__ = ["Batch", "FrameStorage", "NStepAccumulator", "PrioritizedReplay", "Replay",
-           "RingStorage", "ShardedReplay", "Storage", "Transitions", "UniformReplay",
-           "describe", "make_replay"]
+           "RingStorage", "RolloutQueue", "ShardedReplay", "Storage", "Transitions",
+           "UniformReplay", "describe", "make_replay"]
 
 
 def uses_frames(cfg: ReplayConfig, obs_shape: tuple[int, ...], obs_dtype: np.dtype) -> bool:

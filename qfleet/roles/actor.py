@@ -11,7 +11,7 @@ from torch import nn
 
 from qfleet.config import EnvConfig
 from qfleet.envs import box_space, make_vec_env, seeds_for
-from qfleet.policies import epsilon_greedy
+from qfleet.policies import epsilon_greedy, sample_logits
 from qfleet.replay import NStepAccumulator, Transitions
 from qfleet.roles.params import ParamSnapshot
 
@@ -23,7 +23,7 @@ class Chunk:
     episode_returns: list[float] = field(default_factory=list)
     episode_lengths: list[int] = field(default_factory=list)
     param_version: int = 0  # the snapshot that chose these actions (parameter lag)
-    epsilon: float = 0.0  # exploration rate at the end of the chunk
+    epsilon: float | None = None  # exploration rate at the chunk's end; None = sampled
     priorities_N: np.ndarray | None = None  # the actor's own |td| (Ape-X initial priorities)
 
 
@@ -32,14 +32,16 @@ PriorityFn = Callable[[nn.Module, Transitions], np.ndarray]
 
 class Actor:
     """``incarnation`` counts restarts of this actor slot: each one gets fresh seeds.
-    ``priority_fn`` (Ape-X) scores each chunk with the actor's local network."""
+    ``priority_fn`` (Ape-X) scores each chunk with the actor's local network.
+    ``sample`` = the net outputs policy logits and actions are drawn from them
+    (actor-critic); otherwise they are Q-values and the actor is epsilon-greedy."""
 
     def __init__(self, env_cfg: EnvConfig, net: nn.Module, *, n_step: int, gamma: float,
                  epsilon: Callable[[int], float], seed: int, index: int, incarnation: int = 0,
-                 priority_fn: PriorityFn | None = None) -> None:
+                 priority_fn: PriorityFn | None = None, sample: bool = False) -> None:
         self.env = make_vec_env(env_cfg)
         self.net = net.eval()
-        self.epsilon, self.priority_fn = epsilon, priority_fn
+        self.epsilon, self.priority_fn, self.sample = epsilon, priority_fn, sample
         self.seed, self.index, self.incarnation, self.resets = seed, index, incarnation, 0
         self.rng = np.random.default_rng([seed, index, incarnation])
         obs_shape, obs_dtype = box_space(self.env)
@@ -70,6 +72,8 @@ class Actor:
         return self.net(torch.from_numpy(self.obs_EO)).numpy()
 
     def _act(self) -> np.ndarray:
+        if self.sample:
+            return sample_logits(self._q_values(), self.rng)
         return epsilon_greedy(self._q_values, self.env.num_envs, self.num_actions,
                               self.epsilon(self.env_steps), self.rng)
 
@@ -100,7 +104,7 @@ class Actor:
         data = Transitions.concat(parts)
         priorities_N = None if self.priority_fn is None else self.priority_fn(self.net, data)
         return Chunk(data, vector_steps * self.env.num_envs, returns, lengths, self.version,
-                     self.epsilon(self.env_steps), priorities_N)
+                     None if self.sample else self.epsilon(self.env_steps), priorities_N)
 
     def close(self) -> None:
         self.env.close()

@@ -24,6 +24,25 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def make_optimizer(params: list[nn.Parameter], cfg: LearnerConfig) -> torch.optim.Optimizer:
+    """Adam (fused: one kernel over all parameters instead of a Python loop per tensor), or
+    RMSprop with alpha 0.99 as A2C/A3C use it."""
+    if cfg.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=cfg.lr, alpha=0.99, eps=cfg.adam_eps)
+    return torch.optim.Adam(params, lr=cfg.lr, eps=cfg.adam_eps, fused=True)
+
+
+def to_torch(batch: Batch, device: torch.device) -> TorchBatch:
+    d = batch.data
+
+    def put(a: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(a)
+        return t if device.type == "cpu" else t.to(device, non_blocking=True)
+
+    return TorchBatch(put(d.obs_NO), put(d.action_N), put(d.reward_N), put(d.discount_N),
+                      put(d.next_obs_NO), None if batch.weights_B is None else put(batch.weights_B))
+
+
 @dataclass
 class UpdateStats:
     loss: torch.Tensor  # detached scalar; .item() only when logged (no per-update sync)
@@ -37,22 +56,9 @@ class DQNLearner:
         self.device = pick_device(cfg.device)
         self.online = net.to(self.device)
         self.target = copy.deepcopy(self.online).requires_grad_(False)
-        # Fused Adam: one kernel over all parameters instead of a Python loop per tensor.
-        self.opt = torch.optim.Adam(self.online.parameters(), lr=cfg.lr, eps=cfg.adam_eps,
-                                    fused=True)
         self.params = list(self.online.parameters())
+        self.opt = make_optimizer(self.params, cfg)
         self.version = 0  # number of updates applied
-
-    def _to_torch(self, batch: Batch) -> TorchBatch:
-        d, dev = batch.data, self.device
-
-        def put(a: np.ndarray) -> torch.Tensor:
-            t = torch.from_numpy(a)
-            return t if dev.type == "cpu" else t.to(dev, non_blocking=True)
-
-        return TorchBatch(put(d.obs_NO), put(d.action_N), put(d.reward_N), put(d.discount_N),
-                          put(d.next_obs_NO),
-                          None if batch.weights_B is None else put(batch.weights_B))
 
     def update(self, batch: Batch) -> UpdateStats:
         return self.update_many(batch, 1)[0]
@@ -63,7 +69,7 @@ class DQNLearner:
         Between hard target copies the target net is frozen, so target(next_obs) for all
         those slices is one forward pass instead of ``count`` small ones.
         """
-        data = self._to_torch(batch)
+        data = to_torch(batch, self.device)
         size = len(batch.indices_B) // count
         stats: list[UpdateStats] = []
         while len(stats) < count:

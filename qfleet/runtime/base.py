@@ -14,6 +14,7 @@ import torch
 
 from qfleet.algos.program import ActorLearnerProgram
 from qfleet.checkpoint import flatten_optimizer, unflatten_optimizer, with_prefix
+from qfleet.replay import describe as describe_replay
 from qfleet.roles import Chunk, UpdateStats
 
 
@@ -28,6 +29,10 @@ class RoundReport:
     returns_by_actor: dict[int, list[float]] = field(default_factory=dict)
     loss_sum: float = 0.0
     q_sum: float = 0.0
+    loss_count: int = 0  # updates (actor-learner) or gradients (gradient schemes) in loss_sum
+    staleness_sum: int = 0  # gradient schemes: global updates between compute and apply
+    grads_applied: int = 0
+    grads_dropped: int = 0
     param_lag_sum: int = 0
     chunks: int = 0
     epsilon: float | None = None  # of actor 0, for the progress line
@@ -49,6 +54,7 @@ class RoundReport:
             self.loss_sum += float(torch.stack([s.loss for s in stats]).sum())
             self.q_sum += float(torch.stack([s.q_mean for s in stats]).sum())
             self.updates += len(stats)
+            self.loss_count += len(stats)
 
 
 class LearnerSide:
@@ -78,8 +84,20 @@ class LearnerSide:
         self.env_steps += chunk.env_steps
         report.add_chunk(actor, chunk, self.learner.version)
 
+    def describe(self) -> str:
+        return describe_replay(self.replay)
+
+    def freeze(self) -> None:
+        """Stop anything that writes the parameters outside ``step()`` (nothing here)."""
+
+    @property
+    def replay_size(self) -> int:
+        return len(self.replay)
+
     def updates_owed(self) -> int:
         sched = self.program.schedule
+        if sched.on_policy:  # a rollout queue: train on every full batch in it
+            return len(self.replay) // sched.batch_size
         owed = max(0, sched.updates_owed(self.env_steps) - self.learner.version - self.forgiven)
         if self.env_steps < self.refill_until:
             self.forgiven, owed = self.forgiven + owed, 0
@@ -113,7 +131,8 @@ class LearnerSide:
         """(tensors, JSON-able meta, replay arrays) for a checkpoint."""
         learner = self.learner
         tensors = {f"online.{k}": v for k, v in learner.online.state_dict().items()}
-        tensors |= {f"target.{k}": v for k, v in learner.target.state_dict().items()}
+        if learner.target is not None:
+            tensors |= {f"target.{k}": v for k, v in learner.target.state_dict().items()}
         opt_tensors, opt_meta = flatten_optimizer(learner.opt.state_dict())
         tensors |= opt_tensors
         tensors["torch_rng"] = torch.get_rng_state()
@@ -126,7 +145,8 @@ class LearnerSide:
                 replay: dict[str, np.ndarray]) -> None:
         learner = self.learner
         learner.online.load_state_dict(with_prefix(tensors, "online."))
-        learner.target.load_state_dict(with_prefix(tensors, "target."))
+        if learner.target is not None:
+            learner.target.load_state_dict(with_prefix(tensors, "target."))
         learner.opt.load_state_dict(unflatten_optimizer(tensors, meta["optimizer"]))
         learner.version = meta["updates"]
         torch.set_rng_state(tensors["torch_rng"])

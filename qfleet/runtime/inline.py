@@ -2,7 +2,8 @@
 
 It is the reference the other backends are tested against. One ``step()`` is one round:
 each actor collects a chunk into its replay shard, the learner runs the updates the
-schedule owes, and actors pull the new parameter snapshot.
+schedule owes, and actors pull the new parameter snapshot (or, for gradient schemes,
+each worker sends one gradient and the aggregator steps).
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from qfleet.algos.program import ActorLearnerProgram
+from qfleet.algos.program import ActorLearnerProgram, GradientProgram
 from qfleet.runtime.base import LearnerSide, RoundReport
+from qfleet.runtime.global_side import GlobalSide
 
 
 class InlineRunner(LearnerSide):
@@ -58,3 +60,54 @@ class InlineRunner(LearnerSide):
     def close(self) -> None:
         for actor in self.actors:
             actor.close()
+
+
+class InlineGradientRunner(GlobalSide):
+    """Gradient schemes in one process: each worker in turn collects and sends one
+    gradient, the gate applies complete groups, then workers due a pull take the newest
+    global parameters. Async staleness arises as on a real cluster: a worker's gradient
+    was computed before the steps of the workers ahead of it in the round."""
+
+    def __init__(self, program: GradientProgram) -> None:
+        super().__init__(program)
+        self.workers = [program.make_worker(i, 0, self.shared_replay)
+                        for i in range(program.num_workers)]
+        self.live = range(program.num_workers)
+        self._pull(force=True)
+
+    def _pull(self, force: bool = False) -> None:
+        snapshot = None
+        for worker in self.workers:
+            if force or worker.wants_params(self.program.sync_every):
+                snapshot = snapshot or self.aggregator.snapshot()
+                worker.set_params(snapshot)
+
+    def step(self) -> RoundReport:
+        report = RoundReport()
+        for worker in self.workers:
+            self.receive(worker.work(), self.live, report)
+        self._pull()
+        return report
+
+    def state(self, with_replay: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any],
+                                                dict[str, np.ndarray]]:
+        tensors, meta, replay = super().state(with_replay)
+        meta["workers"] = [{"env_steps": w.actor.env_steps, "incarnation": w.actor.incarnation}
+                           for w in self.workers]
+        return tensors, meta, replay
+
+    def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                replay: dict[str, np.ndarray]) -> None:
+        """Workers restart with fresh seeds (new incarnations) and refill local replays;
+        their epsilon schedules continue where they were."""
+        super().restore(tensors, meta, replay)
+        for i, state in enumerate(meta["workers"]):
+            self.workers[i].close()
+            worker = self.program.make_worker(i, state["incarnation"] + 1, self.shared_replay)
+            worker.actor.env_steps = state["env_steps"]
+            self.workers[i] = worker
+        self._pull(force=True)
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.close()

@@ -49,7 +49,7 @@ class ChunkMsg:
     returns: list[float]
     lengths: list[int]
     param_version: int
-    epsilon: float
+    epsilon: float | None
     has_priorities: bool
 
 
@@ -99,6 +99,33 @@ def _take_slot(slots: ChunkSlots, stop: Event, parent_pid: int) -> int | None:
         except queue.Empty:
             continue
     return None
+
+
+def death_cause(process: ForkProcess) -> str:
+    code = process.exitcode or 0
+    return signal.Signals(-code).name if code < 0 else f"exit code {code}"
+
+
+def count_restart(restarts: list[int], i: int, role: str, cause: str,
+                  report: RoundReport) -> None:
+    """Count a restart of worker slot ``i``; past MAX_RESTARTS a crash loop is an error."""
+    restarts[i] += 1
+    if restarts[i] > MAX_RESTARTS:
+        raise WorkerError(f"{role} {i} died {restarts[i]} times (last: {cause}); giving up")
+    report.actor_restarts += 1
+    report.notes.append(f"{role} {i} died ({cause}); restarted with fresh seeds")
+
+
+def stop_processes(processes: list[ForkProcess], stop: Event) -> None:
+    """Ask workers to stop, give them SHUTDOWN_S together, then kill what is left."""
+    stop.set()
+    deadline = time.monotonic() + SHUTDOWN_S
+    for p in processes:
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+    for p in processes:
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=1.0)
 
 
 @dataclass
@@ -177,15 +204,8 @@ class ProcessesRunner(LearnerSide):
             if worker.process.is_alive():
                 continue
             self._drain(report, wait=False)  # an ErrorMsg explaining the death comes first
-            code = worker.process.exitcode or 0
-            cause = signal.Signals(-code).name if code < 0 else f"exit code {code}"
-            self.restarts[i] += 1
-            if self.restarts[i] > MAX_RESTARTS:
-                raise WorkerError(f"actor {i} died {self.restarts[i]} times (last: {cause}); "
-                                  "giving up")
+            count_restart(self.restarts, i, "actor", death_cause(worker.process), report)
             self.workers[i] = self._spawn(worker.index, worker.incarnation + 1)
-            report.actor_restarts += 1
-            report.notes.append(f"actor {i} died ({cause}); restarted with fresh seeds")
 
     def state(self, with_replay: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any],
                                                 dict[str, Any]]:
@@ -209,14 +229,7 @@ class ProcessesRunner(LearnerSide):
         self.workers[i] = self._spawn(worker.index, incarnation)
 
     def close(self) -> None:
-        self.stop.set()
-        deadline = time.monotonic() + SHUTDOWN_S
-        for w in self.workers:
-            w.process.join(timeout=max(0.0, deadline - time.monotonic()))
-        for w in self.workers:
-            if w.process.is_alive():
-                w.process.kill()
-                w.process.join(timeout=1.0)
+        stop_processes([w.process for w in self.workers], self.stop)
         self.out_q.close()
         self.out_q.cancel_join_thread()
         for slots in self.slots.values():

@@ -1,0 +1,68 @@
+"""Parallel DQN / Gorila (Nair et al. 2015), and its batch-synchronous variant.
+
+Row of DESIGN.md: loss DQN, data path local replay per worker (or one shared replay, or
+sharded prioritized replay: reference article §3.2), aggregation sync / async / grouped.
+Wiring only: each worker is an epsilon-greedy actor with its own local model and target
+network; its DQN gradients go to the aggregator, which owns the global model and
+refreshes the global target every ``learner.target_update_every`` global updates.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from functools import partial
+
+import numpy as np
+import torch
+from torch import nn
+
+from qfleet.algos.program import GradientProgram, gradient_program
+from qfleet.config import Config
+from qfleet.envs import probe_spaces
+from qfleet.losses import LossOut, TorchBatch, dqn_loss
+from qfleet.nets import make_q_network
+from qfleet.policies import LinearSchedule
+from qfleet.replay import Replay, make_replay
+from qfleet.roles import Actor
+from qfleet.roles.gradients import Aggregator, GradientWorker
+
+
+def build(cfg: Config) -> GradientProgram:
+    obs_shape, obs_dtype, num_actions = probe_spaces(cfg.env)
+    scope, workers = cfg.replay.scope, cfg.actors.count
+    replay_cfg = cfg.replay
+    if scope == "sharded":  # one prioritized shard per worker, sampled by every worker
+        replay_cfg = dataclasses.replace(cfg.replay, kind="prioritized", shards=workers)
+    epsilon = LinearSchedule(cfg.actors.eps_start, cfg.actors.eps_end,
+                             int(cfg.actors.eps_fraction * cfg.train.total_env_steps // workers))
+    new_net = partial(make_q_network, cfg.net, obs_shape, num_actions)
+    torch.manual_seed(cfg.seed)
+    online = new_net()  # built first so a seed gives the same initial weights
+    model = nn.ModuleDict({"online": online, "target": copy.deepcopy(online)})
+    loss_fn = partial(_loss, double=cfg.algo.double, huber=cfg.learner.huber)
+
+    def new_replay(stream: tuple[int, ...]) -> Replay:
+        return make_replay(replay_cfg, obs_shape, obs_dtype,
+                           np.random.default_rng([cfg.seed, 7919, *stream]),
+                           anneal_steps=cfg.train.total_env_steps)
+
+    def make_worker(index: int, incarnation: int, shared: Replay | None) -> GradientWorker:
+        actor = Actor(cfg.env, new_net(), n_step=cfg.algo.n_step, gamma=cfg.algo.gamma,
+                      epsilon=epsilon, seed=cfg.seed, index=index, incarnation=incarnation)
+        replay = shared if scope != "local" else new_replay((1 + index, incarnation))
+        return GradientWorker(index, actor, new_net().requires_grad_(False), replay, loss_fn,
+                              chunk_steps=cfg.actors.chunk_size,
+                              batch_size=cfg.learner.batch_size,
+                              learning_starts=cfg.learner.learning_starts)
+
+    return gradient_program(
+        cfg, make_worker=make_worker, make_aggregator=lambda: Aggregator(model, cfg.learner),
+        make_shared_replay=None if scope == "local" else (lambda: new_replay((0,))),
+        make_eval_net=new_net, hogwild=False, obs_shape=obs_shape, obs_dtype=obs_dtype)
+
+
+def _loss(online: nn.Module, target: nn.Module | None, batch: TorchBatch, *, double: bool,
+          huber: bool) -> LossOut:
+    assert target is not None, "a DQN worker always holds a target network"
+    return dqn_loss(online, target, batch, double=double, huber=huber)

@@ -1,0 +1,119 @@
+"""What every backend shares for gradient schemes: the global side (aggregator, gate,
+the replay workers share if any, counters) and its checkpoint layout.
+
+The counterpart of ``LearnerSide`` for actor-learner programs. Worker-local replays are
+not checkpointed: a resumed worker refills its own before it sends gradients again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+from typing import Any
+
+import numpy as np
+import torch
+
+from qfleet.algos.program import GradientProgram
+from qfleet.checkpoint import flatten_optimizer, unflatten_optimizer
+from qfleet.replay import describe as describe_replay
+from qfleet.roles.gradients import Gradient, GradientGate, Ready
+from qfleet.runtime.base import RoundReport
+
+
+class GlobalSide:
+    def __init__(self, program: GradientProgram) -> None:
+        self.program = program
+        self.aggregator = program.make_aggregator()
+        self.shared_replay = (program.make_shared_replay() if program.make_shared_replay
+                              else None)
+        self.gate = GradientGate(program.num_workers, program.group_size,
+                                 program.max_staleness, program.stale)
+        self.env_steps = 0
+
+    @property
+    def updates(self) -> int:
+        return self.aggregator.version
+
+    @property
+    def policy_net(self) -> torch.nn.Module:
+        return self.aggregator.online
+
+    @property
+    def replay_size(self) -> int:
+        return 0 if self.shared_replay is None else len(self.shared_replay)
+
+    def freeze(self) -> None:
+        """Stop anything that writes the global model outside ``step()`` (nothing here;
+        Hogwild workers do, and their backend overrides this)."""
+
+    def describe(self) -> str:
+        if self.shared_replay is not None:
+            return "shared " + describe_replay(self.shared_replay)
+        return f"gradient workers: {self.program.num_workers}, each with its own data"
+
+    def receive(self, grad: Gradient, live: Collection[int], report: RoundReport) -> None:
+        """Count a worker's message; take a global step if it completed its group."""
+        self.env_steps += grad.env_steps
+        report.env_steps += grad.env_steps
+        report.steps_by_actor[grad.worker] = report.steps_by_actor.get(grad.worker, 0) + \
+            grad.env_steps
+        report.episode_returns += grad.episode_returns
+        report.returns_by_actor.setdefault(grad.worker, []).extend(grad.episode_returns)
+        if grad.worker == 0 and grad.epsilon is not None:
+            report.epsilon = grad.epsilon
+        if grad.grads_P is None and grad.applied_at < 0:
+            return
+        report.loss_sum += grad.loss
+        report.q_sum += grad.q_mean
+        report.loss_count += 1
+        if grad.applied_at >= 0:  # a Hogwild worker applied it to the shared model itself
+            report.updates += 1
+            report.grads_applied += 1
+            report.staleness_sum += grad.applied_at - 1 - grad.base_version
+            return
+        self._step_if_ready(lambda version: self.gate.offer(grad, version, live), report)
+
+    def flush(self, worker: int, live: Collection[int], report: RoundReport) -> None:
+        """A worker left ``live``: its group may now be complete without it."""
+        self._step_if_ready(lambda version: self.gate.ready(worker, version, live), report)
+
+    def _step_if_ready(self, gate_call: Callable[[int], Ready], report: RoundReport) -> None:
+        before = (self.gate.applied, self.gate.dropped, self.gate.staleness_sum)
+        ready = gate_call(self.aggregator.version)
+        if ready is not None:
+            self.aggregator.apply(*ready)
+            report.updates += 1
+        report.grads_applied += self.gate.applied - before[0]
+        report.grads_dropped += self.gate.dropped - before[1]
+        report.staleness_sum += self.gate.staleness_sum - before[2]
+
+    # ------------------------------------------------------------ checkpoint state
+
+    def state(self, with_replay: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any],
+                                                dict[str, np.ndarray]]:
+        agg = self.aggregator
+        tensors = dict(agg.model.state_dict())  # online.* (+ target.*), as LearnerSide saves
+        opt_tensors, opt_meta = flatten_optimizer(agg.opt.state_dict())
+        tensors |= opt_tensors
+        tensors["torch_rng"] = torch.get_rng_state()
+        meta = {"env_steps": self.env_steps, "updates": agg.version, "optimizer": opt_meta}
+        replay: dict[str, np.ndarray] = {}
+        if self.shared_replay is not None:
+            meta["replay_rng"] = self.shared_replay.rng.bit_generator.state
+            if with_replay:
+                replay = self.shared_replay.state_dict()
+        return tensors, meta, replay
+
+    def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                replay: dict[str, np.ndarray]) -> None:
+        agg = self.aggregator
+        agg.model.load_state_dict({k: v for k, v in tensors.items()
+                                   if k.startswith(("online.", "target."))})
+        agg.opt.load_state_dict(unflatten_optimizer(tensors, meta["optimizer"]))
+        agg.version_1.fill_(meta["updates"])
+        torch.set_rng_state(tensors["torch_rng"])
+        self.env_steps = meta["env_steps"]
+        if self.shared_replay is not None:
+            self.shared_replay.rng.bit_generator.state = meta["replay_rng"]
+            if replay:
+                self.shared_replay.load_state_dict(replay)

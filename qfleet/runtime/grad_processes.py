@@ -1,0 +1,329 @@
+"""The processes backend for gradient schemes: one worker process per gradient worker.
+
+Parameter-server mode (sync / async / grouped): a worker writes its flat gradient into
+one of its shared gradient slots and sends the slot id; the main process (the aggregator)
+offers it to the gate, steps when a group is complete, publishes the new parameters in
+SharedParams and only then hands the slot back. A sync worker has one slot, so taking
+it back is the barrier: it pulls the new parameters and computes its next gradient on
+them. Async workers have two slots and never wait for the others.
+
+Hogwild mode (A3C): the global model, the optimizer state and the version counter live
+in shared memory; each worker applies its own gradients lock-free and only reports.
+
+Faults: a killed worker is restarted with fresh seeds (counted); in sync mode its group
+proceeds with the live workers until the replacement's first gradient arrives, or waits
+for it (``algo.on_worker_loss``). A worker that raises stops the run with its traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import time
+import traceback
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from multiprocessing.context import ForkContext, ForkProcess
+from multiprocessing.synchronize import Event
+from typing import Any
+
+import numpy as np
+import torch
+
+from qfleet.algos.program import GradientProgram
+from qfleet.roles.gradients import Aggregator, Gradient, GradientWorker
+from qfleet.runtime.base import RoundReport
+from qfleet.runtime.global_side import GlobalSide
+from qfleet.runtime.processes import (
+    POLL_S,
+    ErrorMsg,
+    WorkerError,
+    count_restart,
+    death_cause,
+    stop_processes,
+)
+from qfleet.runtime.replay_rpc import (
+    AddMsg,
+    PriorityMsg,
+    ReplayClient,
+    ReplayLink,
+    ReplayServer,
+    SampleMsg,
+)
+from qfleet.runtime.shm import SharedParams
+
+ROUND_S = 0.1
+
+
+@dataclass(frozen=True)
+class GradMsg:
+    worker: int
+    incarnation: int
+    slot: int  # -1: no gradient in a slot (still filling its replay, or Hogwild)
+    base_version: int
+    env_steps: int
+    returns: list[float]
+    loss: float
+    q_mean: float
+    epsilon: float | None
+    applied_at: int
+    rows: int
+
+
+@dataclass
+class Link:
+    """Everything one worker incarnation shares with the main process."""
+
+    grads: torch.Tensor  # (slots, P) in shared memory
+    free: Any  # queue of slot ids the worker may write
+    replay: ReplayLink | None
+
+    def close(self) -> None:
+        self.free.close()
+        self.free.cancel_join_thread()
+        if self.replay is not None:
+            self.replay.close()
+
+
+@dataclass
+class _Shared:
+    """What the main process hands every worker process."""
+
+    program: GradientProgram
+    out_q: Any
+    params: SharedParams
+    aggregator: Aggregator | None  # Hogwild only: the shared-memory global model
+    stop: Event
+    replay_size: Any
+    replay_prioritized: bool
+    parent_pid: int = field(default_factory=os.getpid)
+
+
+def _worker_main(sh: _Shared, index: int, incarnation: int, link: Link) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    torch.set_num_threads(1)
+    try:
+        replay = None if link.replay is None else ReplayClient(
+            link.replay, index, incarnation, sh.out_q, sh.replay_size,
+            sh.replay_prioritized, sh.stop)
+        worker = sh.program.make_worker(index, incarnation, replay)
+        _pull(sh, worker)
+        while not sh.stop.is_set() and os.getppid() == sh.parent_pid:
+            slot = _take(link.free, sh)
+            if slot is None:
+                break
+            if worker.wants_params(sh.program.sync_every):
+                _pull(sh, worker)
+            sh.out_q.put(_send(sh, worker, worker.work(), link, slot))
+        worker.close()
+        sh.out_q.cancel_join_thread()
+    except SystemExit:
+        sh.out_q.cancel_join_thread()
+    except Exception:
+        sh.out_q.put(ErrorMsg(index, incarnation, traceback.format_exc()))
+        sh.out_q.close()
+        sh.out_q.join_thread()  # the error must reach the main process before we end
+
+
+def _pull(sh: _Shared, worker: GradientWorker) -> None:
+    if sh.aggregator is not None:  # Hogwild: copy straight from the shared model
+        worker.set_params(sh.aggregator.snapshot())
+        return
+    snapshot = sh.params.pull(worker.version)
+    if snapshot is None:
+        worker.sent = 0
+    else:
+        worker.set_params(snapshot)
+
+
+def _send(sh: _Shared, worker: GradientWorker, grad: Gradient, link: Link,
+          slot: int) -> GradMsg:
+    if grad.grads_P is not None and sh.aggregator is not None:
+        grad.applied_at = sh.aggregator.apply([grad.grads_P], [1.0])
+        grad.grads_P = None
+    if grad.grads_P is None:
+        link.free.put(slot)  # nothing to hand over: the slot stays this worker's
+        slot = -1
+    else:
+        link.grads[slot].copy_(grad.grads_P)
+    return GradMsg(worker.index, worker.actor.incarnation, slot, grad.base_version,
+                   grad.env_steps, grad.episode_returns, grad.loss, grad.q_mean, grad.epsilon,
+                   grad.applied_at, grad.rows)
+
+
+def _take(free: Any, sh: _Shared) -> int | None:
+    while not sh.stop.is_set() and os.getppid() == sh.parent_pid:
+        try:
+            return int(free.get(timeout=0.1))
+        except queue.Empty:
+            continue
+    return None
+
+
+@dataclass
+class _Worker:
+    index: int
+    incarnation: int
+    process: ForkProcess
+    link: Link
+    joined: bool = True  # sent a gradient (or is expected to: every worker at the start)
+
+
+class ProcessesGradientRunner(GlobalSide):
+    def __init__(self, program: GradientProgram) -> None:
+        super().__init__(program)
+        self.ctx: ForkContext = get_context("fork")
+        if program.hogwild:
+            self.aggregator.share_memory()
+            self.aggregator.lock = self.ctx.Lock()
+        self.params = SharedParams(self.aggregator.model, self.ctx)
+        self.params.publish(self.aggregator.model, self.aggregator.version)
+        self.server = None if self.shared_replay is None else \
+            ReplayServer(self.shared_replay, self.ctx.Value("q", 0, lock=False))
+        self.sh = _Shared(program, self.ctx.Queue(), self.params,
+                          self.aggregator if program.hogwild else None, self.ctx.Event(),
+                          None if self.server is None else self.server.size,
+                          self.shared_replay is not None and self.shared_replay.prioritized)
+        self.restarts = [0] * program.num_workers
+        self.links: dict[tuple[int, int], Link] = {}
+        self.in_gate: dict[int, tuple[Link, int]] = {}  # worker -> slot its gradient holds
+        self.workers: list[_Worker] = []
+        self.workers = [self._spawn(i, 0) for i in range(program.num_workers)]
+
+    def _new_link(self) -> Link:
+        p = self.program
+        slots = 2 if p.group_size == 1 else 1  # one slot makes a synchronous group's barrier
+        size = sum(v.numel() for v in self.aggregator.online.parameters())
+        free = self.ctx.Queue()
+        for s in range(slots):
+            free.put(s)
+        replay = None if self.shared_replay is None else ReplayLink(
+            p.max_chunk_rows, p.batch_size, p.obs_shape, p.obs_dtype, self.ctx)
+        return Link(torch.zeros(slots, size).share_memory_(), free, replay)
+
+    def _spawn(self, index: int, incarnation: int, joined: bool = True) -> _Worker:
+        link = self._new_link()
+        self.links[(index, incarnation)] = link
+        old = self.links.pop((index, incarnation - 2), None)  # no message can still name it
+        if old is not None:
+            old.close()
+        process = self.ctx.Process(target=_worker_main, name=f"qfleet-worker-{index}",
+                                   daemon=True, args=(self.sh, index, incarnation, link))
+        process.start()
+        return _Worker(index, incarnation, process, link, joined)
+
+    @property
+    def live(self) -> set[int]:
+        return {w.index for w in self.workers if w.joined}
+
+    def step(self) -> RoundReport:
+        report = RoundReport()
+        self._drain(report, wait=True)
+        self._check_health(report)
+        return report
+
+    def _drain(self, report: RoundReport, wait: bool) -> None:
+        """Serve what has arrived, for at most ROUND_S: Hogwild workers never wait for the
+        main process, so the stream may not run dry, and the loop must still log."""
+        block, deadline = wait, time.monotonic() + ROUND_S
+        while time.monotonic() < deadline:
+            try:
+                msg = self.sh.out_q.get(timeout=POLL_S) if block else self.sh.out_q.get_nowait()
+            except queue.Empty:
+                return
+            block = False
+            if isinstance(msg, ErrorMsg):
+                raise WorkerError(f"worker {msg.actor} (incarnation {msg.incarnation}) "
+                                  f"failed:\n{msg.traceback}")
+            if isinstance(msg, GradMsg):
+                self._receive_grad(msg, report)
+            else:
+                self._serve_replay(msg)
+
+    def _serve_replay(self, msg: AddMsg | SampleMsg | PriorityMsg) -> None:
+        assert self.server is not None
+        link = None if isinstance(msg, PriorityMsg) else \
+            self.links.get((msg.worker, msg.incarnation))
+        self.server.handle(msg, None if link is None else link.replay)
+
+    def _receive_grad(self, msg: GradMsg, report: RoundReport) -> None:
+        link = self.links.get((msg.worker, msg.incarnation))
+        if link is None:
+            return  # from an incarnation long gone
+        grads_P = None if msg.slot < 0 else link.grads[msg.slot].clone()
+        grad = Gradient(msg.worker, msg.base_version, msg.env_steps, msg.returns, grads_P,
+                        msg.loss, msg.q_mean, msg.epsilon, msg.applied_at, msg.rows)
+        worker = self.workers[msg.worker]
+        if grads_P is not None and worker.incarnation == msg.incarnation:
+            worker.joined = True  # a replacement joins its group with its first gradient
+        if grads_P is not None:
+            self.in_gate[msg.worker] = (link, msg.slot)
+        version = self.aggregator.version
+        self.receive(grad, self.live, report)
+        self._after_steps(version)
+
+    def _after_steps(self, version_before: int) -> None:
+        """Publish new parameters first, then hand back the slots of consumed gradients:
+        a synchronous worker waits on its slot, so it pulls the new version."""
+        if self.program.hogwild:
+            return
+        if self.aggregator.version != version_before:
+            self.params.publish(self.aggregator.model, self.aggregator.version)
+        for w in [w for w in self.in_gate if w not in self.gate.pending]:
+            link, slot = self.in_gate.pop(w)
+            link.free.put(slot)
+
+    def _check_health(self, report: RoundReport) -> None:
+        for i, worker in enumerate(self.workers):
+            if worker.process.is_alive():
+                continue
+            self._drain(report, wait=False)  # an ErrorMsg explaining the death comes first
+            count_restart(self.restarts, i, "worker", death_cause(worker.process), report)
+            self.in_gate.pop(i, None)
+            self.workers[i] = self._spawn(i, worker.incarnation + 1,
+                                          joined=self.program.wait_for_restart)
+            version = self.aggregator.version
+            self.flush(i, self.live, report)  # its group may go on without it
+            self._after_steps(version)
+
+    # ------------------------------------------------------------ checkpoint state
+
+    def state(self, with_replay: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any],
+                                                dict[str, np.ndarray]]:
+        tensors, meta, replay = super().state(with_replay)
+        meta["workers"] = [{"incarnation": w.incarnation} for w in self.workers]
+        return tensors, meta, replay
+
+    def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                replay: dict[str, np.ndarray]) -> None:
+        """Restart every worker (fresh incarnations, refilled local replays) after the
+        global side is restored, so the forked workers see the restored shared state."""
+        self._stop_workers()
+        super().restore(tensors, meta, replay)
+        if self.program.hogwild:
+            self.aggregator.share_memory()
+        if self.server is not None:
+            self.server.size.value = len(self.server.replay)
+        self.params.publish(self.aggregator.model, self.aggregator.version)
+        self.sh.stop.clear()
+        self.in_gate.clear()
+        self.gate.pending.clear()
+        self.workers = [self._spawn(i, state["incarnation"] + 1)
+                        for i, state in enumerate(meta["workers"])]
+
+    def freeze(self) -> None:
+        """Hogwild workers write the shared model on their own: stop them so the final
+        eval, the result and the checkpoint all see one model."""
+        if self.program.hogwild:
+            self._stop_workers()
+
+    def _stop_workers(self) -> None:
+        stop_processes([w.process for w in self.workers], self.sh.stop)
+
+    def close(self) -> None:
+        self._stop_workers()
+        self.sh.out_q.close()
+        self.sh.out_q.cancel_join_thread()
+        for link in self.links.values():
+            link.close()

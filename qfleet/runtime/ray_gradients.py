@@ -1,0 +1,422 @@
+"""The Ray backend for gradient schemes (Gorila, batch-synchronous groups, A3C, A2C).
+
+Each gradient worker is a Ray actor (1 CPU, spread over the nodes by a placement group)
+holding a GradientWorker (``ray_grad_hosts.GradHost``); this driver holds the global side:
+the aggregator (global model, its one optimizer), the gate and the counters. Parameters are
+one ``ray.put`` of a ParamSnapshot per global version; a worker fetches it when the version
+moved and it is due a pull (``algo.sync_every``).
+
+Sync (group_size == W): every round each worker computes one gradient and the workers
+average them with a ``torch.distributed`` all_reduce (gloo) in a process group set up
+through Ray: rank 0 names its node's IP and a free port, every member joins. Rank 0
+returns the sum and the driver takes the step with its aggregator, so the optimizer state,
+checkpoints and evals are the same as on the other backends; only the averaging moved onto
+the collective. A lost worker breaks the group: the driver counts it, Ray restarts it, and
+the group is rebuilt (destroy, then init on a new port) with the live workers
+(``algo.on_worker_loss = "proceed"``) or once the replacement is up ("wait"). Collectives
+and rendezvous have a timeout, so nothing waits forever on a member that is gone.
+
+Async / grouped: no collective. The driver keeps calls in flight per worker (two for
+async; one for a group member, reissued once its group stepped, which is the barrier),
+takes what arrived with ``ray.wait`` and feeds the gate exactly as the processes backend
+does. Hogwild (A3C) needs memory shared by all workers, which nodes do not have: on Ray it
+runs as async through the driver's aggregator (said once, in the first step's notes).
+
+replay.scope shared/sharded: the replay lives in one Ray actor (``ReplayHost``) on the
+driver's node; workers reach it through a client, and checkpoints ask it for its state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from ray.exceptions import (
+    ActorDiedError,
+    GetTimeoutError,
+    ObjectLostError,
+    RayActorError,
+    RayError,
+    RayTaskError,
+)
+from ray.util.placement_group import PlacementGroup, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from qfleet.algos.program import GradientProgram
+from qfleet.roles.gradients import Gradient
+from qfleet.runtime.base import RoundReport
+from qfleet.runtime.global_side import GlobalSide
+from qfleet.runtime.processes import WorkerError, count_restart
+from qfleet.runtime.ray_grad_hosts import (
+    COUNTERS,
+    GradHost,
+    HostSpec,
+    ReplayHost,
+    Sent,
+    driver_node,
+    place_workers,
+)
+from qfleet.runtime.ray_runner import POLL_S, PROBE_S, connect
+
+COLLECTIVE_TIMEOUT_S = 30.0  # a collective or rendezvous waiting longer has lost a member
+CALL_TIMEOUT_S = 30.0  # for the driver's own small calls (a free port, a replay's state)
+HOGWILD_NOTE = ("a3c hogwild: Ray workers on different nodes cannot share memory, so each "
+                "gradient goes to the driver's aggregator and is applied on arrival (async)")
+
+RemoteGradHost = ray.remote(GradHost)
+RemoteReplayHost = ray.remote(ReplayHost)
+
+
+@dataclass
+class _Slot:
+    index: int
+    incarnation: int
+    handle: Any  # ray.actor.ActorHandle
+    calls: dict[ray.ObjectRef, int] = field(default_factory=dict)  # async: ref -> incarnation
+    joined: bool = True  # in the gate's live set (a replacement joins with its first gradient)
+    recovering: bool = False  # lost; no calls until a probe call answers
+    probe: ray.ObjectRef | None = None
+    probe_at: float = 0.0
+
+
+@dataclass
+class _Call:
+    """One member's call in a sync round (a step, or joining a new process group)."""
+
+    slot: _Slot
+    incarnation: int
+    rank: int
+    done: bool = False
+    result: Sent | str | None = None  # None: the actor was lost
+
+
+class RayGradientRunner(GlobalSide):
+    def __init__(self, program: GradientProgram, address: str = "local",
+                 collective_timeout_s: float = COLLECTIVE_TIMEOUT_S) -> None:
+        # The shared replay lives in a ReplayHost actor, not in this process.
+        super().__init__(dataclasses.replace(program, make_shared_replay=None))
+        self.program = program
+        self.started_ray, dashboard = connect(address, program.num_workers)
+        self.notes = [f"ray: dashboard at http://{dashboard}"] if dashboard else []
+        if program.hogwild:
+            self.notes.append(HOGWILD_NOTE)
+        self.collective = not program.hogwild and program.num_workers > 1 and \
+            program.group_size == program.num_workers
+        self.restarts = [0] * program.num_workers
+        self.group: list[int] = []  # sync: the process group's members, in rank order
+        self.round: dict[ray.ObjectRef, _Call] = {}
+        self.round_members: list[int] | None = None  # an init round's members; None: a step
+        try:
+            self.replay_name = f"qfleet-replay-{uuid.uuid4().hex[:12]}"
+            self.replay_host = self._new_replay_host()
+            prioritized = self.replay_host is not None and \
+                ray.get(self.replay_host.describe.remote(), timeout=CALL_TIMEOUT_S)[1]
+            self.spec = HostSpec(program.make_worker,
+                                 sum(p.numel() for p in self.aggregator.params),
+                                 program.sync_every, program.max_staleness, program.stale,
+                                 collective_timeout_s,
+                                 "" if self.replay_host is None else self.replay_name,
+                                 prioritized)
+            self.pg = place_workers(program.num_workers)
+            self._publish()
+            self.slots = [_Slot(i, 0, self._new_host(i)) for i in range(program.num_workers)]
+        except BaseException:
+            self.close()  # nothing half-started is left on the cluster (or Ray running)
+            raise
+
+    def _new_replay_host(self) -> Any:
+        """The shared replay (scope shared/sharded) in a Ray actor next to the driver: it
+        lives and fails with the driver, like the processes backend's, and takes no CPU
+        from the workers' bundles."""
+        if self.program.make_shared_replay is None:
+            return None
+        return RemoteReplayHost.options(num_cpus=0, name=self.replay_name,
+                                        scheduling_strategy=driver_node()) \
+            .remote(self.program.make_shared_replay)
+
+    def _new_host(self, index: int) -> Any:
+        # Ray restarts a lost actor in its bundle (moved to a live node if its node died);
+        # its calls are not retried (max_task_retries=0): the driver decides what is lost.
+        return RemoteGradHost.options(
+            num_cpus=1, max_restarts=-1, max_task_retries=0,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                placement_group=self.pg, placement_group_bundle_index=index),
+        ).remote(self.spec, index)
+
+    def worker_info(self) -> list[dict[str, Any]]:
+        """Each worker's node and process-group membership (asks the workers)."""
+        return list(ray.get([s.handle.info.remote() for s in self.slots],
+                            timeout=CALL_TIMEOUT_S))
+
+    @property
+    def live(self) -> set[int]:
+        return {s.index for s in self.slots if s.joined}
+
+    def _publish(self) -> None:
+        self.params_version = self.aggregator.version
+        self.params_ref = ray.put(self.aggregator.snapshot())
+
+    def step(self) -> RoundReport:
+        report = RoundReport()
+        report.notes, self.notes = self.notes, []
+        self._check_probes()
+        if self.collective:
+            self._sync_round(report)
+        else:
+            self._async_drain(report)
+        return report
+
+    # ------------------------------------------------------------ async and grouped
+
+    def _async_drain(self, report: RoundReport) -> None:
+        owner = {ref: slot for slot in self.slots for ref in slot.calls}
+        if owner:
+            ray.wait(list(owner), num_returns=1, timeout=POLL_S)
+            ready, _ = ray.wait(list(owner), num_returns=len(owner), timeout=0)
+        else:  # every worker is between probes (or not started yet): do not spin
+            ready = []
+            if any(s.recovering for s in self.slots):
+                time.sleep(POLL_S)
+        for ref in ready:
+            slot = owner[ref]
+            sent = self._get(slot, ref, slot.calls.pop(ref), report)
+            if isinstance(sent, Sent):
+                self._deliver(slot, sent, report)
+        if self.aggregator.version != self.params_version:
+            self._publish()  # before new calls, so they carry the newest parameters
+        for slot in self.slots:
+            self._fill(slot)
+
+    def _fill(self, slot: _Slot) -> None:
+        """Two calls in flight for async; one for a group member, and only once its last
+        gradient left the gate, so it computes the next one on the group's new step."""
+        grouped = self.program.group_size > 1 and not self.program.hogwild
+        limit = 1 if grouped else 2
+        if slot.recovering or (grouped and slot.index in self.gate.pending):
+            return
+        while len(slot.calls) < limit:
+            ref = slot.handle.work.remote(slot.incarnation, self.params_version,
+                                          [self.params_ref])
+            slot.calls[ref] = slot.incarnation
+
+    def _deliver(self, slot: _Slot, sent: Sent, report: RoundReport) -> None:
+        for k, grad in enumerate(sent.works):
+            if k == len(sent.works) - 1 and sent.grads_P is not None:
+                grad.grads_P = torch.from_numpy(sent.grads_P.copy())  # out of the store
+                slot.joined = True
+            self.receive(grad, self.live, report)
+
+    # ------------------------------------------------------------ sync: the collective
+
+    def _sync_round(self, report: RoundReport) -> None:
+        if not self.round:
+            self._start_round(report)
+        if not self.round:
+            time.sleep(POLL_S)  # waiting for a replacement: do not spin
+            return
+        waiting = [ref for ref, call in self.round.items() if not call.done]
+        ready, _ = ray.wait(waiting, num_returns=len(waiting), timeout=POLL_S)
+        for ref in ready:
+            call = self.round[ref]
+            call.result = self._get(call.slot, ref, call.incarnation, report)
+            call.done = True
+        if all(call.done for call in self.round.values()):
+            calls, members, self.round = list(self.round.values()), self.round_members, {}
+            if members is None:
+                self._finish_step(calls, report)
+            else:
+                failed = [c.result for c in calls if c.result]
+                self.group = members if all(c.result == "" for c in calls) else []
+                if failed:
+                    report.notes.append(f"ray: process group not formed ({failed[0]}); "
+                                        "trying again")
+
+    def _start_round(self, report: RoundReport) -> None:
+        ready = [s.index for s in self.slots if not s.recovering]
+        if not ready or (self.program.wait_for_restart and len(ready) < len(self.slots)):
+            return
+        if ready != self.group:
+            self._join_group(ready, report)
+            return
+        self.round_members = None
+        for rank, i in enumerate(self.group):
+            slot = self.slots[i]
+            ref = slot.handle.sync_step.remote(slot.incarnation, self.params_version,
+                                               [self.params_ref])
+            self.round[ref] = _Call(slot, slot.incarnation, rank)
+
+    def _join_group(self, members: list[int], report: RoundReport) -> None:
+        """A new process group for ``members``, rendezvous at rank 0's node on a new port:
+        after a loss the old group's peers are gone, so it cannot be reused."""
+        self.group = []
+        leader = self.slots[members[0]]
+        try:
+            ip, port = ray.get(leader.handle.address.remote(), timeout=CALL_TIMEOUT_S)
+        except GetTimeoutError:
+            return  # a busy or moving node: try again next step
+        except (RayActorError, ObjectLostError) as err:
+            self._lost(leader, err, report)
+            return
+        self.round_members = members
+        for rank, i in enumerate(members):
+            slot = self.slots[i]
+            ref = slot.handle.init_group.remote(ip, port, rank, len(members))
+            self.round[ref] = _Call(slot, slot.incarnation, rank)
+
+    def _finish_step(self, calls: list[_Call], report: RoundReport) -> None:
+        """Count every member's work; step on rank 0's sum if the collective went through."""
+        for call in calls:
+            if isinstance(call.result, Sent):
+                for grad in call.result.works:
+                    self._count(grad, call.result.has_grad, report)
+        leader = calls[0].result
+        if isinstance(leader, Sent) and not leader.failed and leader.grads_P is not None:
+            self._apply_sum(leader.grads_P, report)
+        if any(not isinstance(c.result, Sent) or c.result.failed for c in calls):
+            self.group = []  # a member was lost mid-round: rebuild before the next one
+            why = next((c.result.failed for c in calls
+                        if isinstance(c.result, Sent) and c.result.failed), "")
+            if why:
+                report.notes.append(f"ray: collective failed ({why}); rebuilding the group")
+
+    def _count(self, grad: Gradient, has_grad: bool, report: RoundReport) -> None:
+        self.receive(grad, self.live, report)  # stripped: counts steps and returns only
+        if has_grad:
+            report.loss_sum += grad.loss
+            report.q_sum += grad.q_mean
+            report.loss_count += 1
+
+    def _apply_sum(self, vec: np.ndarray, report: RoundReport) -> None:
+        size = len(vec) - COUNTERS
+        included, staleness, dropped = (round(float(x)) for x in vec[size:])
+        for gate_field, value in (("applied", included), ("staleness_sum", staleness),
+                                  ("dropped", dropped)):
+            setattr(self.gate, gate_field, getattr(self.gate, gate_field) + value)
+        report.grads_applied += included
+        report.staleness_sum += staleness
+        report.grads_dropped += dropped
+        if included:
+            mean_P = torch.from_numpy(vec[:size].copy()) / included
+            self.aggregator.apply([mean_P], [1.0])
+            report.updates += 1
+            self._publish()
+
+    # ------------------------------------------------------------ faults
+
+    def _get(self, slot: _Slot, ref: ray.ObjectRef, tag: int,
+             report: RoundReport) -> Sent | str | None:
+        """A call's result; None if the actor was lost (counted once per incarnation)."""
+        try:
+            result: Sent | str = ray.get(ref)
+        except RayTaskError as err:  # the worker's own code raised: a bug, stop the run
+            raise WorkerError(f"worker {slot.index} (incarnation {tag}) failed:\n{err}") \
+                from None
+        except (RayActorError, ObjectLostError) as err:
+            if tag == slot.incarnation:  # else the loss this call reports is counted
+                self._lost(slot, err, report)
+            return None
+        return result if tag == slot.incarnation else None
+
+    def _lost(self, slot: _Slot, err: Exception, report: RoundReport) -> None:
+        """The worker's process or node is gone: count it, wait for Ray's restart (or
+        replace the actor if Ray will not restart it); its group may go on without it."""
+        first_line = (str(err).strip().splitlines() or [""])[0][:100]
+        count_restart(self.restarts, slot.index, "worker",
+                      f"{type(err).__name__}: {first_line}", report)
+        slot.incarnation += 1
+        slot.recovering, slot.probe_at, slot.probe = True, 0.0, None
+        slot.joined = self.program.wait_for_restart
+        if isinstance(err, ActorDiedError):
+            self._replace(slot)
+        if slot.index in self.group:
+            self.group = []
+        if not self.collective:
+            self.flush(slot.index, self.live, report)
+
+    def _check_probes(self) -> None:
+        """Probe restarting actors without blocking; one that answers is back."""
+        for slot in self.slots:
+            if not slot.recovering:
+                continue
+            if slot.probe is None:
+                if time.monotonic() >= slot.probe_at:
+                    slot.probe = slot.handle.info.remote()
+                continue
+            ready, _ = ray.wait([slot.probe], timeout=0)
+            if not ready:
+                continue
+            slot.probe = None
+            try:
+                ray.get(ready[0])
+            except RayActorError as err:  # still restarting (or gone for good): later
+                slot.probe_at = time.monotonic() + PROBE_S
+                if isinstance(err, ActorDiedError):
+                    self._replace(slot)
+                continue
+            slot.recovering = False
+
+    def _replace(self, slot: _Slot) -> None:
+        """A new Ray actor for the slot: Ray will not restart the old one (dead for good)."""
+        ray.kill(slot.handle, no_restart=True)
+        slot.handle = self._new_host(slot.index)
+
+    # ------------------------------------------------------------ checkpoint state
+
+    @property
+    def replay_size(self) -> int:
+        if self.replay_host is None:
+            return 0
+        return int(ray.get(self.replay_host.size.remote(), timeout=CALL_TIMEOUT_S))
+
+    def describe(self) -> str:
+        if self.replay_host is not None:
+            text = ray.get(self.replay_host.describe.remote(), timeout=CALL_TIMEOUT_S)[0]
+            return f"shared {text} (in a Ray actor)"
+        return super().describe()
+
+    def state(self, with_replay: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any],
+                                                dict[str, np.ndarray]]:
+        tensors, meta, replay = super().state(with_replay)
+        meta["workers"] = [{"incarnation": s.incarnation} for s in self.slots]
+        if self.replay_host is not None:
+            meta["replay_rng"], replay = ray.get(self.replay_host.state.remote(with_replay))
+        return tensors, meta, replay
+
+    def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                replay: dict[str, np.ndarray]) -> None:
+        """Workers rebuild with fresh incarnations (fresh seeds, refilled local replays);
+        calls in flight belong to the old run and are dropped."""
+        super().restore(tensors, meta, replay)
+        if self.replay_host is not None:
+            ray.get(self.replay_host.restore.remote(meta["replay_rng"], replay))
+        self.gate.pending.clear()
+        self.round, self.round_members = {}, None
+        for slot, saved in zip(self.slots, meta.get("workers", []), strict=False):
+            slot.incarnation = saved["incarnation"] + 1
+            slot.calls.clear()
+            slot.joined = True
+        self._publish()
+
+    def close(self) -> None:
+        try:
+            for slot in self.__dict__.pop("slots", []):
+                ray.kill(slot.handle, no_restart=True)
+            host = self.__dict__.pop("replay_host", None)
+            if host is not None:
+                ray.kill(host, no_restart=True)
+            pg: PlacementGroup | None = self.__dict__.pop("pg", None)
+            if pg is not None:
+                remove_placement_group(pg)
+        except RayError:  # the cluster is already gone: nothing left there to clean up
+            pass
+        finally:
+            if self.started_ray:
+                ray.shutdown()
+                self.started_ray = False
+
