@@ -369,14 +369,11 @@ def test_killed_sync_worker_is_restarted_and_updates_go_on(on_loss: str) -> None
 
 def test_a_replacement_workers_first_sync_gradient_is_computed_on_fresh_parameters() -> None:
     """Sync, sync_every 1: every gradient is computed on the newest global model, so none
-    is ever stale, also a replacement's first one. Today a worker that is refilling its
-    replay sends no gradient and so never pulls (``worker.sent`` stays 0): the
-    replacement computes its first gradient on the parameters it started with, many
-    versions behind after worker 1 went on alone (proceed): the sync step then averages
-    in a stale gradient (measured: staleness 5-6), or drops it if it is more than
-    max_staleness old.
-    FAILS on the current code; pulling before every gradient while ``sent == 0`` (or
-    whenever the global version moved) fixes it."""
+    is ever stale, also a replacement's first one. A worker refilling its replay sends no
+    gradient; if it did not pull before its first one it would compute on the parameters
+    it started with, many versions behind after worker 1 went on alone (proceed; measured
+    staleness 5-6 before the fix). And a first gradient computed while worker 1 stepped
+    alone is sent back to be computed again, not averaged in."""
     cfg = _cfg("cartpole-gorila-sync", "algo.on_worker_loss='proceed'")
     with grad_runner(cfg) as runner:
         _run_until(runner, lambda r, _: r.updates >= 10, 30.0)
@@ -483,10 +480,9 @@ def test_resume_on_processes_restores_the_global_side(preset: str, tmp_path: Pat
 def test_hogwild_final_checkpoint_and_result_describe_the_same_model(tmp_path: Path) -> None:
     """The end of a run evaluates, checkpoints and reports the global model. With Hogwild
     the workers keep applying gradients to the shared model until the runner closes, so
-    today the final eval, the checkpoint (written while workers write the parameters:
-    possibly torn) and result.json each see a different model: result.updates exceeds
-    the checkpoint's. FAILS on the current code; stopping the Hogwild workers before the
-    final eval and checkpoint (or on the way to any checkpoint) fixes it."""
+    unless they are stopped first the final eval, the checkpoint (written while workers
+    write the parameters: possibly torn) and result.json each see a different model:
+    result.updates would exceed the checkpoint's."""
     cfg = _cfg("cartpole-a3c", "train.eval_every=0", "train.eval_episodes=2",
                "train.total_env_steps=2000")
     result = qfleet.train(cfg, tmp_path / "run")

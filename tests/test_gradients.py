@@ -338,9 +338,9 @@ def test_sync_gorila_step_equals_one_step_on_the_concatenated_batch() -> None:
 def test_sync_never_drops_or_scales_gradients_for_staleness() -> None:
     """max_staleness is an async/grouped rule (its help text and issue 6 say so). Sync
     Gorila with algo.sync_every = 12 (workers pull the global model every 12 gradients,
-    as in Nair et al.) must still average both workers' gradients into every step.
-    FAILS on the current code: the gate applies the staleness rule to sync groups too,
-    drops gradients more than 8 versions old and skips whole steps."""
+    as in Nair et al.) must still average both workers' gradients into every step; a
+    gate applying the staleness rule to sync groups would drop gradients more than 8
+    versions old and skip whole steps."""
     cfg = _gorila_cfg("algo.sync_every=12")
     assert cfg.algo.max_staleness == 8
     with inline_runner(cfg) as runner:
@@ -456,8 +456,8 @@ def test_a2c_sync_step_weights_every_row_equally_when_rollouts_differ_in_length(
     """A2C is "one batched update over all workers' rollouts" (issue 6, a2c.py). A chunk
     that ends an episode holds extra rows (the flushed n-step tails), so two workers'
     rollouts often differ in length; averaging the per-worker mean gradients with equal
-    weights then weights the rows of the shorter rollout more than one batched update
-    does. FAILS on the current code (the gate gives every worker weight 1)."""
+    weights would weight the rows of the shorter rollout more than one batched update
+    does, so the gate weights each gradient by its rows."""
     results = a2c_steps
     unequal = [agree for lengths, agree in results if lengths[0] != lengths[1]]
     assert unequal, results
@@ -672,8 +672,7 @@ def test_config_errors_name_the_field_and_value(preset: str, overrides: list[str
 
 def test_a3c_queue_capacity_below_one_batch_is_a_config_error() -> None:
     """A rollout queue that can never hold learner.batch_size rows never trains: the run
-    would collect to its step budget with zero updates. FAILS on the current code, which
-    accepts the config silently."""
+    would collect to its step budget with zero updates: the config must be refused."""
     with pytest.raises(ConfigError, match=r"replay\.capacity = 30"):
         qfleet.load_config("cartpole-a3c-queue", ["replay.capacity=30"])
 

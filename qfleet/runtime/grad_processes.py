@@ -255,8 +255,14 @@ class ProcessesGradientRunner(GlobalSide):
         grad = Gradient(msg.worker, msg.base_version, msg.env_steps, msg.returns, grads_P,
                         msg.loss, msg.q_mean, msg.epsilon, msg.applied_at, msg.rows)
         worker = self.workers[msg.worker]
-        if grads_P is not None and worker.incarnation == msg.incarnation:
-            worker.joined = True  # a replacement joins its group with its first gradient
+        if grads_P is not None and not worker.joined and worker.incarnation == msg.incarnation:
+            if msg.base_version != self.aggregator.version:
+                # Computed while its group stepped without it: not averaged in; the slot
+                # goes back, the worker pulls the newest parameters and computes again.
+                grad.grads_P = grads_P = None
+                link.free.put(msg.slot)
+            else:
+                worker.joined = True  # a replacement joins its group with a fresh gradient
         if grads_P is not None:
             self.in_gate[msg.worker] = (link, msg.slot)
         version = self.aggregator.version
