@@ -337,7 +337,10 @@ def test_a3c_queue_with_two_trainer_threads_runs_and_updates() -> None:
 
 @pytest.mark.parametrize("on_loss", ["proceed", "wait"])
 def test_killed_sync_worker_is_restarted_and_updates_go_on(on_loss: str) -> None:
-    cfg = _cfg("cartpole-gorila-sync", f"algo.on_worker_loss='{on_loss}'")
+    # A refill long enough (1000 env steps) that, in proceed mode, worker 1 surely steps
+    # alone before the replacement's first gradient: with a short one that is a race.
+    cfg = _cfg("cartpole-gorila-sync", f"algo.on_worker_loss='{on_loss}'",
+               "learner.learning_starts=1000")
     with grad_runner(cfg) as runner:
         _run_until(runner, lambda r, _: r.updates >= 10, 30.0)
         victim = runner.workers[0].process
@@ -355,7 +358,8 @@ def test_killed_sync_worker_is_restarted_and_updates_go_on(on_loss: str) -> None
         # sends gradients again and takes part in the sync steps
         later = _run_until(runner, lambda r, reps: r.updates >= before + 20 and any(
             x.steps_by_actor.get(0) for x in reps) and runner.workers[0].joined, 30.0)
-        more = _run_until(runner, lambda r, _: r.updates >= before + 40, 30.0)
+        joined_at = runner.updates
+        more = _run_until(runner, lambda r, _: r.updates >= joined_at + 20, 30.0)
         assert sum(r.updates for r in later + more) == runner.updates - before
     # steps that averaged both workers again, once the replacement had joined
     assert sum(r.grads_applied for r in more) > sum(r.updates for r in more)

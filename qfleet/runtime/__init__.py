@@ -32,13 +32,11 @@ def make_runner(backend: str, program: ActorLearnerProgram | GradientProgram,
     if backend == "processes":
         return ProcessesRunner(program)
     if backend == "ray":
-        if importlib.util.find_spec("ray") is None:
-            raise ConfigError("runtime.backend = 'ray' needs Ray, which is not installed: "
-                              "pip install 'qfleet[ray]'")
+        _require_ray()
         from qfleet.runtime.ray_runner import RayRunner
 
         return RayRunner(program, address)
-    raise ConfigError(f"runtime.backend = {backend!r}: allowed: 'inline', 'processes', 'ray'")
+    raise _unknown_backend(backend)
 
 
 def _gradient_runner(backend: str, program: GradientProgram, address: str) -> Runner:
@@ -47,10 +45,18 @@ def _gradient_runner(backend: str, program: GradientProgram, address: str) -> Ru
     if backend == "processes":
         return ProcessesGradientRunner(program)
     if backend == "ray":
-        if importlib.util.find_spec("ray") is None:
-            raise ConfigError("runtime.backend = 'ray' needs Ray, which is not installed: "
-                              "pip install 'qfleet[ray]'")
+        _require_ray()
         from qfleet.runtime.ray_gradients import RayGradientRunner
 
         return RayGradientRunner(program, address)
-    raise ConfigError(f"runtime.backend = {backend!r}: allowed: 'inline', 'processes', 'ray'")
+    raise _unknown_backend(backend)
+
+
+def _require_ray() -> None:
+    if importlib.util.find_spec("ray") is None:
+        raise ConfigError("runtime.backend = 'ray' needs Ray, which is not installed: "
+                          "pip install 'qfleet[ray]'")
+
+
+def _unknown_backend(backend: str) -> ConfigError:
+    return ConfigError(f"runtime.backend = {backend!r}: allowed: 'inline', 'processes', 'ray'")
