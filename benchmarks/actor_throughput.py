@@ -35,33 +35,21 @@ from typing import Any
 
 import numpy as np
 import torch
+from _common import (
+    ATARI_OBS,
+    NO_TRAINING,
+    SOURCES,
+    atari_chunks,
+    busy_cores_s,
+    cpu_seconds,
+    new_ring,
+    obs_mb,
+)
 
 import qfleet
 from qfleet.algos import ActorLearnerProgram, build_program
-from qfleet.replay import Transitions
-from qfleet.replay.storage import RingStorage
 from qfleet.runtime import ProcessesRunner
 from qfleet.runtime.shm import ChunkSlots
-
-NO_TRAINING = 10**12  # learner.learning_starts: the learner never owes an update
-ATARI_OBS = (4, 84, 84)
-SOURCES = 4  # distinct source chunks cycled through: 4 x 14.5 MB does not fit in L3
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of one process so far (Linux /proc)."""
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime (fields 14, 15)
-
-
-def busy_cores_s() -> float:
-    """CPU seconds the whole machine has spent busy so far, all processes (/proc/stat)."""
-    with open("/proc/stat") as fh:
-        ticks = [int(v) for v in fh.readline().split()[1:]]
-    idle = ticks[3] + ticks[4]  # idle, iowait
-    return (sum(ticks[:8]) - idle) / TICKS  # user .. steal; guest time is inside user
 
 
 @dataclass
@@ -162,15 +150,6 @@ def through_processes(cfg: qfleet.Config, warmup: float, seconds: float) -> Rate
 
 # ------------------------------------------------------------------ transport (Atari sizes)
 
-def atari_chunks(rows: int, count: int, seed: int) -> list[Transitions]:
-    rng = np.random.default_rng(seed)
-    return [Transitions(rng.integers(0, 256, (rows, *ATARI_OBS), dtype=np.uint8),
-                        rng.integers(0, 6, rows), rng.random(rows, dtype=np.float32),
-                        np.full(rows, 0.99, np.float32),
-                        rng.integers(0, 256, (rows, *ATARI_OBS), dtype=np.uint8))
-            for _ in range(count)]
-
-
 def _writer(slots: ChunkSlots, out_q: Any, stop: Event, rows: int) -> None:
     chunks = atari_chunks(rows, SOURCES, seed=1)  # distinct data, no generation cost
     i = 0
@@ -182,18 +161,6 @@ def _writer(slots: ChunkSlots, out_q: Any, stop: Event, rows: int) -> None:
         out_q.put((slot, slots.write(slot, chunks[i % SOURCES], None)))
         i += 1
     out_q.cancel_join_thread()
-
-
-def obs_mb(rows: int) -> float:
-    """MB of obs + next_obs in a chunk of ``rows`` transitions."""
-    return 2 * rows * int(np.prod(ATARI_OBS)) / 1e6
-
-
-def new_ring(ring_rows: int) -> RingStorage:
-    ring = RingStorage(ring_rows, ATARI_OBS, np.dtype(np.uint8))
-    for array in ring.arrays.values():
-        array.fill(1)  # fault every page in now, not inside a timed copy
-    return ring
 
 
 def transport(rows: int, ring_rows: int, warmup: float,

@@ -30,29 +30,14 @@ import time
 from dataclasses import dataclass
 
 import torch
+from _common import busy_cores_s, cpu_seconds
 
 import qfleet
 from qfleet.algos import build_program
 from qfleet.runtime import ProcessesGradientRunner, make_runner
 
-TICKS = os.sysconf("SC_CLK_TCK")
 START_TIMEOUT_S = 120.0  # worker start + replay fill must reach the first update by then
 GOAL = 1.7
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of one process so far (Linux /proc)."""
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime (fields 14, 15)
-
-
-def busy_cores_s() -> float:
-    """CPU seconds the whole machine has spent busy so far, all processes (/proc/stat)."""
-    with open("/proc/stat") as fh:
-        ticks = [int(v) for v in fh.readline().split()[1:]]
-    idle = ticks[3] + ticks[4]  # idle, iowait
-    return (sum(ticks[:8]) - idle) / TICKS
 
 
 @dataclass(frozen=True)

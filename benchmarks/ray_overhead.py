@@ -32,6 +32,16 @@ from typing import Any
 import numpy as np
 import ray
 import torch
+from _common import (
+    ATARI_OBS,
+    NO_TRAINING,
+    SOURCES,
+    atari_chunks,
+    new_ring,
+    obs_mb,
+    proc_stat,
+    stat_cpu_s,
+)
 from torch import nn
 
 import qfleet
@@ -40,17 +50,11 @@ from qfleet.algos.program import ActorLearnerProgram, GradientProgram
 from qfleet.config import NetConfig
 from qfleet.nets import make_q_network
 from qfleet.replay import Transitions
-from qfleet.replay.storage import RingStorage
 from qfleet.roles import ParamSnapshot
 from qfleet.runtime import ProcessesGradientRunner, ProcessesRunner
 from qfleet.runtime.ray_gradients import RayGradientRunner
 from qfleet.runtime.ray_runner import LOCAL_SYSTEM_CONFIG, RayRunner
 from qfleet.runtime.shm import SharedParams
-
-NO_TRAINING = 10**12  # learner.learning_starts: the learner never owes an update
-ATARI_OBS = (4, 84, 84)
-TICKS = os.sysconf("SC_CLK_TCK")
-SOURCES = 4  # distinct source chunks cycled through, so copies do not hit a warm cache
 
 
 def program(preset: str, actors: int, num_envs: int) -> ActorLearnerProgram:
@@ -71,12 +75,11 @@ def tree_cpu_s() -> float:
         if not entry.isdigit():
             continue
         try:
-            with open(f"/proc/{entry}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
+            fields = proc_stat(entry)
         except OSError:
             continue
         parent[int(entry)] = int(fields[1])
-        cpu[int(entry)] = (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime
+        cpu[int(entry)] = stat_cpu_s(fields)
     tree, frontier = {os.getpid()}, {os.getpid()}
     while frontier:
         frontier = {p for p, pp in parent.items() if pp in frontier} - tree
@@ -190,15 +193,6 @@ def broadcasts(args: argparse.Namespace) -> None:
 
 # ------------------------------------------------------------------ chunk transport
 
-def atari_chunks(rows: int, count: int, seed: int) -> list[Transitions]:
-    rng = np.random.default_rng(seed)
-    return [Transitions(rng.integers(0, 256, (rows, *ATARI_OBS), dtype=np.uint8),
-                        rng.integers(0, 6, rows), rng.random(rows, dtype=np.float32),
-                        np.full(rows, 0.99, np.float32),
-                        rng.integers(0, 256, (rows, *ATARI_OBS), dtype=np.uint8))
-            for _ in range(count)]
-
-
 @ray.remote(num_cpus=1)
 class ChunkSource:
     def __init__(self, rows: int) -> None:
@@ -207,17 +201,6 @@ class ChunkSource:
     def next(self) -> Transitions:
         self.i += 1
         return self.chunks[self.i % SOURCES]
-
-
-def obs_mb(rows: int) -> float:
-    return 2 * rows * int(np.prod(ATARI_OBS)) / 1e6
-
-
-def new_ring(rows: int) -> RingStorage:
-    ring = RingStorage(rows, ATARI_OBS, np.dtype(np.uint8))
-    for array in ring.arrays.values():
-        array.fill(1)  # fault every page in now, not inside a timed copy
-    return ring
 
 
 def through_object_store(rows: int, ring_rows: int, warmup: float, seconds: float) -> float:

@@ -142,6 +142,16 @@ class RuntimeConfig:
     address: str = _f("local", help="ray: 'local' starts Ray in this process; 'auto' or "
                       "'ray://host:port' joins a running cluster")
     torch_threads: int = _f(1, lo=0, help="0 keeps torch's default")
+    replay_on: str = _f("learner", choices=("learner", "learner_node", "actors"),
+                        help="ray, dqn/apex: 'learner' keeps the replay in the learner's "
+                        "process; 'actors' puts one shard actor beside each actor; "
+                        "'learner_node' puts the shard actors on the learner's node")
+    sample_requests: int = _f(4, lo=1, help="ray, replay_on != 'learner': batches the "
+                              "learner keeps requested ahead from the shard actors")
+    learner_host: str = _f("driver", choices=("driver", "actor"),
+                           help="ray: 'driver' trains in the qfleet process; 'actor' in a Ray "
+                           "actor that asks for a GPU when learner.device is cuda (or auto "
+                           "and the cluster has one)")
 
 
 @dataclass
@@ -248,6 +258,21 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"actors.eps_end = {cfg.actors.eps_end}: must be <= "
                           f"actors.eps_start ({cfg.actors.eps_start})")
     _check_gradient_scheme(cfg)
+    _check_ray_fields(cfg)
+
+
+def _check_ray_fields(cfg: Config) -> None:
+    rt = cfg.runtime
+    for key, value, default in (("replay_on", rt.replay_on, "learner"),
+                                ("learner_host", rt.learner_host, "driver")):
+        if value != default and rt.backend != "ray":
+            raise ConfigError(f"runtime.{key} = {value!r}: only the ray backend places roles "
+                              f"on a cluster; runtime.backend = {rt.backend!r} keeps "
+                              f"{default!r}")
+    if rt.replay_on != "learner" and cfg.algo.name not in ("dqn", "apex"):
+        raise ConfigError(f"runtime.replay_on = {rt.replay_on!r}: only dqn and apex keep a "
+                          f"replay of actors' transitions; algo.name = {cfg.algo.name!r} "
+                          "keeps 'learner'")
 
 
 GRADIENT_SCHEMES = ("gorila", "a3c", "a2c")

@@ -26,7 +26,7 @@ from qfleet.config import Config, ConfigError, to_toml
 from qfleet.evaluate import evaluate
 from qfleet.metrics import MetricsWriter
 from qfleet.progress import ProgressLine
-from qfleet.runtime import RoundReport, make_runner
+from qfleet.runtime import RoundReport, WorkerError, make_runner, ray_options
 
 
 @dataclass
@@ -109,7 +109,7 @@ class Experiment:
         if cfg.runtime.torch_threads:
             torch.set_num_threads(cfg.runtime.torch_threads)
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.runner = make_runner(cfg.runtime.backend, build_program(cfg), cfg.runtime.address)
+        self.runner = make_runner(cfg.runtime.backend, build_program(cfg), ray_options(cfg))
         self.wall_offset = 0.0
         self.episodes: deque[float] = deque(maxlen=20)
         self.episodes_by_actor: dict[int, deque[float]] = {}
@@ -168,12 +168,21 @@ class Experiment:
                     self.runner.freeze()
                     raise Interrupted(stop.signum, self.save_checkpoint())
             return self._finish()
+        except WorkerError as err:  # the run cannot go on: say where it can resume from
+            raise WorkerError(f"{err}\n{self._resume_hint()}") from None
         finally:
             for signum, handler in handlers.items():
                 signal.signal(signum, handler)
             self.progress.close()
             self.metrics.close()
             self.runner.close()
+
+    def _resume_hint(self) -> str:
+        try:
+            ckpt = checkpoint.find(self.run_dir)
+        except checkpoint.CheckpointError:
+            return "no checkpoint was written yet"
+        return f"last checkpoint: {ckpt} (continue with `qfleet resume {self.run_dir}`)"
 
     def _target_hit(self) -> bool:
         return self.cfg.train.target_return is not None and self.solved is not None

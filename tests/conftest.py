@@ -7,8 +7,10 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
+from _runners import one_torch_thread as _one_torch_thread
 
 from qfleet.config import Config, load_config
 
@@ -110,6 +112,26 @@ def assert_clean_error(proc: subprocess.CompletedProcess[str], *needles: str) ->
     assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr
     for needle in needles:
         assert needle in proc.stderr, (needle, proc.stderr)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread in this process for a whole module: ``pytestmark =
+    pytest.mark.usefixtures("one_torch_thread")`` (see ``_runners.one_torch_thread``)."""
+    with _one_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Any]:
+    """A Ray cluster for a module's tests (``test_ray.ray_cluster``: a head and two worker
+    nodes, this process the driver), shut down after the module; its processes are then
+    checked to be gone."""
+    from test_ray import assert_all_gone, ray_cluster
+
+    with ray_cluster() as handle:
+        yield handle
+    assert_all_gone(handle.procs)
 
 
 @pytest.fixture

@@ -12,18 +12,19 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from _runners import closing, gradient_program, one_torch_thread, run_until, workers_gone
 
 import qfleet
 from qfleet import checkpoint
-from qfleet.algos import ActorLearnerProgram, GradientProgram, build_program
+from qfleet.algos import ActorLearnerProgram, build_program
 from qfleet.config import Config
 from qfleet.experiment import Result, resume
 from qfleet.metrics import read_metrics
@@ -43,16 +44,7 @@ SMALL = ["actors.count=2", "env.num_envs=1", "actors.chunk_size=4", "net.hidden=
 SMALL_AC = ["env.num_envs=2", "net.hidden=[32]", "log.progress=false", "log.tensorboard=false"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    """Compute in this process with one thread, as the workers and ``runtime.torch_threads
-    = 1`` do: on a small, shared machine two threads make these small nets 20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _cfg(preset: str, *extra: str) -> Config:
@@ -60,47 +52,12 @@ def _cfg(preset: str, *extra: str) -> Config:
     return qfleet.load_config(preset, [*small, *extra])
 
 
-def _alive(runner: ProcessesGradientRunner | ProcessesRunner) -> list[int]:
-    return [w.process.pid or -1 for w in runner.workers if w.process.is_alive()]
-
-
-@contextmanager
-def grad_runner(cfg: Config) -> Iterator[ProcessesGradientRunner]:
-    program = build_program(cfg)
-    assert isinstance(program, GradientProgram)
-    runner = ProcessesGradientRunner(program)
-    try:
-        yield runner
-    finally:
-        runner.close()
-        assert not _alive(runner), "worker left running"
-
-
-Done = Callable[[Any, list[RoundReport]], bool]
-
-
-def _run_until(runner: Any, done: Done, timeout_s: float = 30.0) -> list[RoundReport]:
-    reports: list[RoundReport] = []
-    deadline = time.monotonic() + timeout_s
-    while not done(runner, reports):
-        assert time.monotonic() < deadline, "condition not reached in time"
-        reports.append(runner.step())
-    return reports
+def grad_runner(cfg: Config) -> AbstractContextManager[ProcessesGradientRunner]:
+    return closing(ProcessesGradientRunner(gradient_program(cfg)), workers_gone)
 
 
 def _flat(module: torch.nn.Module) -> torch.Tensor:
     return torch.cat([v.detach().reshape(-1).clone() for v in module.state_dict().values()])
-
-
-@contextmanager
-def _one_torch_thread() -> Iterator[None]:
-    """Worker processes compute with one thread; so does the inline reference."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------- sync: processes == inline
@@ -114,9 +71,9 @@ def test_processes_sync_gorila_equals_inline_sync_exactly() -> None:
     ``step()``: the inline run (exactly one update per round once learning starts) is
     stepped to the version the processes run reached."""
     cfg = _cfg("cartpole-gorila-sync", "learner.target_update_every=8")
-    with _one_torch_thread():
+    with one_torch_thread():  # as the worker processes compute; so does the inline reference
         with grad_runner(cfg) as proc:
-            reports = _run_until(proc, lambda r, _: r.updates >= 40, 40.0)
+            reports = run_until(proc, lambda r, _: r.updates >= 40, 40.0)
             version = proc.updates
             proc_model = proc.aggregator.model.state_dict()
             proc_model = {k: v.clone() for k, v in proc_model.items()}
@@ -127,11 +84,9 @@ def test_processes_sync_gorila_equals_inline_sync_exactly() -> None:
         assert sum(r.staleness_sum for r in reports) == 0
         assert sum(r.grads_dropped for r in reports) == 0
 
-        program = build_program(qfleet.load_config("cartpole-gorila-sync", [
+        program = gradient_program(qfleet.load_config("cartpole-gorila-sync", [
             *SMALL, "learner.target_update_every=8", "runtime.backend='inline'"]))
-        assert isinstance(program, GradientProgram)
-        inline = InlineGradientRunner(program)
-        try:
+        with closing(InlineGradientRunner(program)) as inline:
             inline_returns: dict[int, list[float]] = {0: [], 1: []}
             while inline.updates < version:
                 report = inline.step()
@@ -143,8 +98,6 @@ def test_processes_sync_gorila_equals_inline_sync_exactly() -> None:
             assert proc_model.keys() == inline_model.keys()
             for key in proc_model:
                 assert torch.equal(proc_model[key], inline_model[key]), key
-        finally:
-            inline.close()
     for w in (0, 1):  # the same episodes, in the same order (one side may be a bit ahead)
         n = min(len(proc_returns[w]), len(inline_returns[w]))
         assert n > 0 and proc_returns[w][:n] == inline_returns[w][:n]
@@ -162,7 +115,7 @@ def test_async_records_staleness_and_versions_only_increase() -> None:
             versions.append(r.updates)
             return r.updates >= 60
 
-        reports = _run_until(runner, done, 40.0)
+        reports = run_until(runner, done, 40.0)
         assert runner.params.version.value == runner.updates  # published every step
     assert all(b >= a for a, b in itertools.pairwise(versions))
     applied = sum(r.grads_applied for r in reports)
@@ -217,7 +170,7 @@ def test_async_drops_gradients_staler_than_max_staleness() -> None:
     dropped: two workers with two gradient slots each produce such gradients."""
     cfg = _cfg("cartpole-gorila-async", "algo.max_staleness=0", "algo.stale='drop'")
     with grad_runner(cfg) as runner:
-        reports = _run_until(runner, lambda r, reps: r.updates >= 20 and sum(
+        reports = run_until(runner, lambda r, reps: r.updates >= 20 and sum(
             x.grads_dropped for x in reps) > 0, 40.0)
     assert sum(r.staleness_sum for r in reports) == 0  # only fresh gradients were applied
     assert sum(r.grads_applied for r in reports) == sum(r.updates for r in reports)
@@ -228,7 +181,7 @@ def test_grouped_four_workers_in_two_groups_run_and_step() -> None:
                "algo.max_staleness=100")
     with grad_runner(cfg) as runner:
         assert runner.program.group_size == 2 and len(runner.workers) == 4
-        reports = _run_until(runner, lambda r, _: r.updates >= 30, 40.0)
+        reports = run_until(runner, lambda r, _: r.updates >= 30, 40.0)
     updates = sum(r.updates for r in reports)
     applied = sum(r.grads_applied for r in reports)
     # each step averages the two gradients of one group
@@ -270,7 +223,7 @@ def test_shared_replay_in_the_main_process_fills_from_both_workers() -> None:
     with grad_runner(cfg) as runner:
         replay = runner.shared_replay
         assert replay is not None and not replay.prioritized
-        reports = _run_until(runner, lambda r, _: r.updates >= 15, 40.0)
+        reports = run_until(runner, lambda r, _: r.updates >= 15, 40.0)
         size, steps = len(replay), runner.env_steps
     # every env step of both workers became one transition (n_step 1) in the one replay
     assert size >= steps > 0
@@ -284,7 +237,7 @@ def test_shared_prioritized_replay_gets_priorities_written_back() -> None:
     with grad_runner(cfg) as runner:
         replay = runner.shared_replay
         assert isinstance(replay, PrioritizedReplay)
-        _run_until(runner, lambda r, _: r.updates >= 30, 40.0)
+        run_until(runner, lambda r, _: r.updates >= 30, 40.0)
         prio = replay.tree.priorities_N[: len(replay)].copy()
     assert np.all(np.isfinite(prio)) and np.all(prio > 0)
     assert len(np.unique(prio)) > 10, "workers' TD errors must reach the shared replay"
@@ -295,7 +248,7 @@ def test_sharded_replay_every_worker_owns_a_shard_and_priorities_come_back() -> 
     with grad_runner(cfg) as runner:
         replay = runner.shared_replay
         assert isinstance(replay, ShardedReplay)
-        _run_until(runner, lambda r, _: r.updates >= 30, 40.0)
+        run_until(runner, lambda r, _: r.updates >= 30, 40.0)
         shards = {k: len(s) for k, s in replay.shards.items()}
         prio = {k: s.tree.priorities_N[: len(s)].copy() for k, s in replay.shards.items()}
         max_priority = max(s.max_priority for s in replay.shards.values())
@@ -316,20 +269,16 @@ def test_a3c_queue_with_two_trainer_threads_runs_and_updates() -> None:
     cfg = _cfg("cartpole-a3c-queue", "algo.trainers=2")
     program = build_program(cfg)
     assert isinstance(program, ActorLearnerProgram)
-    runner = ProcessesRunner(program)
-    try:
+    with closing(ProcessesRunner(program), workers_gone) as runner:
         learner = runner.learner
         assert isinstance(learner, ACLearner) and learner.pool is not None
         start = _flat(learner.online)
-        reports = _run_until(runner, lambda r, _: r.learner.version >= 40, 40.0)
+        reports = run_until(runner, lambda r, _: r.learner.version >= 40, 40.0)
         assert not torch.equal(start, _flat(learner.online))
         assert sum(r.updates for r in reports) == learner.version
         assert {w for r in reports for w in r.steps_by_actor} == {0, 1}
         # on-policy: rows leave the queue once trained on, so it never grows without bound
         assert len(runner.replay) <= cfg.replay.capacity
-    finally:
-        runner.close()
-        assert not _alive(runner), "worker left running"
 
 
 # ---------------------------------------------------------------- faults
@@ -342,12 +291,12 @@ def test_killed_sync_worker_is_restarted_and_updates_go_on(on_loss: str) -> None
     cfg = _cfg("cartpole-gorila-sync", f"algo.on_worker_loss='{on_loss}'",
                "learner.learning_starts=1000")
     with grad_runner(cfg) as runner:
-        _run_until(runner, lambda r, _: r.updates >= 10, 30.0)
+        run_until(runner, lambda r, _: r.updates >= 10, 30.0)
         victim = runner.workers[0].process
         assert victim.pid is not None
         os.kill(victim.pid, signal.SIGKILL)
         t0 = time.monotonic()
-        reports = _run_until(runner, lambda _, reps: any(x.actor_restarts for x in reps), 10.0)
+        reports = run_until(runner, lambda _, reps: any(x.actor_restarts for x in reps), 10.0)
         assert time.monotonic() - t0 < 5.0
         assert sum(r.actor_restarts for r in reports) == 1
         assert any("SIGKILL" in note for r in reports for note in r.notes)
@@ -356,10 +305,10 @@ def test_killed_sync_worker_is_restarted_and_updates_go_on(on_loss: str) -> None
         before = runner.updates
         # the global model goes on, and the replacement (after refilling its local replay)
         # sends gradients again and takes part in the sync steps
-        later = _run_until(runner, lambda r, reps: r.updates >= before + 20 and any(
+        later = run_until(runner, lambda r, reps: r.updates >= before + 20 and any(
             x.steps_by_actor.get(0) for x in reps) and runner.workers[0].joined, 30.0)
         joined_at = runner.updates
-        more = _run_until(runner, lambda r, _: r.updates >= joined_at + 20, 30.0)
+        more = run_until(runner, lambda r, _: r.updates >= joined_at + 20, 30.0)
         assert sum(r.updates for r in later + more) == runner.updates - before
     # steps that averaged both workers again, once the replacement had joined
     assert sum(r.grads_applied for r in more) > sum(r.updates for r in more)
@@ -380,13 +329,13 @@ def test_a_replacement_workers_first_sync_gradient_is_computed_on_fresh_paramete
     alone is sent back to be computed again, not averaged in."""
     cfg = _cfg("cartpole-gorila-sync", "algo.on_worker_loss='proceed'")
     with grad_runner(cfg) as runner:
-        _run_until(runner, lambda r, _: r.updates >= 10, 30.0)
+        run_until(runner, lambda r, _: r.updates >= 10, 30.0)
         victim = runner.workers[0].process
         assert victim.pid is not None
         os.kill(victim.pid, signal.SIGKILL)
-        reports = _run_until(runner, lambda r, reps: any(x.actor_restarts for x in reps) and
+        reports = run_until(runner, lambda r, reps: any(x.actor_restarts for x in reps) and
                              r.workers[0].joined, 30.0)
-        reports += _run_until(runner, lambda r, _: r.updates >= 60, 30.0)
+        reports += run_until(runner, lambda r, _: r.updates >= 60, 30.0)
     assert sum(r.grads_dropped for r in reports) == 0
     assert sum(r.staleness_sum for r in reports) == 0
 
@@ -394,7 +343,7 @@ def test_a_replacement_workers_first_sync_gradient_is_computed_on_fresh_paramete
 def test_worker_exception_stops_the_run_with_its_traceback() -> None:
     cfg = _cfg("cartpole-gorila-sync", "env.id='faulty_envs:ExplodingEnv'")
     with grad_runner(cfg) as runner, pytest.raises(WorkerError) as err:
-        _run_until(runner, lambda *_: False, 20.0)
+        run_until(runner, lambda *_: False, 20.0)
     message = str(err.value)
     assert "boom from inside the env" in message
     assert "Traceback" in message and "faulty_envs.py" in message

@@ -9,14 +9,15 @@ import copy
 import json
 import math
 import random
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from _runners import closing, gradient_program
 from torch import nn
 
 import qfleet
@@ -34,17 +35,7 @@ from qfleet.roles.gradients import Aggregator, Gradient, GradientGate, flat_grad
 from qfleet.roles.learner import make_optimizer, to_torch
 from qfleet.runtime import InlineGradientRunner, RoundReport
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    """Compute in this process with one thread, as the workers and ``runtime.torch_threads
-    = 1`` do: on a small, shared machine two threads make these small nets 20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------- the gate
@@ -202,15 +193,14 @@ def test_gate_steps_without_a_lost_worker_and_when_it_leaves() -> None:
     assert gate.pending == {}
 
 
+def inline_runner(cfg: Config) -> AbstractContextManager[InlineGradientRunner]:
+    return closing(InlineGradientRunner(gradient_program(cfg)))
+
+
 def _inline_run(cfg: Config, rounds: int) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
-    program = build_program(cfg)
-    assert isinstance(program, GradientProgram)
-    runner = InlineGradientRunner(program)
-    try:
+    with inline_runner(cfg) as runner:
         reports = [runner.step() for _ in range(rounds)]
         flat = torch.cat([v.reshape(-1) for v in runner.aggregator.model.state_dict().values()])
-    finally:
-        runner.close()
     return flat, [(r.updates, r.grads_applied, r.staleness_sum) for r in reports]
 
 
@@ -242,21 +232,6 @@ SMALL_GORILA = ("actors.count=2", "env.num_envs=1", "actors.chunk_size=4", "net.
 
 def _gorila_cfg(*extra: str) -> Config:
     return qfleet.load_config("cartpole-gorila-sync", [*SMALL_GORILA, *extra])
-
-
-def _inline(cfg: Config) -> InlineGradientRunner:
-    program = build_program(cfg)
-    assert isinstance(program, GradientProgram)
-    return InlineGradientRunner(program)
-
-
-@contextmanager
-def inline_runner(cfg: Config) -> Iterator[InlineGradientRunner]:
-    runner = _inline(cfg)
-    try:
-        yield runner
-    finally:
-        runner.close()
 
 
 def _cat(a: TorchBatch, b: TorchBatch) -> TorchBatch:

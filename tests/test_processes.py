@@ -7,17 +7,16 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 
-import numpy as np
 import pytest
+from _runners import assert_apex_replay, closing, run_until, workers_gone
 
 import qfleet
 from qfleet import checkpoint
 from qfleet.algos import build_program
-from qfleet.runtime import InlineRunner, ProcessesRunner, RoundReport, WorkerError
+from qfleet.runtime import InlineRunner, ProcessesRunner, WorkerError
 
 SMALL = ["actors.count=2", "env.num_envs=2", "actors.chunk_size=8", "learner.learning_starts=64",
          "learner.train_every=32", "learner.updates_per_round=4", "learner.batch_size=16",
@@ -29,43 +28,18 @@ def _cfg(*extra: str) -> qfleet.Config:
     return qfleet.load_config("cartpole-apex", [*SMALL, *extra])
 
 
-@contextmanager
-def processes_runner(*extra: str) -> Iterator[ProcessesRunner]:
-    runner = ProcessesRunner(build_program(_cfg(*extra)))
-    try:
-        yield runner
-    finally:
-        runner.close()
-        assert not any(w.process.is_alive() for w in runner.workers), "worker left running"
-
-
-def _run_until(runner: ProcessesRunner, done, timeout_s: float = 30.0) -> list[RoundReport]:
-    reports, deadline = [], time.monotonic() + timeout_s
-    while not done(runner, reports):
-        assert time.monotonic() < deadline, "condition not reached in time"
-        reports.append(runner.step())
-    return reports
+def processes_runner(*extra: str) -> AbstractContextManager[ProcessesRunner]:
+    return closing(ProcessesRunner(build_program(_cfg(*extra))), workers_gone)
 
 
 def test_processes_agree_with_inline_on_shapes_priorities_and_versions() -> None:
-    inline = InlineRunner(build_program(_cfg("runtime.backend='inline'")))
-    try:
+    with closing(InlineRunner(build_program(_cfg("runtime.backend='inline'")))) as inline:
         for _ in range(12):
             inline.step()
-    finally:
-        inline.close()
     with processes_runner() as proc:
-        reports = _run_until(proc, lambda r, _: r.learner.version >= 40 and len(r.replay) > 300)
+        reports = run_until(proc, lambda r, _: r.learner.version >= 40 and len(r.replay) > 300)
     for runner in (inline, proc):
-        batch = runner.replay.sample(32)
-        assert batch.data.obs_NO.shape == (32, 4) and batch.data.next_obs_NO.shape == (32, 4)
-        assert batch.weights_B is not None and np.all((batch.weights_B > 0)
-                                                     & (batch.weights_B <= 1))
-        shards = runner.replay.shards  # type: ignore[attr-defined]
-        assert sorted(shards) == [0, 1] and all(len(s) > 0 for s in shards.values())
-        # Actors sent priorities from their own TD errors, so they are not all the max.
-        prio = np.concatenate([s.tree.priorities_N[: len(s)] for s in shards.values()])
-        assert np.all(np.isfinite(prio)) and np.all(prio > 0) and len(np.unique(prio)) > 10
+        assert_apex_replay(runner)
     # Parameters flow: chunks were produced by versions that trail the learner, never lead.
     lags = [r.param_lag_sum / r.chunks for r in reports if r.chunks]
     assert lags and min(lags) >= 0 and proc.params.version.value == proc.learner.version
@@ -74,26 +48,26 @@ def test_processes_agree_with_inline_on_shapes_priorities_and_versions() -> None
 
 def test_killed_actor_is_restarted_and_delivered_data_stays() -> None:
     with processes_runner() as runner:
-        _run_until(runner, lambda r, _: len(r.replay) >= 200)
+        run_until(runner, lambda r, _: len(r.replay) >= 200)
         victim = runner.workers[0].process
         before = len(runner.replay)
         os.kill(victim.pid, signal.SIGKILL)  # type: ignore[arg-type]
         t0 = time.monotonic()
-        reports = _run_until(runner, lambda _, reps: any(x.actor_restarts for x in reps), 10.0)
+        reports = run_until(runner, lambda _, reps: any(x.actor_restarts for x in reps), 10.0)
         assert time.monotonic() - t0 < 5.0
         assert runner.workers[0].incarnation == 1 and runner.workers[0].process.is_alive()
         assert any("SIGKILL" in note for r in reports for note in r.notes)
         assert len(runner.replay) >= before
         # The new incarnation delivers again.
         steps = runner.env_steps
-        _run_until(runner, lambda r, reps: any(x.steps_by_actor.get(0) for x in reps[-5:])
-                   and r.env_steps > steps + 100)
+        run_until(runner, lambda r, reps: any(x.steps_by_actor.get(0) for x in reps[-5:])
+                  and r.env_steps > steps + 100)
 
 
 def test_worker_exception_reports_its_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
     with processes_runner("env.id='faulty_envs:ExplodingEnv'") as runner, \
             pytest.raises(WorkerError, match="boom from inside the env"):
-        _run_until(runner, lambda *_: False, 20.0)
+        run_until(runner, lambda *_: False, 20.0)
 
 
 def _children(pid: int) -> list[str]:

@@ -13,13 +13,13 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
+from _runners import assert_apex_replay, closing, run_until
 
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
@@ -111,14 +111,17 @@ class RayCluster:
 
 
 @contextmanager
-def ray_cluster(workers: int = 2) -> Iterator[RayCluster]:
-    """A head and ``workers`` worker nodes, this process connected as the driver. Always
-    shut down; ``procs`` then names every Ray process that was running, for a leak check."""
+def ray_cluster(workers: int = 2, head: dict[str, Any] | None = None,
+                worker: dict[str, Any] | None = None) -> Iterator[RayCluster]:
+    """A head and ``workers`` worker nodes (``HEAD`` / ``WORKER`` updated by ``head`` /
+    ``worker``), this process connected as the driver. Always shut down; ``procs`` then
+    names every Ray process that was running, for a leak check."""
     old_path = os.environ.get("PYTHONPATH")  # nodes' workers import tests/ray_envs.py
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS_DIR), old_path]))
-    handle = RayCluster(Cluster(initialize_head=True, head_node_args=HEAD))
+    handle = RayCluster(Cluster(initialize_head=True, head_node_args={**HEAD, **(head or {})}))
     try:
-        handle.workers = [handle.cluster.add_node(**WORKER) for _ in range(workers)]
+        handle.workers = [handle.cluster.add_node(**{**WORKER, **(worker or {})})
+                          for _ in range(workers)]
         handle.cluster.wait_for_nodes()
         ray.init(address=handle.cluster.address)
         yield handle
@@ -132,24 +135,26 @@ def ray_cluster(workers: int = 2) -> Iterator[RayCluster]:
             os.environ["PYTHONPATH"] = old_path
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[RayCluster]:
-    with ray_cluster() as handle:
-        yield handle
-    assert_all_gone(handle.procs)
+def actors_die(method: str) -> Callable[[Any], Callable[[], None]]:
+    """For ``closing``: every actor the runner holds when it closes is killed for good by
+    the close (a call of ``method`` on it soon fails instead of running)."""
+
+    def gone(runner: Any) -> Callable[[], None]:
+        handles = [s.handle for s in runner.slots]
+
+        def check() -> None:
+            for handle in handles:
+                assert dies(getattr(handle, method).remote), "an actor outlived runner.close()"
+
+        return check
+
+    return gone
 
 
-@contextmanager
-def ray_runner(*extra: str) -> Iterator[RayRunner]:
+def ray_runner(*extra: str) -> AbstractContextManager[RayRunner]:
     runner = make_runner("ray", build_program(_cfg(*extra)))
     assert isinstance(runner, RayRunner)
-    try:
-        yield runner
-    finally:
-        handles = [s.handle for s in runner.slots]
-        runner.close()
-        for handle in handles:  # killed for good: calls soon fail instead of running
-            assert dies(handle.node_id.remote), "an actor outlived runner.close()"
+    return closing(runner, actors_die("node_id"))
 
 
 def dies(call: Callable[[], Any], timeout_s: float = 30.0) -> bool:
@@ -163,18 +168,6 @@ def dies(call: Callable[[], Any], timeout_s: float = 30.0) -> bool:
             return True
         time.sleep(0.2)
     return False
-
-
-Done = Callable[[RayRunner, list[RoundReport]], bool]
-
-
-def _run_until(runner: RayRunner, done: Done, timeout_s: float = 45.0) -> list[RoundReport]:
-    reports: list[RoundReport] = []
-    deadline = time.monotonic() + timeout_s
-    while not done(runner, reports):
-        assert time.monotonic() < deadline, "condition not reached in time"
-        reports.append(runner.step())
-    return reports
 
 
 def _shard_sizes(runner: RayRunner | InlineRunner) -> dict[int, int]:
@@ -210,7 +203,7 @@ def test_apex_spreads_actors_over_nodes_and_trains(cluster: RayCluster) -> None:
         nodes = runner.node_ids()
         workers = {n.node_id for n in cluster.workers}
         assert len(set(nodes)) == 2 and set(nodes) <= workers, (nodes, workers)
-        reports = _run_until(runner, lambda r, _: r.updates >= 300)
+        reports = run_until(runner, lambda r, _: r.updates >= 300, 45.0)
         assert runner.updates >= 300 and runner.params_version == runner.learner.version
         assert {a for r in reports for a in r.steps_by_actor} == {0, 1}
         assert all(n > 0 for n in _shard_sizes(runner).values())
@@ -220,26 +213,15 @@ def test_apex_spreads_actors_over_nodes_and_trains(cluster: RayCluster) -> None:
 def test_ray_agrees_with_inline_on_shapes_priorities_and_versions(cluster: RayCluster) -> None:
     program = build_program(_cfg("runtime.backend='inline'"))
     assert isinstance(program, ActorLearnerProgram)
-    inline = InlineRunner(program)
-    try:
+    with closing(InlineRunner(program)) as inline:
         for _ in range(12):
             inline.step()
-    finally:
-        inline.close()
     with ray_runner() as on_ray:
         # Until both shards hold data too: Ray starts actor processes one after the other.
-        reports = _run_until(on_ray, lambda r, _: r.learner.version >= 40 and len(r.replay) > 300
-                             and all(n > 0 for n in _shard_sizes(r).values()))
+        reports = run_until(on_ray, lambda r, _: r.learner.version >= 40 and len(r.replay) > 300
+                            and all(n > 0 for n in _shard_sizes(r).values()), 45.0)
     for runner in (inline, on_ray):
-        batch = runner.replay.sample(32)
-        assert batch.data.obs_NO.shape == (32, 4) and batch.data.next_obs_NO.shape == (32, 4)
-        assert batch.weights_B is not None and np.all((batch.weights_B > 0)
-                                                     & (batch.weights_B <= 1))
-        shards = runner.replay.shards  # type: ignore[attr-defined]
-        assert sorted(shards) == [0, 1] and all(len(s) > 0 for s in shards.values())
-        # Actors sent priorities from their own TD errors, so they are not all the max.
-        prio = np.concatenate([s.tree.priorities_N[: len(s)] for s in shards.values()])
-        assert np.all(np.isfinite(prio)) and np.all(prio > 0) and len(np.unique(prio)) > 10
+        assert_apex_replay(runner)
     # Parameters flow: chunks come from versions that trail the learner, never lead it, and
     # actors do pick up new versions (a lag that only grew would mean they never loaded).
     lags = [r.param_lag_sum / r.chunks for r in reports if r.chunks]
@@ -251,14 +233,14 @@ def test_ray_agrees_with_inline_on_shapes_priorities_and_versions(cluster: RayCl
 def test_actor_exception_stops_the_run_with_the_remote_traceback(cluster: RayCluster) -> None:
     with ray_runner("env.id='ray_envs:ExplodingInRayActor'") as runner, \
             pytest.raises(WorkerError, match="boom from inside the env") as err:
-        _run_until(runner, lambda *_: False, 30.0)
+        run_until(runner, lambda *_: False, 30.0)
     assert "ray_envs.py" in str(err.value) and "actor " in str(err.value)
 
 
 def test_lost_node_actors_come_back_on_surviving_nodes(cluster: RayCluster) -> None:
     try:
         with ray_runner() as runner:
-            _run_until(runner, lambda r, _: r.updates >= 50 and len(r.replay) >= 300)
+            run_until(runner, lambda r, _: r.updates >= 50 and len(r.replay) >= 300, 45.0)
             nodes = runner.node_ids()
             victim = next(n for n in cluster.workers if n.node_id == nodes[0])
             lost = [i for i, n in enumerate(nodes) if n == victim.node_id]
@@ -272,7 +254,7 @@ def test_lost_node_actors_come_back_on_surviving_nodes(cluster: RayCluster) -> N
                 return bool(after) and not any(s.recovering for s in r.slots) and \
                     all(any(x.steps_by_actor.get(i) for x in after[1:]) for i in lost)
 
-            reports = _run_until(runner, recovered, 60.0)
+            reports = run_until(runner, recovered, 60.0)
             assert sum(r.actor_restarts for r in reports) >= len(lost)
             assert any("lost" in note for r in reports for note in r.notes)
             moved = runner.node_ids()
@@ -291,16 +273,16 @@ def test_lost_node_actors_come_back_on_surviving_nodes(cluster: RayCluster) -> N
 def test_actor_killed_for_good_is_replaced_by_a_new_one(cluster: RayCluster) -> None:
     """ray.kill(no_restart=True): Ray will not bring the actor back, so the runner must."""
     with ray_runner() as runner:
-        _run_until(runner, lambda r, _: all(n > 0 for n in _shard_sizes(r).values()))
+        run_until(runner, lambda r, _: all(n > 0 for n in _shard_sizes(r).values()), 45.0)
         old = runner.slots[1].handle
         ray.kill(old, no_restart=True)
-        reports = _run_until(runner, lambda r, reps: any(x.actor_restarts for x in reps)
-                             and not r.slots[1].recovering)
+        reports = run_until(runner, lambda r, reps: any(x.actor_restarts for x in reps)
+                            and not r.slots[1].recovering, 45.0)
         assert any("ActorDiedError" in note for r in reports for note in r.notes)
         assert runner.slots[1].handle != old and runner.slots[1].incarnation == 1
         steps = runner.env_steps
-        _run_until(runner, lambda r, reps: any(x.steps_by_actor.get(1) for x in reps)
-                   and r.env_steps > steps + 200)
+        run_until(runner, lambda r, reps: any(x.steps_by_actor.get(1) for x in reps)
+                  and r.env_steps > steps + 200, 45.0)
 
 
 def test_cli_trains_and_resumes_on_a_running_cluster(cluster: RayCluster, tmp_path: Path) -> None:

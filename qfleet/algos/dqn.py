@@ -8,6 +8,7 @@ Ape-X, which differs only in exploration, initial priorities and replay shards.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import numpy as np
@@ -55,11 +56,19 @@ def wire(cfg: Config, epsilon_for: EpsilonFor, priority_fn: PriorityFn | None,
                            np.random.default_rng([cfg.seed, 7919]),
                            anneal_steps=cfg.train.total_env_steps)
 
+    def make_shard(index: int, count: int) -> Replay:
+        one = dataclasses.replace(replay_cfg, shards=1,
+                                  capacity=max(1, replay_cfg.capacity // count))
+        return make_replay(one, obs_shape, obs_dtype,
+                           np.random.default_rng([cfg.seed, 7919, index]),
+                           anneal_steps=cfg.train.total_env_steps)
+
     return ActorLearnerProgram(
         num_actors=cfg.actors.count,
         make_actor=make_actor,
         make_learner=make_learner,
         make_replay=make_replay_,
+        make_shard=make_shard,
         make_eval_net=new_net,
         schedule=Schedule(batch_size=cfg.learner.batch_size,
                           learning_starts=cfg.learner.learning_starts,

@@ -55,6 +55,9 @@ class ActorLearnerProgram:
     obs_shape: tuple[int, ...]
     obs_dtype: np.dtype
     max_chunk_rows: int  # the most transitions one chunk can hold (sizes transport slots)
+    # One shard of ``count`` that together hold the replay (a shard per actor, for a
+    # backend that keeps the replay beside its writers); None: the replay is not shardable.
+    make_shard: Callable[[int, int], Replay] | None = None
 
     @property
     def batch_size(self) -> int:

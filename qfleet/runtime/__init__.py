@@ -6,50 +6,64 @@ import importlib.util
 from typing import TYPE_CHECKING, Union
 
 from qfleet.algos.program import ActorLearnerProgram, GradientProgram
-from qfleet.config import ConfigError
-from qfleet.runtime.base import LearnerSide, RoundReport
+from qfleet.config import Config, ConfigError
+from qfleet.runtime.base import LearnerSide, RayOptions, RoundReport
 from qfleet.runtime.grad_processes import ProcessesGradientRunner
 from qfleet.runtime.inline import InlineGradientRunner, InlineRunner
 from qfleet.runtime.processes import ProcessesRunner, WorkerError
 
 if TYPE_CHECKING:  # ray is an optional extra: imported only when the backend is chosen
     from qfleet.runtime.ray_gradients import RayGradientRunner
+    from qfleet.runtime.ray_learner import RemoteRunner
     from qfleet.runtime.ray_runner import RayRunner
 
 Runner = Union[InlineRunner, ProcessesRunner, "RayRunner",  # a string: ray may be absent
-               InlineGradientRunner, ProcessesGradientRunner, "RayGradientRunner"]
+               InlineGradientRunner, ProcessesGradientRunner, "RayGradientRunner",
+               "RemoteRunner"]
 
 __all__ = ["InlineGradientRunner", "InlineRunner", "LearnerSide", "ProcessesGradientRunner",
-           "ProcessesRunner", "RoundReport", "Runner", "WorkerError", "make_runner"]
+           "ProcessesRunner", "RayOptions", "RoundReport", "Runner", "WorkerError",
+           "make_runner", "ray_options"]
+
+
+def ray_options(cfg: Config) -> RayOptions:
+    rt = cfg.runtime
+    return RayOptions(address=rt.address, replay_on=rt.replay_on,
+                      sample_requests=rt.sample_requests, learner_host=rt.learner_host,
+                      learner_device=cfg.learner.device, torch_threads=rt.torch_threads)
 
 
 def make_runner(backend: str, program: ActorLearnerProgram | GradientProgram,
-                address: str = "local") -> Runner:
-    if isinstance(program, GradientProgram):
-        return _gradient_runner(backend, program, address)
-    if backend == "inline":
-        return InlineRunner(program)
-    if backend == "processes":
-        return ProcessesRunner(program)
+                options: RayOptions | None = None) -> Runner:
+    """``options``: what the ray backend reads (the address, where the replay and the
+    learner go); the other backends ignore it."""
     if backend == "ray":
-        _require_ray()
-        from qfleet.runtime.ray_runner import RayRunner
-
-        return RayRunner(program, address)
+        return _ray_runner(program, options or RayOptions())
+    if isinstance(program, GradientProgram):
+        if backend == "inline":
+            return InlineGradientRunner(program)
+        if backend == "processes":
+            return ProcessesGradientRunner(program)
+    elif backend == "inline":
+        return InlineRunner(program)
+    elif backend == "processes":
+        return ProcessesRunner(program)
     raise _unknown_backend(backend)
 
 
-def _gradient_runner(backend: str, program: GradientProgram, address: str) -> Runner:
-    if backend == "inline":
-        return InlineGradientRunner(program)
-    if backend == "processes":
-        return ProcessesGradientRunner(program)
-    if backend == "ray":
-        _require_ray()
+def _ray_runner(program: ActorLearnerProgram | GradientProgram, options: RayOptions) -> Runner:
+    _require_ray()
+    if options.learner_host == "actor":
+        from qfleet.runtime.ray_learner import RemoteRunner
+
+        return RemoteRunner(program, options)
+    if isinstance(program, GradientProgram):
         from qfleet.runtime.ray_gradients import RayGradientRunner
 
-        return RayGradientRunner(program, address)
-    raise _unknown_backend(backend)
+        return RayGradientRunner(program, options.address)
+    from qfleet.runtime.ray_runner import RayRunner
+
+    return RayRunner(program, options)
 
 
 def _require_ray() -> None:

@@ -14,8 +14,22 @@ import torch
 
 from qfleet.algos.program import ActorLearnerProgram
 from qfleet.checkpoint import flatten_optimizer, unflatten_optimizer, with_prefix
+from qfleet.replay import Replay
 from qfleet.replay import describe as describe_replay
 from qfleet.roles import Chunk, UpdateStats
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """The ``runtime`` fields only the Ray backend reads (see config.RuntimeConfig)."""
+
+    address: str = "local"
+    replay_on: str = "learner"  # "learner" | "learner_node" | "actors"
+    sample_requests: int = 4
+    learner_host: str = "driver"  # "driver" | "actor"
+    learner_device: str = "cpu"  # learner.device: what the learner actor asks Ray for
+    torch_threads: int = 1  # runtime.torch_threads, for the learner actor
+    group_name: str = ""  # the actors' placement group, for whoever must clean it up
 
 
 @dataclass
@@ -60,9 +74,9 @@ class RoundReport:
 class LearnerSide:
     """Replay, learner and the counters that tie the update schedule to env steps."""
 
-    def __init__(self, program: ActorLearnerProgram) -> None:
+    def __init__(self, program: ActorLearnerProgram, replay: Replay | None = None) -> None:
         self.program = program
-        self.replay = program.make_replay()
+        self.replay = program.make_replay() if replay is None else replay
         self.learner = program.make_learner()
         self.env_steps = 0
         # Updates the schedule owed while a replay restored empty was refilling: forgiven,
@@ -81,6 +95,10 @@ class LearnerSide:
     def write(self, actor: int, chunk: Chunk, report: RoundReport) -> None:
         """Put one actor's chunk into its shard of the replay."""
         self.replay.add(chunk.transitions, chunk.priorities_N, shard=actor)
+        self.count(actor, chunk, report)
+
+    def count(self, actor: int, chunk: Chunk, report: RoundReport) -> None:
+        """Count a chunk's steps and episodes (its rows are in replay already)."""
         self.env_steps += chunk.env_steps
         report.add_chunk(actor, chunk, self.learner.version)
 

@@ -27,15 +27,11 @@ import numpy as np
 import ray
 import torch
 import torch.distributed as dist
-from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from qfleet.config import ConfigError
 from qfleet.replay import Batch, Replay, Transitions
 from qfleet.replay import describe as describe_replay
 from qfleet.replay.transitions import FIELDS
 from qfleet.roles.gradients import Gradient, GradientWorker
-from qfleet.runtime.ray_runner import PLACEMENT_TIMEOUT_S
 
 CALL_S = 0.02  # async: a call runs work() for at most this long while no gradient comes
 COUNTERS = 3  # after the gradient in a reduced vector: included, staleness sum, dropped
@@ -268,21 +264,3 @@ class ReplayActorClient:
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         raise NotImplementedError("the driver checkpoints the shared replay")
-
-
-def place_workers(count: int) -> PlacementGroup:
-    """One 1-CPU bundle per worker, SPREAD: on distinct nodes where the cluster allows."""
-    pg = placement_group([{"CPU": 1}] * count, strategy="SPREAD")
-    ready, _ = ray.wait([pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
-    if not ready:
-        remove_placement_group(pg)
-        cpus = ray.cluster_resources().get("CPU", 0)
-        raise ConfigError(f"actors.count = {count}: the Ray cluster could not place {count} "
-                          f"gradient workers of 1 CPU each in {PLACEMENT_TIMEOUT_S:.0f} s "
-                          f"(it has {cpus:g} CPUs); add nodes or lower actors.count")
-    return pg
-
-
-def driver_node() -> NodeAffinitySchedulingStrategy:
-    """The shared replay next to the driver (soft: a Ray Client driver has no node)."""
-    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)

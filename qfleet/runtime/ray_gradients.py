@@ -42,10 +42,9 @@ from ray.exceptions import (
     GetTimeoutError,
     ObjectLostError,
     RayActorError,
-    RayError,
     RayTaskError,
 )
-from ray.util.placement_group import PlacementGroup, remove_placement_group
+from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from qfleet.algos.program import GradientProgram
@@ -53,16 +52,16 @@ from qfleet.roles.gradients import Gradient
 from qfleet.runtime.base import RoundReport
 from qfleet.runtime.global_side import GlobalSide
 from qfleet.runtime.processes import WorkerError, count_restart
-from qfleet.runtime.ray_grad_hosts import (
-    COUNTERS,
-    GradHost,
-    HostSpec,
-    ReplayHost,
-    Sent,
-    driver_node,
-    place_workers,
+from qfleet.runtime.ray_common import (
+    POLL_S,
+    Slot,
+    connect,
+    first_line,
+    place_bundles,
+    teardown,
+    this_node,
 )
-from qfleet.runtime.ray_runner import POLL_S, PROBE_S, connect
+from qfleet.runtime.ray_grad_hosts import COUNTERS, GradHost, HostSpec, ReplayHost, Sent
 
 COLLECTIVE_TIMEOUT_S = 30.0  # a collective or rendezvous waiting longer has lost a member
 CALL_TIMEOUT_S = 30.0  # for the driver's own small calls (a free port, a replay's state)
@@ -74,15 +73,9 @@ RemoteReplayHost = ray.remote(ReplayHost)
 
 
 @dataclass
-class _Slot:
-    index: int
-    incarnation: int
-    handle: Any  # ray.actor.ActorHandle
+class _Slot(Slot):
     calls: dict[ray.ObjectRef, int] = field(default_factory=dict)  # async: ref -> incarnation
     joined: bool = True  # in the gate's live set (a replacement joins with its first gradient)
-    recovering: bool = False  # lost; no calls until a probe call answers
-    probe: ray.ObjectRef | None = None
-    probe_at: float = 0.0
 
 
 @dataclass
@@ -98,7 +91,8 @@ class _Call:
 
 class RayGradientRunner(GlobalSide):
     def __init__(self, program: GradientProgram, address: str = "local",
-                 collective_timeout_s: float = COLLECTIVE_TIMEOUT_S) -> None:
+                 collective_timeout_s: float = COLLECTIVE_TIMEOUT_S,
+                 group_name: str = "") -> None:
         # The shared replay lives in a ReplayHost actor, not in this process.
         super().__init__(dataclasses.replace(program, make_shared_replay=None))
         self.program = program
@@ -123,7 +117,7 @@ class RayGradientRunner(GlobalSide):
                                  collective_timeout_s,
                                  "" if self.replay_host is None else self.replay_name,
                                  prioritized)
-            self.pg = place_workers(program.num_workers)
+            self.pg = place_bundles(program.num_workers, "gradient workers", group_name)
             self._publish()
             self.slots = [_Slot(i, 0, self._new_host(i)) for i in range(program.num_workers)]
         except BaseException:
@@ -137,7 +131,7 @@ class RayGradientRunner(GlobalSide):
         if self.program.make_shared_replay is None:
             return None
         return RemoteReplayHost.options(num_cpus=0, name=self.replay_name,
-                                        scheduling_strategy=driver_node()) \
+                                        scheduling_strategy=this_node()) \
             .remote(self.program.make_shared_replay)
 
     def _new_host(self, index: int) -> Any:
@@ -326,14 +320,12 @@ class RayGradientRunner(GlobalSide):
     def _lost(self, slot: _Slot, err: Exception, report: RoundReport) -> None:
         """The worker's process or node is gone: count it, wait for Ray's restart (or
         replace the actor if Ray will not restart it); its group may go on without it."""
-        first_line = (str(err).strip().splitlines() or [""])[0][:100]
         count_restart(self.restarts, slot.index, "worker",
-                      f"{type(err).__name__}: {first_line}", report)
-        slot.incarnation += 1
-        slot.recovering, slot.probe_at, slot.probe = True, 0.0, None
-        slot.joined = self.program.wait_for_restart
+                      f"{type(err).__name__}: {first_line(err)}", report)
+        slot.lost()
         if isinstance(err, ActorDiedError):
-            self._replace(slot)
+            slot.replace(self._new_host)
+        slot.joined = self.program.wait_for_restart
         if slot.index in self.group:
             self.group = []
         if not self.collective:
@@ -342,29 +334,9 @@ class RayGradientRunner(GlobalSide):
     def _check_probes(self) -> None:
         """Probe restarting actors without blocking; one that answers is back."""
         for slot in self.slots:
-            if not slot.recovering:
-                continue
-            if slot.probe is None:
-                if time.monotonic() >= slot.probe_at:
-                    slot.probe = slot.handle.info.remote()
-                continue
-            ready, _ = ray.wait([slot.probe], timeout=0)
-            if not ready:
-                continue
-            slot.probe = None
-            try:
-                ray.get(ready[0])
-            except RayActorError as err:  # still restarting (or gone for good): later
-                slot.probe_at = time.monotonic() + PROBE_S
-                if isinstance(err, ActorDiedError):
-                    self._replace(slot)
-                continue
-            slot.recovering = False
-
-    def _replace(self, slot: _Slot) -> None:
-        """A new Ray actor for the slot: Ray will not restart the old one (dead for good)."""
-        ray.kill(slot.handle, no_restart=True)
-        slot.handle = self._new_host(slot.index)
+            if slot.probe is not None and ray.wait([slot.probe], timeout=0)[0]:
+                slot.probed(self._new_host)
+            slot.start_probe(lambda handle: handle.info.remote())
 
     # ------------------------------------------------------------ checkpoint state
 
@@ -404,19 +376,9 @@ class RayGradientRunner(GlobalSide):
         self._publish()
 
     def close(self) -> None:
-        try:
-            for slot in self.__dict__.pop("slots", []):
-                ray.kill(slot.handle, no_restart=True)
-            host = self.__dict__.pop("replay_host", None)
-            if host is not None:
-                ray.kill(host, no_restart=True)
-            pg: PlacementGroup | None = self.__dict__.pop("pg", None)
-            if pg is not None:
-                remove_placement_group(pg)
-        except RayError:  # the cluster is already gone: nothing left there to clean up
-            pass
-        finally:
-            if self.started_ray:
-                ray.shutdown()
-                self.started_ray = False
-
+        slots: list[_Slot] = self.__dict__.pop("slots", [])
+        host = self.__dict__.pop("replay_host", None)
+        pg: PlacementGroup | None = self.__dict__.pop("pg", None)
+        teardown([s.handle for s in slots] + ([] if host is None else [host]), pg,
+                 self.started_ray)
+        self.started_ray = False

@@ -1,12 +1,15 @@
 """The Ray backend: each actor a Ray actor (1 CPU, spread over the cluster's nodes by a
-placement group), learner and replay in this driver process, as with the processes backend.
+placement group); the learner in this driver process (or in a learner actor, see
+``ray_learner``), and the replay beside it, as with the processes backend, or in shard
+actors beside the actors (``runtime.replay_on``, see ``ray_replay``).
 
 Chunks travel through the object store: the driver keeps IN_FLIGHT ``collect`` calls per
 actor and takes whatever has arrived with ``ray.wait``; one call returns the chunks of about
-CALL_S of collection, so small chunks do not pay a Ray call each. Parameters are one
-``ray.put`` of a ParamSnapshot per version; every call carries the newest ref (nested in a
-list, so Ray does not fetch it for the call) and an actor fetches it only when the version
-moved.
+CALL_S of collection, so small chunks do not pay a Ray call each. With shard actors an
+actor writes its chunks to its shard itself and the call returns only their counts.
+Parameters are one ``ray.put`` of a ParamSnapshot per version; every call carries the
+newest ref (nested in a list, so Ray does not fetch it for the call) and an actor fetches
+it only when the version moved.
 
 Faults: an actor whose process or node is lost is restarted by Ray (``max_restarts``) in its
 placement-group bundle, which Ray moves to a surviving node; the driver counts the loss and
@@ -17,33 +20,39 @@ is a bug, not a fault: it stops the run with a WorkerError carrying the remote t
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import ray
 import torch
-from ray.exceptions import ActorDiedError, ObjectLostError, RayActorError, RayError, RayTaskError
-from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.exceptions import ActorDiedError, ObjectLostError, RayActorError, RayTaskError
+from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from qfleet.algos.program import ActorLearnerProgram
 from qfleet.config import ConfigError
+from qfleet.replay import Transitions
 from qfleet.roles import Actor, Chunk, ParamSnapshot
-from qfleet.runtime.base import LearnerSide, RoundReport
+from qfleet.runtime.base import LearnerSide, RayOptions, RoundReport
 from qfleet.runtime.processes import MAX_RESTARTS, WorkerError
+from qfleet.runtime.ray_common import LOCAL_SYSTEM_CONFIG as LOCAL_SYSTEM_CONFIG
+from qfleet.runtime.ray_common import (
+    POLL_S,
+    Slot,
+    connect,
+    first_line,
+    place_bundles,
+    teardown,
+    this_node,
+)
+from qfleet.runtime.ray_replay import RemoteReplay, RemoteShardHost, ShardStats
 
 IN_FLIGHT = 2  # collect calls queued per actor: one running, one ready to start at once
-POLL_S = 0.05  # how long the learner waits for data when it is ahead of the actors
-PLACEMENT_TIMEOUT_S = 120.0
-PROBE_S = 0.5  # between probes of an actor that Ray is restarting
 CALL_S = 0.02  # an actor fills one collect call with chunks for about this long
 MAX_CHUNKS_PER_CALL = 16
-# Ray starts workers at nice 15, so on a machine shared with anything else the actors get
-# a fraction of the CPU the processes backend's actors (nice 0) get. Ours are the workload.
-LOCAL_SYSTEM_CONFIG = {"worker_niceness": 0}
 
 
 @dataclass(frozen=True)
@@ -53,6 +62,20 @@ class ActorSpec:
     make_actor: Callable[[int, int], Actor]  # a closure: Ray ships it with cloudpickle
     chunk_steps: int
     sync_every: int
+    # The shard actors' name prefix ("<prefix><index>"), or "": the driver holds the
+    # replay. A name, not a handle: Ray warns a restartable actor built from a handle
+    # may not restart.
+    shard_prefix: str = ""
+
+
+@dataclass
+class Delivery:
+    """A collect call's reply: the chunks (only their counts when the actor wrote their
+    rows to its shard) and the shard's stats after the actor's previous write."""
+
+    chunks: list[Chunk]
+    shard_stats: ShardStats | None = None
+    shard_lost: bool = False
 
 
 class ActorHost:
@@ -64,12 +87,14 @@ class ActorHost:
         self.spec, self.index = spec, index
         self.actor: Actor | None = None
         self.since_sync = 0
+        self.shard: Any = None
+        self.writing: ray.ObjectRef | None = None  # the previous write to the shard
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
     def collect(self, incarnation: int, version: int,
-                params: list[ray.ObjectRef]) -> list[Chunk]:
+                params: list[ray.ObjectRef]) -> Delivery:
         """Chunks for CALL_S of collection: a Ray call costs about a millisecond of CPU on
         each side, too much to pay per small chunk (CartPole chunks take a few ms)."""
         actor = self.actor
@@ -88,49 +113,59 @@ class ActorHost:
                 self.since_sync = 0
             chunks.append(actor.collect(self.spec.chunk_steps))
             self.since_sync += chunks[-1].env_steps
-        return chunks
+        return self._write(chunks) if self.spec.shard_prefix else Delivery(chunks)
+
+    def _write(self, chunks: list[Chunk]) -> Delivery:
+        """Send the rows to this actor's shard; wait for the previous write first, so a
+        slow shard holds the actor back instead of piling up writes."""
+        if self.shard is None:
+            self.shard = ray.get_actor(f"{self.spec.shard_prefix}{self.index}")
+        delivery = Delivery([replace(c, transitions=_no_rows(c.transitions), priorities_N=None)
+                             for c in chunks])
+        if self.writing is not None:
+            try:
+                delivery.shard_stats = ray.get(self.writing)
+            except (RayActorError, ObjectLostError):  # restarted (empty) by Ray
+                delivery.shard_lost = True
+        prios = [c.priorities_N for c in chunks]
+        self.writing = self.shard.add.remote(
+            Transitions.concat([c.transitions for c in chunks]),
+            None if any(p is None for p in prios) else np.concatenate(prios))  # type: ignore[arg-type]
+        return delivery
+
+
+def _no_rows(t: Transitions) -> Transitions:
+    return Transitions(*(a[:0].copy() for a in (t.obs_NO, t.action_N, t.reward_N,
+                                                t.discount_N, t.next_obs_NO)))
 
 
 RemoteHost = ray.remote(ActorHost)
 
 
 @dataclass
-class _Slot:
-    index: int
-    incarnation: int
-    handle: Any  # ray.actor.ActorHandle
+class _Slot(Slot):
     calls: dict[ray.ObjectRef, int] = field(default_factory=dict)  # ref -> incarnation
-    recovering: bool = False  # lost; no collect calls until a probe call answers
-    probe: ray.ObjectRef | None = None
-    probe_at: float = 0.0  # monotonic time of the next probe
-
-
-def connect(address: str, num_actors: int) -> tuple[bool, str | None]:
-    """ray.init for runtime.address; (whether this call started/joined Ray, dashboard URL)."""
-    if ray.is_initialized():  # the caller (a test, a notebook) already chose the cluster
-        return False, None
-    if address == "local":
-        # As many CPUs as the machine has, at least one per actor: the processes backend
-        # oversubscribes the same way, and a placement group that cannot fit would hang.
-        ctx = ray.init(num_cpus=max(os.cpu_count() or 1, num_actors), include_dashboard=None,
-                       _system_config=LOCAL_SYSTEM_CONFIG)
-    else:
-        ctx = ray.init(address=address)
-    return True, getattr(ctx, "dashboard_url", None) or None
 
 
 class RayRunner(LearnerSide):
-    def __init__(self, program: ActorLearnerProgram, address: str = "local") -> None:
-        super().__init__(program)
-        self.started_ray, dashboard = connect(address, program.num_actors)
+    def __init__(self, program: ActorLearnerProgram,
+                 options: RayOptions | str = "local") -> None:
+        opts = RayOptions(address=options) if isinstance(options, str) else options
+        self.started_ray, dashboard = connect(opts.address, program.num_actors)
         self.notes = [f"ray: dashboard at http://{dashboard}"] if dashboard else []
-        # By value, not a ray.put ref: a restarted actor must not depend on an object that
-        # lived on a lost node (Ray warns about exactly that for actors with max_restarts).
-        self.spec = ActorSpec(program.make_actor, program.schedule.chunk_steps,
-                              program.sync_every)
         self.restarts = [0] * program.num_actors
+        self.shards: list[Any] = []
         try:
-            self.pg = self._place(program.num_actors)
+            self.pg = place_bundles(program.num_actors, "actors", opts.group_name)
+            prefix = self._make_shards(program, opts)
+            replay = None if not self.shards else RemoteReplay(
+                self.shards, program.batch_size, opts.sample_requests,
+                np.random.default_rng([0, 7919]))
+            super().__init__(program, replay)
+            # By value, not a ray.put ref: a restarted actor must not depend on an object
+            # that lived on a lost node (Ray warns about exactly that for such actors).
+            self.spec = ActorSpec(program.make_actor, program.schedule.chunk_steps,
+                                  program.sync_every, prefix)
             self._publish()
             self.slots = [_Slot(i, 0, self._new_host(i)) for i in range(program.num_actors)]
             for slot in self.slots:
@@ -141,17 +176,24 @@ class RayRunner(LearnerSide):
 
     # ------------------------------------------------------------ placement
 
-    def _place(self, count: int) -> PlacementGroup:
-        """One 1-CPU bundle per actor, SPREAD: on distinct nodes where the cluster allows."""
-        pg = placement_group([{"CPU": 1}] * count, strategy="SPREAD")
-        ready, _ = ray.wait([pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
-        if not ready:
-            remove_placement_group(pg)
-            cpus = ray.cluster_resources().get("CPU", 0)
-            raise ConfigError(f"actors.count = {count}: the Ray cluster could not place "
-                              f"{count} actors of 1 CPU each in {PLACEMENT_TIMEOUT_S:.0f} s "
-                              f"(it has {cpus:g} CPUs); add nodes or lower actors.count")
-        return pg
+    def _make_shards(self, program: ActorLearnerProgram, opts: RayOptions) -> str:
+        """One shard actor per actor, in its bundle or on this node; returns their prefix."""
+        if opts.replay_on == "learner":
+            return ""
+        make_shard = program.make_shard
+        if make_shard is None:
+            raise ConfigError(f"runtime.replay_on = {opts.replay_on!r}: this algorithm's "
+                              "replay cannot be sharded; use 'learner'")
+        prefix = f"qfleet-shard-{id(self):x}-{time.monotonic_ns():x}-"
+        count = program.num_actors
+        for i in range(count):
+            where = this_node() if opts.replay_on == "learner_node" else \
+                PlacementGroupSchedulingStrategy(placement_group=self.pg,
+                                                 placement_group_bundle_index=i)
+            self.shards.append(RemoteShardHost.options(
+                num_cpus=0, name=f"{prefix}{i}", max_restarts=-1, max_task_retries=0,
+                scheduling_strategy=where).remote(_bind(make_shard, i, count)))
+        return prefix
 
     def _new_host(self, index: int) -> Any:
         # Ray restarts a lost actor in its bundle (moved to a live node if its node died);
@@ -174,8 +216,7 @@ class RayRunner(LearnerSide):
 
     def _fill(self, slot: _Slot) -> None:
         if slot.recovering:  # calls now would fail with "the actor is restarting": probe
-            if slot.probe is None and time.monotonic() >= slot.probe_at:
-                slot.probe = slot.handle.node_id.remote()
+            slot.start_probe(lambda handle: handle.node_id.remote())
             return
         while len(slot.calls) < IN_FLIGHT:
             ref = slot.handle.collect.remote(slot.incarnation, self.params_version,
@@ -209,7 +250,7 @@ class RayRunner(LearnerSide):
         for ref in ready:
             slot = owner[ref]
             if ref == slot.probe:
-                self._probed(slot, ref)
+                slot.probed(self._new_host)
             else:
                 self._take(slot, ref, slot.calls.pop(ref), report)
         for slot in self.slots:
@@ -217,7 +258,7 @@ class RayRunner(LearnerSide):
 
     def _take(self, slot: _Slot, ref: ray.ObjectRef, tag: int, report: RoundReport) -> None:
         try:
-            chunks: list[Chunk] = ray.get(ref)
+            delivery: Delivery = ray.get(ref)
         except RayTaskError as err:  # the actor's own code raised: a bug, stop the run
             raise WorkerError(f"actor {slot.index} (incarnation {tag}) failed:\n{err}") \
                 from None
@@ -225,7 +266,14 @@ class RayRunner(LearnerSide):
             if tag == slot.incarnation:  # else the loss this call reports is counted
                 self._lost(slot, err, report)
             return
-        for chunk in chunks:
+        if isinstance(self.replay, RemoteReplay):  # the rows are in the actor's shard
+            if delivery.shard_lost:
+                self.replay.lost(slot.index)
+            self.replay.note(slot.index, delivery.shard_stats)
+            for chunk in delivery.chunks:
+                self.count(slot.index, chunk, report)
+            return
+        for chunk in delivery.chunks:
             self.write(slot.index, chunk, report)  # copies out of the object store
 
     def _lost(self, slot: _Slot, err: Exception, report: RoundReport) -> None:
@@ -236,30 +284,19 @@ class RayRunner(LearnerSide):
         if self.restarts[i] > MAX_RESTARTS:
             raise WorkerError(f"actor {i} was lost {self.restarts[i]} times; giving up "
                               f"(last: {type(err).__name__}: {err})")
-        slot.incarnation += 1
-        slot.recovering, slot.probe_at = True, 0.0
+        slot.lost()
         if isinstance(err, ActorDiedError):
-            self._replace(slot)
+            slot.replace(self._new_host)
         report.actor_restarts += 1
-        first_line = (str(err).strip().splitlines() or [""])[0]
-        report.notes.append(f"actor {i} lost ({type(err).__name__}: {first_line[:100]}); "
+        report.notes.append(f"actor {i} lost ({type(err).__name__}: {first_line(err)}); "
                             "restarting it with fresh seeds")
 
-    def _probed(self, slot: _Slot, ref: ray.ObjectRef) -> None:
-        slot.probe = None
-        try:
-            ray.get(ref)
-        except RayActorError as err:  # still restarting (or gone for good): ask again later
-            slot.probe_at = time.monotonic() + PROBE_S
-            if isinstance(err, ActorDiedError):
-                self._replace(slot)
-            return
-        slot.recovering = False
-
-    def _replace(self, slot: _Slot) -> None:
-        """A new Ray actor for the slot: Ray will not restart the old one (dead for good)."""
-        ray.kill(slot.handle, no_restart=True)
-        slot.handle = self._new_host(slot.index)
+    def describe(self) -> str:
+        text = super().describe()
+        if isinstance(self.replay, RemoteReplay):
+            text += f" in {len(self.shards)} shard actors, {self.replay.requests} " \
+                "batches requested ahead"
+        return text
 
     # ------------------------------------------------------------ checkpoint state
 
@@ -282,15 +319,12 @@ class RayRunner(LearnerSide):
                 self._fill(slot)
 
     def close(self) -> None:
-        try:
-            for slot in self.__dict__.pop("slots", []):
-                ray.kill(slot.handle, no_restart=True)
-            pg: PlacementGroup | None = self.__dict__.pop("pg", None)
-            if pg is not None:
-                remove_placement_group(pg)
-        except RayError:  # the cluster is already gone: nothing left there to clean up
-            pass
-        finally:
-            if self.started_ray:
-                ray.shutdown()
-                self.started_ray = False
+        slots: list[_Slot] = self.__dict__.pop("slots", [])
+        pg: PlacementGroup | None = self.__dict__.pop("pg", None)
+        teardown([s.handle for s in slots] + self.__dict__.pop("shards", []), pg,
+                 self.started_ray)
+        self.started_ray = False
+
+
+def _bind(make_shard: Callable[[int, int], Any], index: int, count: int) -> Callable[[], Any]:
+    return lambda: make_shard(index, count)

@@ -1,0 +1,128 @@
+"""What both Ray runners share: joining a cluster, placing 1-CPU bundles, and a slot per
+restartable Ray actor (probed while Ray restarts it, replaced when Ray will not)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.exceptions import ActorDiedError, RayActorError, RayError
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from qfleet.config import ConfigError
+
+POLL_S = 0.05  # how long the driver waits for results when there is nothing else to do
+PLACEMENT_TIMEOUT_S = 120.0
+PROBE_S = 0.5  # between probes of an actor that Ray is restarting
+# Ray starts workers at nice 15, so on a machine shared with anything else the actors get
+# a fraction of the CPU the processes backend's actors (nice 0) get. Ours are the workload.
+LOCAL_SYSTEM_CONFIG = {"worker_niceness": 0}
+
+
+def connect(address: str, num_actors: int) -> tuple[bool, str | None]:
+    """ray.init for runtime.address; (whether this call started/joined Ray, dashboard URL)."""
+    if ray.is_initialized():  # the caller (a test, a notebook, a learner actor) chose
+        return False, None
+    if address == "local":
+        # As many CPUs as the machine has, at least one per actor: the processes backend
+        # oversubscribes the same way, and a placement group that cannot fit would hang.
+        # address="local": a new instance even when another Ray runs on this machine.
+        ctx = ray.init(address="local", num_cpus=max(os.cpu_count() or 1, num_actors),
+                       include_dashboard=None, _system_config=LOCAL_SYSTEM_CONFIG)
+    else:
+        ctx = ray.init(address=address)
+    return True, getattr(ctx, "dashboard_url", None) or None
+
+
+def place_bundles(count: int, role: str, name: str = "") -> PlacementGroup:
+    """One 1-CPU bundle per actor, SPREAD: on distinct nodes where the cluster allows.
+    ``name`` lets another process remove it (a placement group outlives the actor that
+    made it)."""
+    pg = placement_group([{"CPU": 1}] * count, strategy="SPREAD", name=name)
+    ready, _ = ray.wait([pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
+    if not ready:
+        remove_placement_group(pg)
+        cpus = ray.cluster_resources().get("CPU", 0)
+        raise ConfigError(f"actors.count = {count}: the Ray cluster could not place {count} "
+                          f"{role} of 1 CPU each in {PLACEMENT_TIMEOUT_S:.0f} s (it has "
+                          f"{cpus:g} CPUs); add nodes or lower actors.count")
+    return pg
+
+
+def this_node() -> NodeAffinitySchedulingStrategy:
+    """On the calling process's node. Hard: Ray's soft affinity moves a 0-CPU actor off a
+    node without CPUs (a head started with --num-cpus 0) even though it would fit."""
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+
+
+@dataclass
+class Slot:
+    """One restartable Ray actor of a role (an actor, a gradient worker).
+
+    After a loss the slot is ``recovering``: it gets no work until a probe call answers,
+    since calls made while Ray restarts the actor fail. ``incarnation`` moves with every
+    loss, so the new process builds its role with fresh seeds."""
+
+    index: int
+    incarnation: int
+    handle: Any  # ray.actor.ActorHandle
+    recovering: bool = False
+    probe: ray.ObjectRef | None = None
+    probe_at: float = 0.0  # monotonic time of the next probe
+
+    def lost(self) -> None:
+        self.incarnation += 1
+        self.recovering, self.probe, self.probe_at = True, None, 0.0
+
+    def start_probe(self, call: Callable[[Any], ray.ObjectRef]) -> None:
+        if self.recovering and self.probe is None and time.monotonic() >= self.probe_at:
+            self.probe = call(self.handle)
+
+    def probed(self, new_host: Callable[[int], Any]) -> None:
+        """The probe answered: the actor is back, or still restarting (ask again later),
+        or dead for good (a new actor takes the slot)."""
+        assert self.probe is not None
+        ref, self.probe = self.probe, None
+        try:
+            ray.get(ref)
+        except RayActorError as err:
+            self.probe_at = time.monotonic() + PROBE_S
+            if isinstance(err, ActorDiedError):
+                self.replace(new_host)
+            return
+        self.recovering = False
+
+    def replace(self, new_host: Callable[[int], Any]) -> None:
+        """A new Ray actor for the slot: Ray will not restart the old one."""
+        ray.kill(self.handle, no_restart=True)
+        self.handle = new_host(self.index)
+
+
+def first_line(err: BaseException, limit: int = 100) -> str:
+    return (str(err).strip().splitlines() or [""])[0][:limit]
+
+
+def remove_named_group(name: str) -> None:
+    """Remove the placement group ``name`` if it exists (with every actor placed in it)."""
+    with contextlib.suppress(ValueError, RayError):  # never made, or already gone
+        remove_placement_group(ray.util.get_placement_group(name))
+
+
+def teardown(handles: list[Any], pg: PlacementGroup | None, started_ray: bool) -> None:
+    """Kill ``handles``, free the placement group, and stop Ray if this run started it."""
+    try:
+        for handle in handles:
+            ray.kill(handle, no_restart=True)
+        if pg is not None:
+            remove_placement_group(pg)
+    except RayError:  # the cluster is already gone: nothing left there to clean up
+        pass
+    finally:
+        if started_ray:
+            ray.shutdown()
