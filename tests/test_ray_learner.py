@@ -79,6 +79,9 @@ def test_learner_actor_asks_for_the_gpu_and_lands_on_its_node(
     with _remote("cartpole-apex", "auto") as runner:
         assert runner.gpus == 1 and runner.info["node_id"] == gpu_node
         assert runner.info["gpu_ids"] == ["0"] and runner.info["device"] == "cpu"
+        table = ray.util.placement_group_table(runner.pg)  # reserved as its own bundle
+        assert table["bundles"] == {0: {"CPU": 1.0, "GPU": 1.0}}, table
+        assert table["bundles_to_node_id"][0] == gpu_node
         before = [p.detach().clone() for p in runner.policy_net.parameters()]
         reports = run_until(runner, lambda r, _: r.updates >= 100, 60.0)
         assert runner.env_steps == sum(r.env_steps for r in reports) > 0

@@ -3,8 +3,9 @@
 The whole learner side of a Ray run (the learner or the gradient schemes' aggregator,
 with the replay beside it and the driver loop of ``RayRunner`` / ``RayGradientRunner``)
 moves into one ``LearnerHost`` actor that declares its resources: 1 CPU, and 1 GPU when
-``learner.device`` is cuda, or auto and the cluster has a GPU. Ray then places it on a
-node with a free GPU and hands it that GPU. The qfleet process keeps the experiment loop
+``learner.device`` is cuda, or auto and the cluster has a GPU, reserved as the bundle of
+its own placement group. Ray then places it on a node with a free GPU and hands it that
+GPU. The qfleet process keeps the experiment loop
 (metrics, evals, checkpoints on its own disk) and talks to the host through ``RemoteRunner``,
 one call per round.
 
@@ -23,6 +24,8 @@ from typing import Any
 import ray
 import torch
 from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError, RayTaskError
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from qfleet.algos.program import ActorLearnerProgram, GradientProgram
 from qfleet.config import ConfigError
@@ -120,9 +123,12 @@ class RemoteRunner:
                               "'auto' or 'cpu', or add a GPU node")
         try:
             # max_restarts=0: a restarted learner would train on from scratch; see above.
-            self.host = RemoteLearnerHost.options(num_cpus=1, num_gpus=self.gpus,
-                                                  max_restarts=0) \
-                .remote(program, options)
+            self.pg = self._place()
+            self.host = RemoteLearnerHost.options(
+                num_cpus=1, num_gpus=self.gpus, max_restarts=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=self.pg, placement_group_bundle_index=0),
+            ).remote(program, options)
             self.info: dict[str, Any] = self._call("info", timeout=PLACEMENT_TIMEOUT_S)
         except BaseException:
             self.close()
@@ -130,16 +136,27 @@ class RemoteRunner:
         self.notes.append(f"ray: learner actor on node {self.info['node_id'][:12]}, device "
                           f"{self.info['device']}, GPUs {self.info['gpu_ids'] or 'none'}")
 
+    def _place(self) -> PlacementGroup:
+        """The learner's bundle: 1 CPU, and its GPU if it asks for one."""
+        bundle = {"CPU": 1.0, **({"GPU": float(self.gpus)} if self.gpus else {})}
+        pg = placement_group([bundle], name=f"{self.group_name}-learner")
+        if not ray.wait([pg.ready()], timeout=PLACEMENT_TIMEOUT_S)[0]:
+            remove_placement_group(pg)
+            cpus, gpus = (ray.cluster_resources().get(k, 0) for k in ("CPU", "GPU"))
+            raise ConfigError(f"runtime.learner_host = 'actor': the Ray cluster could not "
+                              f"place a learner of 1 CPU and {self.gpus} GPU in "
+                              f"{PLACEMENT_TIMEOUT_S:.0f} s (it has {cpus:g} CPUs, {gpus:g} "
+                              "GPUs, some maybe taken)")
+        return pg
+
     def _call(self, method: str, *args: Any, timeout: float | None = None) -> Any:
         try:
             return ray.get(getattr(self.host, method).remote(*args), timeout=timeout)
         except RayTaskError as err:  # the learner side raised (a worker's bug, a config)
             raise WorkerError(f"the learner actor failed:\n{err}") from None
         except GetTimeoutError:
-            cpus, gpus = (ray.cluster_resources().get(k, 0) for k in ("CPU", "GPU"))
-            raise ConfigError(f"learner.device: the Ray cluster could not start a learner "
-                              f"actor of 1 CPU and {self.gpus} GPU in {timeout:.0f} s (it "
-                              f"has {cpus:g} CPUs, {gpus:g} GPUs)") from None
+            raise WorkerError(f"the learner actor did not answer {method}() in "
+                              f"{timeout:.0f} s") from None
         except (RayActorError, ObjectLostError) as err:
             raise WorkerError(f"the learner actor was lost ({type(err).__name__}: "
                               f"{first_line(err, 300)}); the run stops") from None
@@ -186,5 +203,6 @@ class RemoteRunner:
                 ray.get(host.close.remote(), timeout=60)
         if "group_name" in self.__dict__:
             remove_named_group(self.group_name)
-        teardown([] if host is None else [host], None, self.started_ray)
+        teardown([] if host is None else [host], self.__dict__.pop("pg", None),
+                 self.started_ray)
         self.started_ray = False
