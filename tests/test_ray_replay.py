@@ -7,6 +7,7 @@ loss of a node by killing one."""
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -40,8 +41,16 @@ def _shard_nodes(runner: RayRunner) -> list[str]:
     return list(ray.get([h.node_id.remote() for h in runner.shards]))
 
 
-def _shard_added(runner: RayRunner) -> list[int]:
-    return [s.added for s in ray.get([h.stats.remote() for h in runner.shards])]
+def _shard_added(runner: RayRunner, timeout_s: float = 30.0) -> list[int]:
+    """Rows each shard actor was ever sent; asks again while one is restarting."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return [s.added for s in ray.get([h.stats.remote() for h in runner.shards])]
+        except ray.exceptions.RayActorError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def _rows(n: int, start: int) -> Transitions:
@@ -170,6 +179,10 @@ def test_lost_node_loses_only_its_shard(cluster: RayCluster) -> None:
             before = _shard_added(runner)
             cluster.cluster.remove_node(victim, allow_graceful=False)
             cluster.workers.remove(victim)
+            # A checkpoint now waits for the lost shard to come back (empty) and keeps
+            # every row of the others.
+            _, _, saved = runner.state(with_replay=True)
+            assert all(int(saved[f"shard{i}.prio.added"][0]) >= before[i] for i in kept)
 
             def recovered(r: RayRunner, reps: list) -> bool:
                 return any(x.actor_restarts for x in reps) and not any(

@@ -312,10 +312,13 @@ class RemoteReplay:
             self._refresh()
 
     def _refresh(self) -> None:
-        """Ask every shard for its stats (when none has a known total to draw by)."""
-        for k, stats in enumerate(ray.get([h.stats.remote() for h in self.handles],
-                                          timeout=SAMPLE_TIMEOUT_S)):
-            self.stats[k] = stats
+        """Ask every shard for its stats; one that is restarting (its node died) is lost."""
+        refs = [h.stats.remote() for h in self.handles]
+        for k, ref in enumerate(refs):
+            try:
+                self.stats[k] = ray.get(ref, timeout=SAMPLE_TIMEOUT_S)
+            except (RayActorError, ObjectLostError):
+                self.lost(k)
 
     # ------------------------------------------------------------ checkpoint
 
@@ -323,7 +326,7 @@ class RemoteReplay:
         """ShardedReplay's layout, so a checkpoint resumes with the replay anywhere."""
         self.flush()  # the checkpoint holds every priority written so far
         self._forget_asked()  # draws after a checkpoint come after its priorities
-        states = ray.get([h.state.remote() for h in self.handles])
+        states = [self._state_of(k) for k in range(len(self.handles))]
         added = sum(int(s["prio.added"][0]) for s in states if "prio.added" in s)
         state = {"sharded.keys": np.arange(len(self.handles), dtype=np.int64),
                  "sharded.meta": np.array([len(self.handles), 0, added], dtype=np.int64),
@@ -331,6 +334,22 @@ class RemoteReplay:
         for k, shard_state in enumerate(states):
             state |= {f"shard{k}.{name}": arr for name, arr in shard_state.items()}
         return state
+
+    def _state_of(self, shard: int) -> dict[str, np.ndarray]:
+        """A shard's arrays; a shard that Ray is restarting answers once it is back (empty:
+        what it held was lost with its node)."""
+        deadline = time.monotonic() + SAMPLE_TIMEOUT_S
+        while True:
+            try:
+                state: dict[str, np.ndarray] = ray.get(self.handles[shard].state.remote(),
+                                                       timeout=SAMPLE_TIMEOUT_S)
+                return state
+            except (RayActorError, ObjectLostError):
+                self.lost(shard)
+                if time.monotonic() > deadline:
+                    raise WorkerError(f"replay shard {shard} did not come back in "
+                                      f"{SAMPLE_TIMEOUT_S:.0f} s to be checkpointed") from None
+                time.sleep(0.2)
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         keys = [int(k) for k in state["sharded.keys"]]
