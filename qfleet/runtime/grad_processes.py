@@ -36,9 +36,8 @@ from qfleet.roles.gradients import Aggregator, Gradient, GradientWorker
 from qfleet.runtime.base import RoundReport
 from qfleet.runtime.global_side import GlobalSide
 from qfleet.runtime.processes import (
-    POLL_S,
     ErrorMsg,
-    WorkerError,
+    arrived,
     count_restart,
     death_cause,
     stop_processes,
@@ -226,16 +225,7 @@ class ProcessesGradientRunner(GlobalSide):
     def _drain(self, report: RoundReport, wait: bool) -> None:
         """Serve what has arrived, for at most ROUND_S: Hogwild workers never wait for the
         main process, so the stream may not run dry, and the loop must still log."""
-        block, deadline = wait, time.monotonic() + ROUND_S
-        while time.monotonic() < deadline:
-            try:
-                msg = self.sh.out_q.get(timeout=POLL_S) if block else self.sh.out_q.get_nowait()
-            except queue.Empty:
-                return
-            block = False
-            if isinstance(msg, ErrorMsg):
-                raise WorkerError(f"worker {msg.actor} (incarnation {msg.incarnation}) "
-                                  f"failed:\n{msg.traceback}")
+        for msg in arrived(self.sh.out_q, wait, "worker", time.monotonic() + ROUND_S):
             if isinstance(msg, GradMsg):
                 self._receive_grad(msg, report)
             else:

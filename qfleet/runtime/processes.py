@@ -16,6 +16,7 @@ import queue
 import signal
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass
 from multiprocessing import get_context
 from multiprocessing.context import ForkProcess
@@ -106,6 +107,23 @@ def death_cause(process: ForkProcess) -> str:
     return signal.Signals(-code).name if code < 0 else f"exit code {code}"
 
 
+def arrived(out_q: Any, wait: bool, role: str, until: float = float("inf")) -> Iterator[Any]:
+    """The messages on a workers' queue, waiting POLL_S for the first if ``wait``, until
+    the queue is empty or the monotonic clock passes ``until``. A worker's ErrorMsg (its
+    own code raised) stops the run with the worker's traceback."""
+    block = wait
+    while time.monotonic() < until:
+        try:
+            msg = out_q.get(timeout=POLL_S) if block else out_q.get_nowait()
+        except queue.Empty:
+            return
+        block = False
+        if isinstance(msg, ErrorMsg):
+            raise WorkerError(f"{role} {msg.actor} (incarnation {msg.incarnation}) failed:"
+                              f"\n{msg.traceback}")
+        yield msg
+
+
 def count_restart(restarts: list[int], i: int, role: str, cause: str,
                   report: RoundReport) -> None:
     """Count a restart of worker slot ``i``; past MAX_RESTARTS a crash loop is an error."""
@@ -177,16 +195,7 @@ class ProcessesRunner(LearnerSide):
 
     def _drain(self, report: RoundReport, wait: bool) -> None:
         """Move every chunk that has arrived into replay (waiting briefly if asked)."""
-        block = wait
-        while True:
-            try:
-                msg = self.out_q.get(timeout=POLL_S) if block else self.out_q.get_nowait()
-            except queue.Empty:
-                return
-            block = False
-            if isinstance(msg, ErrorMsg):
-                raise WorkerError(f"actor {msg.actor} (incarnation {msg.incarnation}) failed:"
-                                  f"\n{msg.traceback}")
+        for msg in arrived(self.out_q, wait, "actor"):
             self._receive(msg, report)
 
     def _receive(self, msg: ChunkMsg, report: RoundReport) -> None:
