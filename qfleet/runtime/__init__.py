@@ -60,7 +60,7 @@ def _ray_runner(program: ActorLearnerProgram | GradientProgram, options: RayOpti
     if isinstance(program, GradientProgram):
         from qfleet.runtime.ray_gradients import RayGradientRunner
 
-        return RayGradientRunner(program, options.address)
+        return RayGradientRunner(program, options)
     from qfleet.runtime.ray_runner import RayRunner
 
     return RayRunner(program, options)

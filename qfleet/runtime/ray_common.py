@@ -13,7 +13,10 @@ from typing import Any
 import ray
 from ray.exceptions import ActorDiedError, RayActorError, RayError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from ray.util.scheduling_strategies import (
+    NodeAffinitySchedulingStrategy,
+    PlacementGroupSchedulingStrategy,
+)
 
 from qfleet.config import ConfigError
 
@@ -53,6 +56,17 @@ def place_bundles(count: int, role: str, name: str = "") -> PlacementGroup:
                           f"{role} of 1 CPU each in {PLACEMENT_TIMEOUT_S:.0f} s (it has "
                           f"{cpus:g} CPUs); add nodes or lower actors.count")
     return pg
+
+
+def in_bundle(remote_class: Any, pg: PlacementGroup, index: int, *args: Any) -> Any:
+    """A 1-CPU actor of ``remote_class`` in bundle ``index``. Ray restarts it there when
+    it is lost (the bundle moves to a live node if its node died); its calls are not
+    retried (max_task_retries=0): the runner decides what is lost."""
+    return remote_class.options(
+        num_cpus=1, max_restarts=-1, max_task_retries=0,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(
+            placement_group=pg, placement_group_bundle_index=index),
+    ).remote(*args)
 
 
 def this_node() -> NodeAffinitySchedulingStrategy:

@@ -45,11 +45,10 @@ from ray.exceptions import (
     RayTaskError,
 )
 from ray.util.placement_group import PlacementGroup
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from qfleet.algos.program import GradientProgram
 from qfleet.roles.gradients import Gradient
-from qfleet.runtime.base import RoundReport
+from qfleet.runtime.base import RayOptions, RoundReport
 from qfleet.runtime.global_side import GlobalSide
 from qfleet.runtime.processes import WorkerError, count_restart
 from qfleet.runtime.ray_common import (
@@ -57,6 +56,7 @@ from qfleet.runtime.ray_common import (
     Slot,
     connect,
     first_line,
+    in_bundle,
     place_bundles,
     teardown,
     this_node,
@@ -90,13 +90,13 @@ class _Call:
 
 
 class RayGradientRunner(GlobalSide):
-    def __init__(self, program: GradientProgram, address: str = "local",
-                 collective_timeout_s: float = COLLECTIVE_TIMEOUT_S,
-                 group_name: str = "") -> None:
+    def __init__(self, program: GradientProgram, options: RayOptions | None = None,
+                 collective_timeout_s: float = COLLECTIVE_TIMEOUT_S) -> None:
+        opts = options or RayOptions()
         # The shared replay lives in a ReplayHost actor, not in this process.
         super().__init__(dataclasses.replace(program, make_shared_replay=None))
         self.program = program
-        self.started_ray, dashboard = connect(address, program.num_workers)
+        self.started_ray, dashboard = connect(opts.address, program.num_workers)
         self.notes = [f"ray: dashboard at http://{dashboard}"] if dashboard else []
         if program.hogwild:
             self.notes.append(HOGWILD_NOTE)
@@ -117,7 +117,7 @@ class RayGradientRunner(GlobalSide):
                                  collective_timeout_s,
                                  "" if self.replay_host is None else self.replay_name,
                                  prioritized)
-            self.pg = place_bundles(program.num_workers, "gradient workers", group_name)
+            self.pg = place_bundles(program.num_workers, "gradient workers", opts.group_name)
             self._publish()
             self.slots = [_Slot(i, 0, self._new_host(i)) for i in range(program.num_workers)]
         except BaseException:
@@ -135,13 +135,7 @@ class RayGradientRunner(GlobalSide):
             .remote(self.program.make_shared_replay)
 
     def _new_host(self, index: int) -> Any:
-        # Ray restarts a lost actor in its bundle (moved to a live node if its node died);
-        # its calls are not retried (max_task_retries=0): the driver decides what is lost.
-        return RemoteGradHost.options(
-            num_cpus=1, max_restarts=-1, max_task_retries=0,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(
-                placement_group=self.pg, placement_group_bundle_index=index),
-        ).remote(self.spec, index)
+        return in_bundle(RemoteGradHost, self.pg, index, self.spec, index)
 
     def worker_info(self) -> list[dict[str, Any]]:
         """Each worker's node and process-group membership (asks the workers)."""

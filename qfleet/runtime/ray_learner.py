@@ -51,8 +51,8 @@ class LearnerHost:
         if options.torch_threads:
             torch.set_num_threads(options.torch_threads)
         self.runner: RayRunner | RayGradientRunner = (
-            RayGradientRunner(program, options.address, group_name=options.group_name)
-            if isinstance(program, GradientProgram) else RayRunner(program, options))
+            RayGradientRunner(program, options) if isinstance(program, GradientProgram)
+            else RayRunner(program, options))
 
     def info(self) -> dict[str, Any]:
         ctx = ray.get_runtime_context()

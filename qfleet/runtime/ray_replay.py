@@ -125,14 +125,17 @@ class _Rows:
     ids_B: np.ndarray
     prio_B: np.ndarray
 
-    def split(self, n: int) -> tuple[_Rows, _Rows]:
-        def cut(rows: slice) -> _Rows:
-            d = self.data
-            return _Rows(Transitions(d.obs_NO[rows], d.action_N[rows], d.reward_N[rows],
-                                     d.discount_N[rows], d.next_obs_NO[rows]),
-                         self.ids_B[rows], self.prio_B[rows])
+    @staticmethod
+    def concat(parts: list[_Rows]) -> _Rows:
+        """One set of rows (a copy, so also out of the read-only object store)."""
+        return _Rows(Transitions.concat([p.data for p in parts]),
+                     np.concatenate([p.ids_B for p in parts]),
+                     np.concatenate([p.prio_B for p in parts]))
 
-        return cut(slice(0, n)), cut(slice(n, None))
+    def take(self, rows: slice | np.ndarray) -> _Rows:
+        d = self.data
+        return _Rows(Transitions(*(getattr(d, name)[rows] for name in FIELDS)),
+                     self.ids_B[rows], self.prio_B[rows])
 
 
 class RemoteReplay:
@@ -249,14 +252,10 @@ class RemoteReplay:
             raise WorkerError("replay shards returned too few rows in 100 draws")
         if len(self.ready[0].ids_B) == n:  # the usual case: one draw of this size
             return self.ready.pop(0)
-        parts, self.ready = self.ready, []
-        every = _Rows(Transitions.concat([p.data for p in parts]),  # a copy out of the store
-                      np.concatenate([p.ids_B for p in parts]),
-                      np.concatenate([p.prio_B for p in parts]))
-        taken, rest = every.split(n)
-        if len(rest.ids_B):
-            self.ready = [rest]
-        return taken
+        every = _Rows.concat(self.ready)
+        rest = every.take(slice(n, None))
+        self.ready = [rest] if len(rest.ids_B) else []
+        return every.take(slice(0, n))
 
     def _receive_draw(self, draw: list[_Request]) -> None:
         """Wait for every shard's part of a draw; shuffled, since parts come by shard."""
@@ -264,13 +263,8 @@ class RemoteReplay:
         for req in draw:
             self._receive(req, parts)
         if parts:
-            rows = _Rows(Transitions.concat([p.data for p in parts]),
-                         np.concatenate([p.ids_B for p in parts]),
-                         np.concatenate([p.prio_B for p in parts]))
-            order = self.rng.permutation(len(rows.ids_B))
-            self.ready.append(_Rows(Transitions(*(getattr(rows.data, f)[order]
-                                                  for f in FIELDS)),
-                                    rows.ids_B[order], rows.prio_B[order]))
+            rows = _Rows.concat(parts)
+            self.ready.append(rows.take(self.rng.permutation(len(rows.ids_B))))
 
     def _receive(self, req: _Request, parts: list[_Rows]) -> None:
         """Wait for one shard's rows (none from a shard lost or emptied since)."""

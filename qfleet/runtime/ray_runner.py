@@ -20,6 +20,7 @@ is a bug, not a fault: it stops the run with a WorkerError carrying the remote t
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -35,6 +36,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from qfleet.algos.program import ActorLearnerProgram
 from qfleet.config import ConfigError
 from qfleet.replay import Transitions
+from qfleet.replay.transitions import FIELDS
 from qfleet.roles import Actor, Chunk, ParamSnapshot
 from qfleet.runtime.base import LearnerSide, RayOptions, RoundReport
 from qfleet.runtime.processes import MAX_RESTARTS, WorkerError
@@ -44,6 +46,7 @@ from qfleet.runtime.ray_common import (
     Slot,
     connect,
     first_line,
+    in_bundle,
     place_bundles,
     teardown,
     this_node,
@@ -135,8 +138,7 @@ class ActorHost:
 
 
 def _no_rows(t: Transitions) -> Transitions:
-    return Transitions(*(a[:0].copy() for a in (t.obs_NO, t.action_N, t.reward_N,
-                                                t.discount_N, t.next_obs_NO)))
+    return Transitions(*(getattr(t, name)[:0].copy() for name in FIELDS))
 
 
 RemoteHost = ray.remote(ActorHost)
@@ -149,8 +151,8 @@ class _Slot(Slot):
 
 class RayRunner(LearnerSide):
     def __init__(self, program: ActorLearnerProgram,
-                 options: RayOptions | str = "local") -> None:
-        opts = RayOptions(address=options) if isinstance(options, str) else options
+                 options: RayOptions | None = None) -> None:
+        opts = options or RayOptions()
         self.started_ray, dashboard = connect(opts.address, program.num_actors)
         self.notes = [f"ray: dashboard at http://{dashboard}"] if dashboard else []
         self.restarts = [0] * program.num_actors
@@ -192,17 +194,11 @@ class RayRunner(LearnerSide):
                                                  placement_group_bundle_index=i)
             self.shards.append(RemoteShardHost.options(
                 num_cpus=0, name=f"{prefix}{i}", max_restarts=-1, max_task_retries=0,
-                scheduling_strategy=where).remote(_bind(make_shard, i, count)))
+                scheduling_strategy=where).remote(functools.partial(make_shard, i, count)))
         return prefix
 
     def _new_host(self, index: int) -> Any:
-        # Ray restarts a lost actor in its bundle (moved to a live node if its node died);
-        # its calls are not retried (max_task_retries=0): the driver decides what is lost.
-        return RemoteHost.options(
-            num_cpus=1, max_restarts=-1, max_task_retries=0,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(
-                placement_group=self.pg, placement_group_bundle_index=index),
-        ).remote(self.spec, index)
+        return in_bundle(RemoteHost, self.pg, index, self.spec, index)
 
     def node_ids(self) -> list[str]:
         """The node each actor runs on now (asks the actors)."""
@@ -325,6 +321,3 @@ class RayRunner(LearnerSide):
                  self.started_ray)
         self.started_ray = False
 
-
-def _bind(make_shard: Callable[[int, int], Any], index: int, count: int) -> Callable[[], Any]:
-    return lambda: make_shard(index, count)
