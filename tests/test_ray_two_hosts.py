@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -91,9 +92,10 @@ def two_hosts() -> Iterator[tuple[str, str, str]]:
 def test_apex_trains_across_two_network_namespaces(two_hosts: tuple[str, str, str],
                                                    short_tmp: Path, tmp_path: Path) -> None:
     ns_a, ns_b, head_ip = two_hosts
-    # Token authentication (Ray's default for `ray start --head`): every node and the driver
-    # read the token the head wrote; PYTHONPATH so qfleet imports the same in every process.
-    env = {**os.environ, "RAY_AUTH_MODE": "token",
+    # Token authentication (Ray's default for clusters): every node and the driver share one
+    # token, made here (`ray start` no longer writes one, Ray >= 2.60); PYTHONPATH so
+    # qfleet imports the same in every process.
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
            "PYTHONPATH": os.pathsep.join([str(TESTS_DIR.parent), str(TESTS_DIR)])}
 
     def in_ns(ns: str, *cmd: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
