@@ -100,6 +100,28 @@ def test_ray_sync_agrees_with_inline_sync(cluster: RayCluster) -> None:
         assert n > 0 and ray_returns[w][:n] == inline_returns[w][:n]
 
 
+def test_ray_a2c_agrees_with_inline_a2c(cluster: RayCluster) -> None:
+    """A2C is sync and on-policy: the rollouts depend on the seeds and the pulled global
+    model only, so after the same number of steps the Ray run (gradients summed by the
+    all_reduce) and the inline run hold the same model. Rollouts that end an episode hold
+    extra rows (n-step tails), so this needs the all_reduce to weight each gradient by its
+    rows as the gate does (it averaged them equally before, and drifted off)."""
+    with ray_grad_runner(_cfg("cartpole-a2c")) as on_ray:
+        run_until(on_ray, lambda r, _: r.updates >= 25, 45.0)
+        version = on_ray.updates
+        ray_model = {k: v.clone() for k, v in on_ray.aggregator.model.state_dict().items()}
+    with one_torch_thread():
+        program = gradient_program(_cfg("cartpole-a2c", "runtime.backend='inline'"))
+        with closing(InlineGradientRunner(program)) as inline:
+            while inline.updates < version:
+                inline.step()
+            inline_model = inline.aggregator.model.state_dict()
+    assert inline.updates == version >= 25
+    assert ray_model.keys() == inline_model.keys()
+    for key in ray_model:
+        assert torch.allclose(ray_model[key], inline_model[key], rtol=1e-5, atol=1e-7), key
+
+
 def test_sync_worker_exception_stops_the_run_with_its_traceback(cluster: RayCluster) -> None:
     """The failing worker still takes part in the round's all_reduce before it raises, so
     its peer is not left waiting for the collective's timeout."""

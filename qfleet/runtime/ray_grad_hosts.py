@@ -7,9 +7,9 @@ Sync averaging is a ``torch.distributed`` all_reduce among the workers (gloo: wo
 compute on CPU). Every member contributes the same vector in every round, also a worker
 whose replay is still filling (zeros, counted 0) or whose own code raised (it raises only
 after the collective): so a round never leaves a peer waiting for a member that will not
-come. The vector carries the weighted gradient and three counters (gradients in it, their
-staleness, gradients dropped as too stale), so the sum is all the driver needs for the
-mean.
+come. The vector carries the gradient weighted by its rows and four counters (gradients in
+it, their staleness, gradients dropped as too stale, rows), so the sum is all the driver
+needs for the mean over all rows.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ from qfleet.replay.transitions import FIELDS
 from qfleet.roles.gradients import Gradient, GradientWorker
 
 CALL_S = 0.02  # async: a call runs work() for at most this long while no gradient comes
-COUNTERS = 3  # after the gradient in a reduced vector: included, staleness sum, dropped
+# after the gradient in a reduced vector: included, staleness sum, dropped, rows
+COUNTERS = 4
 
 
 @dataclass(frozen=True)
@@ -184,8 +185,12 @@ class GradHost:
         if weight == 0.0:
             vec_P[size + 2] = 1.0
             return vec_P
-        vec_P[:size] = grad.grads_P if weight == 1.0 else grad.grads_P * weight
-        vec_P[size], vec_P[size + 1] = 1.0, float(staleness)
+        # Weighted by its rows, as the gate weights it: the driver divides the sum by the
+        # total rows, so the step is the mean over all rows even when rollouts differ in
+        # length (rows 0 = unknown: equal weights).
+        rows = float(grad.rows or 1)
+        vec_P[:size] = grad.grads_P * (weight * rows)
+        vec_P[size], vec_P[size + 1], vec_P[size + 3] = 1.0, float(staleness), rows
         return vec_P
 
 

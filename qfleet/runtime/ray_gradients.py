@@ -282,7 +282,8 @@ class RayGradientRunner(GlobalSide):
 
     def _apply_sum(self, vec: np.ndarray, report: RoundReport) -> None:
         size = len(vec) - COUNTERS
-        included, staleness, dropped = (round(float(x)) for x in vec[size:])
+        included, staleness, dropped = (round(float(x)) for x in vec[size:size + 3])
+        rows = float(vec[size + 3])
         for gate_field, value in (("applied", included), ("staleness_sum", staleness),
                                   ("dropped", dropped)):
             setattr(self.gate, gate_field, getattr(self.gate, gate_field) + value)
@@ -290,7 +291,7 @@ class RayGradientRunner(GlobalSide):
         report.staleness_sum += staleness
         report.grads_dropped += dropped
         if included:
-            mean_P = torch.from_numpy(vec[:size].copy()) / included
+            mean_P = torch.from_numpy(vec[:size].copy()) / rows
             self.aggregator.apply([mean_P], [1.0])
             report.updates += 1
             self._publish()
