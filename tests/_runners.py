@@ -1,5 +1,6 @@
 """Helpers the runner tests share: a runner closed even when the test fails, stepping a
-runner until a condition holds, one torch thread, and the Ape-X replay checks."""
+runner until a condition holds, one torch thread, and the Ape-X replay checks (one
+backend's shards against the inline reference's, row by row)."""
 
 from __future__ import annotations
 
@@ -91,3 +92,37 @@ def assert_apex_replay(runner: Any) -> None:
     # Actors sent priorities from their own TD errors, so they are not all the max.
     prio = np.concatenate([s.tree.priorities_N[: len(s)] for s in shards.values()])
     assert np.all(np.isfinite(prio)) and np.all(prio > 0) and len(np.unique(prio)) > 10
+
+
+# Ape-X with learning off: every row comes from the initial parameters, so what each actor
+# writes depends on its seeds alone, not on when the learner's updates reach it.
+APEX_NO_LEARNING = ("learner.learning_starts=100000000", "replay.capacity=20000")
+
+
+def inline_apex_shards(cfg: Config, rounds: int) -> dict[int, Any]:
+    """The shards (key -> PrioritizedReplay) of an inline Ape-X run of ``rounds`` rounds."""
+    from qfleet.runtime import InlineRunner
+
+    program = build_program(cfg)
+    with one_torch_thread(), closing(InlineRunner(program)) as inline:  # type: ignore[arg-type]
+        for _ in range(rounds):
+            inline.step()
+        assert inline.learner.version == 0
+        return dict(inline.replay.shards)  # type: ignore[attr-defined]
+
+
+def assert_same_apex_rows(reference: dict[int, Any], other: dict[int, Any]) -> None:
+    """Every row the reference shards hold, and the initial priority the actor gave it,
+    is at the same slot of the other backend's shard (which may hold more: it ran on)."""
+    assert sorted(reference) == sorted(other)
+    for key, ref in reference.items():
+        n = len(ref)
+        assert n > 0 and len(other[key]) >= n, (key, n, len(other[key]))
+        assert other[key].added < other[key].capacity, "a shard wrapped: raise the capacity"
+        mine, theirs = ref.storage.get(np.arange(n)), other[key].storage.get(np.arange(n))
+        for field in ("obs_NO", "action_N", "reward_N", "discount_N", "next_obs_NO"):
+            np.testing.assert_array_equal(getattr(theirs, field), getattr(mine, field),
+                                          err_msg=f"shard {key}: {field}")
+        np.testing.assert_array_equal(other[key].tree.priorities_N[:n],
+                                      ref.tree.priorities_N[:n], err_msg=f"shard {key}")
+        assert len(np.unique(ref.tree.priorities_N[:n])) > n // 2  # actors' own, not max

@@ -19,7 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _runners import assert_apex_replay, closing, run_until
+from _runners import (
+    APEX_NO_LEARNING,
+    assert_apex_replay,
+    assert_same_apex_rows,
+    closing,
+    inline_apex_shards,
+    run_until,
+)
 
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
@@ -210,7 +217,21 @@ def test_apex_spreads_actors_over_nodes_and_trains(cluster: RayCluster) -> None:
         assert not any(r.actor_restarts for r in reports)
 
 
-def test_ray_agrees_with_inline_on_shapes_priorities_and_versions(cluster: RayCluster) -> None:
+def test_ray_actors_write_the_same_rows_and_initial_priorities_as_inline(
+        cluster: RayCluster) -> None:
+    """Learning off, so each actor acts with the initial parameters: the Ray actor i
+    writes exactly the rows, in order and with the initial priorities, of inline actor i
+    (the replay in the driver; shard actors are compared in test_ray_replay)."""
+    reference = inline_apex_shards(_cfg("runtime.backend='inline'", *APEX_NO_LEARNING), 6)
+    with ray_runner(*APEX_NO_LEARNING) as on_ray:
+        shards = on_ray.replay.shards  # type: ignore[attr-defined]
+        run_until(on_ray, lambda *_: all(len(shards[k]) >= len(s)
+                                         for k, s in reference.items()), 45.0)
+        assert on_ray.learner.version == 0
+        assert_same_apex_rows(reference, shards)
+
+
+def test_ray_actors_train_on_versions_that_trail_the_learner(cluster: RayCluster) -> None:
     program = build_program(_cfg("runtime.backend='inline'"))
     assert isinstance(program, ActorLearnerProgram)
     with closing(InlineRunner(program)) as inline:
