@@ -11,8 +11,14 @@ from typing import Any
 
 import pytest
 from _runners import one_torch_thread as _one_torch_thread
+from hypothesis import settings
 
 from qfleet.config import Config, load_config
+
+# Every Hypothesis test draws the same examples on every run (a test's own @settings may
+# add to this): a failure found once is found again, on any machine, without a database.
+settings.register_profile("qfleet", derandomize=True, database=None)
+settings.load_profile("qfleet")
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent

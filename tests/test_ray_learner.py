@@ -1,8 +1,8 @@
 """The learner in a Ray actor (``runtime.learner_host = "actor"``) on a real multi-node Ray
 cluster on this machine: a head without CPUs (serving Ray Client on a free port), a 2-CPU
-worker, and a 2-CPU worker that declares one GPU. The GPU is a Ray resource only (this
-machine has none): what is tested is that the learner asks for it, Ray places the learner
-there and hands it over; torch then finds no CUDA and computes on the CPU."""
+worker, and a 2-CPU worker that declares one GPU. What is tested is that the learner asks
+for it, Ray places the learner there and hands it over; where torch sees CUDA the learner
+computes on it, elsewhere (the GPU a Ray resource only) on the CPU."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
+import torch
 
 ray = pytest.importorskip("ray")
 
@@ -78,7 +79,10 @@ def test_learner_actor_asks_for_the_gpu_and_lands_on_its_node(
     _, gpu_node, _ = gpu_cluster
     with _remote("cartpole-apex", "auto") as runner:
         assert runner.gpus == 1 and runner.info["node_id"] == gpu_node
-        assert runner.info["gpu_ids"] == ["0"] and runner.info["device"] == "cpu"
+        # learner.device = "auto": CUDA where torch sees it (Ray hands the actor GPU 0),
+        # else the CPU; on a machine without CUDA the GPU is a Ray resource only.
+        expected = "cuda:0" if torch.cuda.is_available() else "cpu"
+        assert runner.info["gpu_ids"] == ["0"] and runner.info["device"] == expected
         table = ray.util.placement_group_table(runner.pg)  # reserved as its own bundle
         assert table["bundles"] == {0: {"CPU": 1.0, "GPU": 1.0}}, table
         assert table["bundles_to_node_id"][0] == gpu_node

@@ -30,7 +30,9 @@ def check_against(tree: SumMinTree, ref_N: np.ndarray, rng: np.random.Generator)
         np.testing.assert_array_equal(tree.find(u_K), expect_K)
 
 
-@settings(max_examples=60, deadline=None, database=None)  # no .hypothesis/ in the repo
+# derandomize: the same 60 examples on every run, so a failure one run finds stays found
+# (and no .hypothesis/ database in the repo is needed to replay it).
+@settings(max_examples=60, deadline=None, database=None, derandomize=True)
 @given(capacity=st.integers(1, 300), top=st.sampled_from([1, 2, 8, 1024]),
        min_top=st.sampled_from([1, 4, 16384]), seed=st.integers(0, 2**32 - 1))
 def test_random_updates_match_naive_cumsum(capacity: int, top: int, min_top: int,
