@@ -180,3 +180,36 @@ def test_restored_processes_global_side_has_the_saved_optimizer_state(tmp_path: 
             second.restore(*checkpoint.load(ckpt))
             _assert_same_global_side(first, second)
             _same_next_steps(first, second)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "rmsprop"])
+def test_share_memory_shares_everything_and_the_next_step_is_a_fresh_optimizers(
+        optimizer: str) -> None:
+    """Hogwild: the model, the optimizer state (created by a zero-gradient step that moves
+    nothing, its step counter reset) and the version go to shared memory; the first real
+    step is then exactly a fresh optimizer's first step. An optimizer that already stepped
+    keeps its state and step count."""
+    agg = _aggregator(0.0, optimizer)
+    start = _flat(agg.online)
+    ref = copy.deepcopy(agg.online)
+    ref_opt = make_optimizer(list(ref.parameters()), agg.cfg)
+    agg.share_memory()
+    assert torch.equal(_flat(agg.online), start), "the zero-gradient step moved parameters"
+    assert all(p.is_shared() for p in agg.online.parameters()) and agg.version_1.is_shared()
+    state = _optimizer_tensors(agg)
+    assert state and all(agg.opt.state[p][k].is_shared() for p in agg.params
+                         for k, v in agg.opt.state[p].items() if isinstance(v, torch.Tensor))
+    assert all(float(v) == 0.0 for k, v in state.items() if k.endswith(".step"))
+    assert agg.version == 0
+    grad_P = GRADS[0].clone()
+    agg.apply([grad_P.clone()], [1.0])
+    set_grads(list(ref.parameters()), grad_P)
+    ref_opt.step()
+    torch.testing.assert_close(_flat(agg.online), _flat(ref), rtol=1e-6, atol=1e-7)
+    # Sharing again (a restored run) keeps the state it has: no reset, nothing moves.
+    moved = _flat(agg.online)
+    steps = {k: v.clone() for k, v in _optimizer_tensors(agg).items()}
+    agg.share_memory()
+    assert torch.equal(_flat(agg.online), moved)
+    for key, value in _optimizer_tensors(agg).items():
+        assert torch.equal(value, steps[key]), key

@@ -583,6 +583,21 @@ def test_rollout_queue_is_fifo_splits_rollouts_and_numbers_rows_uniquely() -> No
         q.update_priorities(indices, np.ones(10))
 
 
+def test_rollout_queue_numbers_rows_from_zero_and_takes_whole_rollouts_exactly() -> None:
+    q = RolloutQueue(100, np.random.default_rng(0))
+    q.add(_rows(0, 4))
+    q.add(_rows(4, 2))
+    first = q.sample(4)  # exactly the first rollout: nothing of it stays behind
+    assert first.indices_B.tolist() == [0, 1, 2, 3] and len(q) == 2
+    second = q.sample(2)
+    assert second.indices_B.tolist() == [4, 5] and second.data.reward_N.tolist() == [4, 5]
+    assert len(q) == 0
+    q.add(_rows(6, 3))
+    assert q.sample(3).data.reward_N.tolist() == [6, 7, 8]
+    with pytest.raises(TypeError, match="a rollout queue has no priorities"):
+        q.update_priorities(np.arange(2), np.ones(2))
+
+
 def test_rollout_queue_over_capacity_drops_the_oldest_rollouts() -> None:
     q = RolloutQueue(8, np.random.default_rng(0))
     q.add(_rows(0, 4))

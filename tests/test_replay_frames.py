@@ -73,6 +73,7 @@ def assert_same(frames: FrameStorage, naive: RingStorage, slots_B: np.ndarray) -
     got, want = frames.get(slots_B), naive.get(slots_B)
     for name in ("obs_NO", "action_N", "reward_N", "discount_N", "next_obs_NO"):
         np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+        assert getattr(got, name).dtype == getattr(want, name).dtype, name
 
 
 def valid_slots(frames: FrameStorage) -> np.ndarray:
@@ -196,3 +197,28 @@ def test_real_atari_stacks_from_the_actor_round_trip_exactly() -> None:
         actor.close()
     assert episodes >= 8 and transitions > frames.capacity  # boundaries crossed, ring wrapped
     assert frames.frames_written <= transitions + 2 * episodes + 2 * 4
+
+
+def test_fresh_storage_is_empty_and_takes_any_stack_of_frames() -> None:
+    frames = FrameStorage(50, (F, 3), U8, window=8)  # stacks of 1-D frames are stacks too
+    assert frames.size == 0 and frames.frames_written == 0
+    assert len(frames.pop_dropped()) == 0
+    chunks, _ = stream(5, num_envs=1, n_step=1, chunk_steps=5)
+    stored = FrameStorage(50, (F, *SHAPE), U8, window=8)
+    assert stored.add(chunks[0]).tolist() == [0, 1, 2, 3, 4] and stored.size == 5
+    assert len(stored.pop_dropped()) == 0
+    with pytest.raises(ValueError, match=r"obs_shape \(4,\) is not a stack of frames"):
+        FrameStorage(50, (F,), U8)
+
+
+@pytest.mark.parametrize("capacity, spare", [(64, None), (6400, None), (64, 50)])
+def test_preallocated_frames_and_bytes_follow_the_documented_sizes(capacity: int,
+                                                                   spare: int | None) -> None:
+    """capacity + window + spare frames, spare = max(capacity // 32 (or as given), 2F); and
+    storage_nbytes says what the storage allocates, for any dtype."""
+    f32 = np.dtype(np.float32)
+    frames = FrameStorage(capacity, (F, *SHAPE), f32, window=16, spare=spare)
+    expect_spare = max(capacity // 32 if spare is None else spare, 2 * F)
+    assert frames.frame_capacity == capacity + 16 + expect_spare
+    assert frames.nbytes == storage_nbytes(capacity, (F, *SHAPE), f32, window=16, spare=spare)
+    assert frames.frames_M.dtype == f32 and frames.frames_M.shape[1:] == SHAPE

@@ -145,3 +145,11 @@ def test_n_step_transitions_compose_with_prioritized_replay() -> None:
     np.testing.assert_array_equal(d.next_obs_NO[full_B, 0] - d.obs_NO[full_B, 0], 3)
     terminal_B = d.reward_N[d.discount_N == 0].astype(np.float64)
     assert np.isclose(terminal_B[:, None], [2.71, 1.9, 1.0], rtol=1e-6).any(axis=1).all()
+
+
+def test_progress_is_clamped_to_zero_and_one() -> None:
+    replay = make(beta0=0.4)
+    replay.set_progress(3.0)
+    assert replay.beta == pytest.approx(1.0)
+    replay.set_progress(-2.0)
+    assert replay.beta == pytest.approx(0.4)

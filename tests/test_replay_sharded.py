@@ -120,3 +120,61 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
         np.testing.assert_array_equal(restored.shards[key].tree.priorities_N,
                                       replay.shards[key].tree.priorities_N)
     assert restored.add_shard() == 4
+
+
+def test_unnamed_writes_visit_three_shards_in_key_order_and_errors_say_why() -> None:
+    replay = make(3)
+    for tag in range(6):
+        replay.add(chunk(tag + 1, tag))  # sizes 1..6 say which write went where
+    assert [len(replay.shards[k]) for k in (0, 1, 2)] == [1 + 4, 2 + 5, 3 + 6]
+    assert replay.added == 21
+    for key in list(replay.shards):
+        replay.drop_shard(key)
+    with pytest.raises(RuntimeError, match="no shards to write to"):
+        replay.add(chunk(2, 0))
+    with pytest.raises(RuntimeError, match="cannot sample from an empty replay"):
+        replay.sample(2)
+
+
+def test_sampled_batch_always_holds_batch_size_rows_over_many_small_shards() -> None:
+    """Five shards, batches of 3: many shards get 0 or exactly 1 of the draws, and every
+    batch still holds 3 rows, each with the weight of its own priority."""
+    replay = make(5)
+    fill(replay, [7, 3, 9, 1, 5])
+    for _ in range(200):
+        batch = replay.sample(3)
+        assert len(batch) == len(batch.data) == len(batch.weights_B) == 3  # type: ignore[arg-type]
+        tags = batch.data.obs_NO[:, 0].astype(int)
+        assert np.array_equal(batch.indices_B >> 40, tags // 1000)
+
+
+def test_small_total_priority_samples_and_zero_total_refuses() -> None:
+    """A total priority below 1 is a normal replay; all-zero priorities cannot be sampled."""
+    replay = make(2)
+    replay.add(chunk(4, 0), priorities_N=np.full(4, 0.01), shard=0)
+    assert replay.shards[0].tree.total == pytest.approx(0.04)
+    assert len(replay.sample(6)) == 6
+    dead = make(2)
+    dead.add(chunk(4, 0), priorities_N=np.zeros(4), shard=1)  # eps 0: priority 0
+    with pytest.raises(RuntimeError, match="cannot sample from an empty replay"):
+        dead.sample(2)
+
+
+def test_beta_is_beta0_by_default_and_anneals_over_rows_added_to_any_shard() -> None:
+    rng = np.random.default_rng(0)
+
+    def new_shard() -> PrioritizedReplay:
+        return PrioritizedReplay(RingStorage(40, (2,), np.dtype(np.float32)), rng)
+
+    assert ShardedReplay(new_shard, rng, 2).beta == pytest.approx(0.4)
+    constant = ShardedReplay(new_shard, rng, 2)
+    constant.add(chunk(30, 0), shard=0)
+    assert constant.beta == pytest.approx(0.4)  # beta_steps 0: no annealing
+    replay = ShardedReplay(new_shard, rng, 2, beta0=0.2, beta_steps=100)
+    replay.add(chunk(30, 0), shard=0)
+    replay.add(chunk(20, 1), shard=1)
+    assert replay.added == 50 and replay.beta == pytest.approx(0.2 + 0.8 * 0.5)
+    replay.add(chunk(60, 1), shard=1)
+    assert replay.beta == pytest.approx(1.0)
+    replay.set_progress(0.25)
+    assert replay.beta == pytest.approx(0.4)
