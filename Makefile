@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: train test test-fast lint bench clean
+.PHONY: train test test-fast lint bench mutants clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,5 +32,15 @@ bench: $(STAMP)  ## benchmarks need the peer libraries
 	$(BIN)/python -m pip install -q -e ".[bench]" "$(TORCH_PIN)"
 	$(BIN)/python benchmarks/cartpole_vs_sb3.py
 
+# Mutation testing of the core (losses, policies, replay/, roles/; [tool.mutmut] in
+# pyproject.toml): slow (about an hour on 2 cores), so not part of `make test` or CI. A fresh
+# run each time: mutmut keeps old verdicts when only the tests changed.
+MUTANT_CHILDREN ?= 2
+mutants: $(STAMP)  ## mutation score per core module, and every surviving mutant
+	$(BIN)/python -m pip install -q -e ".[mutants]" "$(TORCH_PIN)"
+	rm -rf mutants
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/mutmut run --max-children $(MUTANT_CHILDREN)
+	$(BIN)/python tools/mutation_scores.py --list
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache mutants
