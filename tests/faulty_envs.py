@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import gymnasium as gym
@@ -26,3 +27,15 @@ class ExplodingEnv(gym.Env[np.ndarray, int]):
         if os.getpid() != MAIN_PID:
             raise RuntimeError("boom from inside the env")
         return np.zeros(4, np.float32), 0.0, False, False, {}
+
+
+class SlowStartCartPole(gym.envs.classic_control.CartPoleEnv):
+    """CartPole, whose first reset inside a worker takes 1 s: a test can look at what the
+    main process holds right after the workers started, before any of them acts."""
+
+    def reset(self, *, seed: int | None = None,
+              options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+        if os.getpid() != MAIN_PID and not getattr(self, "_slept", False):
+            self._slept = True
+            time.sleep(1.0)
+        return super().reset(seed=seed, options=options)

@@ -445,9 +445,10 @@ def test_ctrl_c_checkpoints_and_resume_continues(
 
 @pytest.mark.parametrize("preset", ["cartpole-a3c", "cartpole-dper"])
 def test_resume_on_processes_restores_the_global_side(preset: str, tmp_path: Path) -> None:
-    """Hogwild (the shared-memory model and optimizer state are restored, then shared
-    again before the workers fork) and the sharded replay of the main process (saved with
-    checkpoint.replay) both carry on from a checkpoint."""
+    """Hogwild and the sharded replay of the main process (saved with checkpoint.replay)
+    both carry on from a checkpoint: counters, metrics and the model move on (the restored
+    optimizer state itself is compared in the Hogwild restore test below and in
+    test_aggregator_math)."""
     run_dir = tmp_path / "run"
     common = ["train.eval_every=0", "train.eval_episodes=2", "log.every=500",
               "checkpoint.replay=true"]
@@ -470,6 +471,41 @@ def test_resume_on_processes_restores_the_global_side(preset: str, tmp_path: Pat
     final, _, _ = checkpoint.load(checkpoint.find(run_dir))
     key = next(k for k in tensors if k.startswith("online."))
     assert not torch.equal(final[key], tensors[key])
+
+
+def test_hogwild_restore_puts_the_saved_model_and_optimizer_state_in_shared_memory(
+        tmp_path: Path) -> None:
+    """A3C Hogwild on processes: a checkpoint restored into a new runner gives the shared
+    global model and the shared RMSprop state tensor-equal to the saved ones, and the same
+    next step on the same gradient. The new runner's workers first sleep in their env's
+    reset (SlowStartCartPole), so nothing moves the shared state while it is compared."""
+    cfg = _cfg("cartpole-a3c")
+    with grad_runner(cfg) as first:
+        run_until(first, lambda r, _: r.updates >= 20, 40.0)
+        first.freeze()  # the workers stop writing the shared model
+        tensors, meta, replay = first.state(with_replay=False)
+        saved_opt = copy.deepcopy(first.aggregator.opt.state_dict())
+        path = checkpoint.save(tmp_path / "ckpt", first.env_steps, tensors, meta, replay)
+        slow = _cfg("cartpole-a3c", "env.id='faulty_envs:SlowStartCartPole'")
+        with grad_runner(slow) as second:
+            second.restore(*checkpoint.load(path))
+            agg = second.aggregator
+            assert agg.version == first.updates
+            for key, value in first.aggregator.model.state_dict().items():
+                assert torch.equal(agg.model.state_dict()[key], value), key
+                assert agg.model.state_dict()[key].is_shared(), key
+            restored = agg.opt.state_dict()["state"]
+            assert restored.keys() == saved_opt["state"].keys() and restored
+            for pid, values in saved_opt["state"].items():
+                for name, value in values.items():
+                    assert torch.equal(torch.as_tensor(restored[pid][name]),
+                                       torch.as_tensor(value)), (pid, name)
+                    assert restored[pid][name].is_shared(), (pid, name)
+            size = sum(p.numel() for p in agg.params)
+            grad_P = torch.linspace(-1.0, 1.0, size)
+            first.aggregator.apply([grad_P.clone()], [1.0])
+            agg.apply([grad_P.clone()], [1.0])
+            assert torch.equal(_flat(agg.online), _flat(first.aggregator.online))
 
 
 def test_hogwild_final_checkpoint_and_result_describe_the_same_model(tmp_path: Path) -> None:
