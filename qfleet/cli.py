@@ -3,33 +3,43 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.markup import escape
-
-from qfleet.checkpoint import CheckpointError
-from qfleet.config import (
-    Config,
-    ConfigError,
-    load_config,
-    preset_names,
-    resolve_source,
-    to_toml,
-)
-from qfleet.runtime.processes import WorkerError
-
+# Only the standard library at import time: a Ctrl-C while torch loads lands in main()'s
+# handler, and `qfleet --help` answers at once.
 if TYPE_CHECKING:
+    from rich.console import Console
+
+    from qfleet.config import Config
     from qfleet.experiment import Result
 
-console = Console(soft_wrap=True)
-err_console = Console(stderr=True, soft_wrap=True)
+# OS errors a user causes with a path (permissions, a file where a folder goes, a full
+# disk): one line naming the path, exit 2. Other OS errors are bugs and keep a traceback.
+USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR, errno.EISDIR,
+               errno.ENOSPC, errno.EROFS, errno.EEXIST, errno.EDQUOT, errno.ENAMETOOLONG,
+               errno.ELOOP, errno.EFBIG}
+
+
+def _consoles() -> tuple[Console, Console]:
+    from rich.console import Console
+
+    return Console(soft_wrap=True), Console(stderr=True, soft_wrap=True)
+
+
+def _escape(text: object) -> str:
+    from rich.markup import escape
+
+    return escape(str(text))
 
 
 def _config_from(args: argparse.Namespace, source: str | Path) -> Config:
+    from qfleet.config import load_config
+
     overrides = list(args.set or [])
     if getattr(args, "seed", None) is not None:
         overrides.append(f"seed={args.seed}")
@@ -41,19 +51,22 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = _config_from(args, args.config)
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg, Path(args.config).stem)
-    console.print(f"[bold]qfleet[/] training {escape(args.config)} -> {escape(str(run_dir))}")
-    _print_result(train(cfg, run_dir))
+    args.resolved_run_dir = run_dir
+    out, _ = _consoles()
+    out.print(f"[bold]qfleet[/] training {_escape(args.config)} -> {_escape(run_dir)}")
+    _print_result(train(cfg, run_dir, overwrite=args.overwrite))
     return 0
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from qfleet import checkpoint
     from qfleet.experiment import resume
 
     run_dir = Path(args.run_dir)
-    ckpt = checkpoint.find(run_dir)
-    cfg = _config_from(args, run_dir / "config.toml")
-    console.print(f"[bold]qfleet[/] resuming {escape(str(run_dir))} from {ckpt.name}")
+    args.resolved_run_dir = run_dir
+    cfg = _config_from(args, run_dir / "config.toml") if (run_dir / "config.toml").is_file() \
+        else None
+    out, _ = _consoles()
+    out.print(f"[bold]qfleet[/] resuming {_escape(run_dir)}")
     _print_result(resume(run_dir, cfg))
     return 0
 
@@ -61,27 +74,31 @@ def cmd_resume(args: argparse.Namespace) -> int:
 def _print_result(result: Result) -> None:
     solved = (f", first reached the target at {result.solved_at_env_steps:,} steps"
               if result.solved_at_env_steps is not None else "")
-    console.print(
+    _consoles()[0].print(
         f"[bold green]done[/]: eval return {result.eval_return_mean:.1f} ± "
         f"{result.eval_return_std:.1f} over {result.eval_episodes} episodes; "
         f"{result.env_steps:,} env steps, {result.updates:,} updates in {result.wall_s:.1f} s "
         f"({result.env_steps_per_s:.0f} steps/s){solved}\n"
-        f"run directory: {escape(result.run_dir)}", highlight=False)
+        f"run directory: {_escape(result.run_dir)}", highlight=False)
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
     from qfleet.algos import scheme_row
+    from qfleet.config import load_config, preset_names
 
+    out, _ = _consoles()
     width = max(map(len, preset_names()))
     for name in preset_names():
         cfg = load_config(name)
         row = " · ".join(f"{k}: {v}" for k, v in scheme_row(cfg).items())
-        console.print(f"[bold]{name:<{width}}[/] {escape(cfg.description)}\n"
-                      f"{'':<{width}} [dim]{escape(row)}[/]", highlight=False)
+        out.print(f"[bold]{name:<{width}}[/] {_escape(cfg.description)}\n"
+                  f"{'':<{width}} [dim]{_escape(row)}[/]", highlight=False)
     return 0
 
 
 def cmd_config(args: argparse.Namespace) -> int:
+    from qfleet.config import load_config, resolve_source, to_toml
+
     cfg = load_config(args.preset, args.set or [])
     sys.stdout.write(f"# resolved from {resolve_source(args.preset)}\n" + to_toml(cfg))
     return 0
@@ -91,17 +108,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from qfleet.policy_io import load_policy
 
     policy, cfg = load_policy(Path(args.path))
+    out, _ = _consoles()
     if args.video:
         from qfleet.evaluate import record_video
 
         res = record_video(policy, cfg.env, args.episodes, cfg.seed, Path(args.video))
-        console.print(f"videos written to {args.video}")
+        out.print(f"videos written to {_escape(args.video)}")
     else:
         from qfleet.evaluate import evaluate
 
         res = evaluate(policy, cfg.env, args.episodes, cfg.seed)
-    console.print(f"eval return {res.mean:.1f} ± {res.std:.1f} over {len(res.returns)} episodes "
-                  f"({cfg.env.id})", highlight=False)
+    out.print(f"eval return {res.mean:.1f} ± {res.std:.1f} over {len(res.returns)} episodes "
+              f"({_escape(cfg.env.id)})", highlight=False)
     return 0
 
 
@@ -109,7 +127,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from qfleet.plots import plot_runs
 
     out = plot_runs([Path(p) for p in args.run_dirs], Path(args.output))
-    console.print(f"plot written to {out}")
+    _consoles()[0].print(f"plot written to {_escape(out)}")
     return 0
 
 
@@ -128,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a field")
     p.add_argument("--run-dir", help="where to write the run (default runs/<name>-<time>)")
     p.add_argument("--seed", type=int, help="shorthand for --set seed=N")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a run already in --run-dir (its checkpoints are deleted)")
 
     add("presets", cmd_presets, "list the presets")
 
@@ -147,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("plot", cmd_plot, "draw learning curves of one or more runs")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
-    p.add_argument("-o", "--output", default="curves.png")
+    p.add_argument("-o", "--output", default="curves.png",
+                   help="image file (its suffix picks the format), or a folder for curves.png")
     return parser
 
 
@@ -161,29 +182,88 @@ def _positive(text: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args))
-    except (ConfigError, CheckpointError) as err:
-        err_console.print(f"[bold red]qfleet: error:[/] {escape(str(err))}", highlight=False)
-        return 2
-    except WorkerError as err:  # the worker's own traceback is in the message
-        err_console.print(f"[bold red]qfleet: a worker failed, run stopped:[/] "
-                          f"{escape(str(err))}", highlight=False)
-        return 1
-    except Exception as err:  # a bug or a broken learner: say so, keep the traceback
-        import traceback
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return int(args.func(args))
+    except BaseException as err:  # every failure ends here, as one line where it can
+        return _report(err, args)
 
-        traceback.print_exc()
-        err_console.print(f"[bold red]qfleet: training failed:[/] {type(err).__name__}: "
-                          f"{escape(str(err))}."
-                          " Workers were stopped; the last checkpoint (if any) is under the "
-                          "run directory's checkpoints/ and loads with `qfleet resume`.",
-                          highlight=False)
-        return 1
-    except KeyboardInterrupt as err:
-        from qfleet.experiment import Interrupted
 
-        if isinstance(err, Interrupted):
-            err_console.print(f"interrupted ({escape(str(err))}); continue with: qfleet resume "
-                              f"{escape(str(err.checkpoint.parent.parent))}", highlight=False)
-            return err.exit_code
-        return 130
+def _show_warning(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
+    from qfleet.config import QfleetWarning
+
+    if issubclass(category, QfleetWarning):
+        _consoles()[1].print(f"qfleet: warning: {_escape(message)}", highlight=False)
+    else:
+        print(f"{category.__name__}: {message}", file=sys.stderr)
+
+
+def _report(err: BaseException, args: argparse.Namespace) -> int:
+    """The error boundary: a user-caused failure is one line and exit 2; a broken run is
+    one line and exit 1; a bug keeps its traceback (exit 1); Ctrl-C exits 128 + signal."""
+    if isinstance(err, KeyboardInterrupt):
+        return _interrupted(err, args)
+    if isinstance(err, SystemExit):
+        raise err
+    line, code = _user_error(err)
+    _, errs = _consoles()
+    if line is not None:
+        errs.print(f"[bold red]qfleet: error:[/] {_escape(line)}", highlight=False)
+        return code
+    import traceback
+
+    traceback.print_exception(err)
+    hint = _resume_hint(args)
+    errs.print(f"[bold red]qfleet: {args.command} failed (a bug, please report it):[/] "
+               f"{type(err).__name__}: {_escape(err)}." + (f" {hint}" if hint else ""),
+               highlight=False)
+    return 1
+
+
+def _user_error(err: BaseException) -> tuple[str | None, int]:
+    """(the one line to print, the exit code), or (None, 1) for a bug."""
+    from qfleet.checkpoint import CheckpointError
+    from qfleet.config import ConfigError
+
+    if isinstance(err, (ConfigError, CheckpointError)):
+        return str(err), 2
+    if isinstance(err, OSError) and err.errno in USER_ERRNOS:
+        where = f"{err.filename}: " if err.filename else ""
+        return f"{where}{err.strerror or err}", 2
+    if isinstance(err, MemoryError):
+        return ("out of memory: lower replay.capacity, net.hidden, actors.count or "
+                "env.num_envs"), 2
+    from qfleet.experiment import Diverged
+    from qfleet.runtime.errors import WorkerError
+
+    if isinstance(err, WorkerError):  # the worker's own traceback is in the message
+        return f"a worker failed, run stopped: {err}", 1
+    if isinstance(err, Diverged):
+        return str(err), 1
+    return None, 1
+
+
+def _resume_hint(args: argparse.Namespace) -> str:
+    """Where a failed train/resume can continue from, if a checkpoint exists."""
+    run_dir = getattr(args, "resolved_run_dir", None)
+    checkpoint = sys.modules.get("qfleet.checkpoint")  # not loaded: nothing was saved
+    if run_dir is None or checkpoint is None:
+        return ""
+    found = checkpoint.candidates(run_dir)
+    if not found:
+        return ""
+    return (f"Workers were stopped; the last checkpoint is {found[0]} "
+            f"(continue with `qfleet resume {run_dir}`).")
+
+
+def _interrupted(err: KeyboardInterrupt, args: argparse.Namespace) -> int:
+    # Nothing is imported here that a Ctrl-C could have cut off halfway (torch, ...).
+    experiment = sys.modules.get("qfleet.experiment")
+    _, errs = _consoles()
+    if experiment is not None and isinstance(err, experiment.Interrupted):
+        errs.print(f"interrupted ({_escape(err)}); continue with: qfleet resume "
+                   f"{_escape(err.checkpoint.parent.parent)}", highlight=False)
+        return err.exit_code
+    hint = _resume_hint(args)
+    errs.print("interrupted" + (f"; {hint}" if hint else ""), highlight=False)
+    return 130

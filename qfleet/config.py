@@ -10,17 +10,25 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import tomllib
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 PRESET_DIR = Path(__file__).parent / "presets"
+INT_LIMIT = 2**63  # integers travel as int64 (NumPy, torch seeds, safetensors counters)
 
 
 class ConfigError(ValueError):
     """A user-facing configuration mistake; the CLI prints it and exits with code 2."""
+
+
+class QfleetWarning(UserWarning):
+    """Something a user should know that does not stop the command (the CLI prints it as
+    one line)."""
 
 
 def _f(default: Any, *, lo: float | None = None, hi: float | None = None,
@@ -165,7 +173,9 @@ class TrainConfig:
 @dataclass
 class CheckpointConfig:
     every: int = _f(10_000, lo=0, help="env steps between checkpoints; 0 = only at the end")
-    replay: bool = _f(True, help="also save the replay buffer (turn off for huge buffers)")
+    replay: bool = _f(True, help="also save the replay buffers (turn off for huge buffers)")
+    keep: int = _f(3, lo=1, help="checkpoints kept; older ones are deleted once a newer one "
+                   "is safely on disk")
 
 
 @dataclass
@@ -224,6 +234,10 @@ def _check_field(key: str, value: Any, tp: Any, meta: typing.Mapping[str, Any]) 
                           f"got {type(value).__name__}")
     if value is None:
         return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key} = {value!r}: must be a finite number")
+    if isinstance(value, int) and not -INT_LIMIT <= value < INT_LIMIT:
+        raise ConfigError(f"{key} = {value!r}: must be below 2**63 in magnitude")
     if meta.get("choices") and value not in meta["choices"]:
         allowed = ", ".join(repr(c) for c in meta["choices"])
         raise ConfigError(f"{key} = {value!r}: not one of {allowed}")
@@ -398,16 +412,25 @@ def preset_names() -> list[str]:
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as fh:
-            return tomllib.load(fh)
+            data = tomllib.load(fh)
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: malformed TOML: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}): TOML files are "
+                          "UTF-8") from None
+    if not data:
+        warnings.warn(f"{path} sets nothing: every field takes its default",
+                      QfleetWarning, stacklevel=3)
+    return data
 
 
 def resolve_source(preset_or_path: str | Path) -> Path:
     """A preset name or a path to a TOML file -> the file to read."""
     text = str(preset_or_path)
-    if text.endswith(".toml") or "/" in text or Path(text).is_file():
+    if text.endswith(".toml") or "/" in text or Path(text).exists():
         path = Path(text)
+        if path.is_dir():
+            raise ConfigError(f"config file {text!r} is a directory, not a TOML file")
         if not path.is_file():
             raise ConfigError(f"config file {text!r} does not exist")
         return path

@@ -36,9 +36,9 @@ def _load_class(env_id: str) -> type[gym.Env[Any, Any]]:
     module_name, _, class_name = env_id.partition(":")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ConfigError(f"env.id = {env_id!r}: cannot import module {module_name!r} ({err})") \
-            from None
+    except Exception as err:  # ImportError, or the module's own SyntaxError, NameError, ...
+        raise ConfigError(f"env.id = {env_id!r}: cannot import module {module_name!r} "
+                          f"({type(err).__name__}: {err})") from None
     cls = getattr(module, class_name, None)
     if not (isinstance(cls, type) and issubclass(cls, gym.Env)):
         raise ConfigError(f"env.id = {env_id!r}: {module_name}.{class_name} is not a gymnasium.Env "

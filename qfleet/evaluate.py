@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,10 @@ from qfleet.envs import env_fn, make_vec_env, seeds_for
 
 EVAL_STREAM = 999_983  # seed stream of eval envs, far from the actors' streams
 MAX_PARALLEL = 20
+
+
+class EvalInterrupted(Exception):
+    """``should_stop`` said so (a Ctrl-C): the evaluation was abandoned mid-episode."""
 
 
 @dataclass
@@ -36,26 +41,40 @@ def _greedy(net: nn.Module, obs_EO: np.ndarray) -> np.ndarray:
     return net(torch.as_tensor(obs_EO, device=device)).argmax(dim=1).cpu().numpy()
 
 
-def evaluate(net: nn.Module, env_cfg: EnvConfig, episodes: int, seed: int) -> EvalResult:
+def evaluate(net: nn.Module, env_cfg: EnvConfig, episodes: int, seed: int,
+             should_stop: Callable[[], bool] = lambda: False) -> EvalResult:
     """Run ``episodes`` greedy episodes; each env in a wave counts only its first episode,
-    so short episodes are not over-represented."""
+    so short episodes are not over-represented. ``should_stop`` is asked every step:
+    True abandons the evaluation (EvalInterrupted)."""
     returns: list[float] = []
     seeds = seeds_for(seed, EVAL_STREAM, episodes)
     was_training = net.training
     net.eval()
-    while len(returns) < episodes:
-        wave = min(MAX_PARALLEL, episodes - len(returns))
-        env = make_vec_env(env_cfg, num_envs=wave)
-        obs_EO, _ = env.reset(seed=seeds[len(returns): len(returns) + wave])
-        ret_E, alive_E = np.zeros(wave), np.ones(wave, dtype=bool)
+    try:
+        while len(returns) < episodes:
+            wave = min(MAX_PARALLEL, episodes - len(returns))
+            returns += _wave(net, env_cfg, seeds[len(returns): len(returns) + wave], should_stop)
+    finally:
+        net.train(was_training)
+    return EvalResult(returns)
+
+
+def _wave(net: nn.Module, env_cfg: EnvConfig, seeds: list[int | None],
+          should_stop: Callable[[], bool]) -> list[float]:
+    """One episode in each of ``len(seeds)`` envs stepped together."""
+    env = make_vec_env(env_cfg, num_envs=len(seeds))
+    try:
+        obs_EO, _ = env.reset(seed=seeds)
+        ret_E, alive_E = np.zeros(len(seeds)), np.ones(len(seeds), dtype=bool)
         while alive_E.any():
+            if should_stop():
+                raise EvalInterrupted
             obs_EO, reward_E, term_E, trunc_E, _ = env.step(_greedy(net, obs_EO))
             ret_E += reward_E * alive_E
             alive_E &= ~(term_E | trunc_E)
+        return [float(r) for r in ret_E]
+    finally:
         env.close()
-        returns += ret_E.tolist()
-    net.train(was_training)
-    return EvalResult(returns)
 
 
 def record_video(net: nn.Module, env_cfg: EnvConfig, episodes: int, seed: int,

@@ -7,11 +7,13 @@ checkpoints. It reads top to bottom: build, (restore), step until done, finish.
 from __future__ import annotations
 
 import json
+import math
 import signal
 import threading
 import time
 import tomllib
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType
@@ -20,10 +22,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from qfleet import checkpoint
+from qfleet import checkpoint, rundir
 from qfleet.algos import build_program
-from qfleet.config import Config, ConfigError, to_toml
-from qfleet.evaluate import evaluate
+from qfleet.config import Config, ConfigError, from_dict, to_toml
+from qfleet.evaluate import EvalInterrupted, evaluate
+from qfleet.memory import check_fits
 from qfleet.metrics import MetricsWriter
 from qfleet.progress import ProgressLine
 from qfleet.runtime import RoundReport, WorkerError, make_runner, ray_options
@@ -51,6 +54,10 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(f"{signal.Signals(signum).name}: checkpoint saved to {ckpt}")
         self.exit_code = 128 + signum
         self.checkpoint = ckpt
+
+
+class Diverged(RuntimeError):
+    """The loss or the parameters stopped being finite; nothing from then on is saved."""
 
 
 class _StopFlag:
@@ -104,12 +111,24 @@ def default_run_dir(cfg: Config, name: str | None = None) -> Path:
 
 
 class Experiment:
-    def __init__(self, cfg: Config, run_dir: Path) -> None:
+    """One run in ``run_dir``. It holds the run dir's lock (``lock``, or its own) from
+    before its workers start until ``close()``; ``run()`` closes it when it ends."""
+
+    def __init__(self, cfg: Config, run_dir: Path, lock: rundir.RunLock | None = None) -> None:
         self.cfg, self.run_dir = cfg, run_dir
         if cfg.runtime.torch_threads:
             torch.set_num_threads(cfg.runtime.torch_threads)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self.runner = make_runner(cfg.runtime.backend, build_program(cfg), ray_options(cfg))
+        check_fits(cfg)  # before anything is allocated or any dir is made
+        program = build_program(cfg)
+        self.own_lock = None if lock is not None else rundir.RunLock(run_dir)
+        try:
+            self.runner = make_runner(cfg.runtime.backend, program, ray_options(cfg))
+        except BaseException:
+            if self.own_lock is not None:
+                self.own_lock.release(failed=True)
+            raise
+        self.notes: list[str] = []  # printed when the run starts (what resume decided)
+        self.stop = _StopFlag()
         self.wall_offset = 0.0
         self.episodes: deque[float] = deque(maxlen=20)
         self.episodes_by_actor: dict[int, deque[float]] = {}
@@ -129,6 +148,8 @@ class Experiment:
         return self.wall_offset + time.perf_counter() - self.t0
 
     def save_checkpoint(self) -> Path:
+        if not all(bool(torch.isfinite(p).all()) for p in self.runner.policy_net.parameters()):
+            raise self._diverged("the parameters are no longer finite")
         tensors, meta, replay = self.runner.state(self.cfg.checkpoint.replay)
         meta |= {"config": to_toml(self.cfg), "wall_s": self.wall_s(),
                  "best_eval": self.best_eval, "solved": self.solved, "eval_s": self.eval_s,
@@ -136,16 +157,40 @@ class Experiment:
                  "recent_returns": list(self.episodes),
                  "next": [self.next_log, self.next_eval, self.next_ckpt]}
         return checkpoint.save(self.run_dir / "checkpoints", self.runner.env_steps, tensors,
-                               meta, replay)
+                               meta, replay, keep=self.cfg.checkpoint.keep)
 
     def restore(self, ckpt: Path) -> None:
+        """Load ``ckpt`` into this run; CheckpointError if it is damaged or does not fit,
+        ConfigError if this run's config changes a field fixed at the start."""
         tensors, meta, replay = checkpoint.load(ckpt)
-        self.runner.restore(tensors, meta, replay)
-        self.wall_offset = meta["wall_s"]
-        self.best_eval, self.solved = meta["best_eval"], meta["solved"]
-        self.eval_s, self.actor_restarts = meta["eval_s"], meta["actor_restarts"]
-        self.episodes.extend(meta["recent_returns"])
-        self.next_log, self.next_eval, self.next_ckpt = meta["next"]
+        check_resumable(saved_config(ckpt, meta), self.cfg)
+        _check_counters(ckpt, meta)
+        try:
+            self.runner.restore(tensors, meta, replay)
+            self.wall_offset = meta["wall_s"]
+            self.best_eval, self.solved = meta["best_eval"], meta["solved"]
+            self.eval_s, self.actor_restarts = meta["eval_s"], meta["actor_restarts"]
+            self.episodes.clear()
+            self.episodes.extend(meta["recent_returns"])
+            self.next_log, self.next_eval, self.next_ckpt = meta["next"]
+        except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise checkpoint.CheckpointError(
+                f"{ckpt}: does not fit this run ({type(err).__name__}: {first})") from None
+
+    def restore_latest(self) -> Path:
+        """Restore the newest checkpoint that loads, saying which damaged ones it skipped."""
+        _, ckpt, skipped = checkpoint.first_loadable(self.run_dir, self.restore)
+        self.notes += [f"warning: skipped a damaged checkpoint: {why}" for why in skipped]
+        if skipped:
+            self.notes.append(f"resuming from the newest loadable checkpoint: {ckpt.name}")
+        return ckpt
+
+    def close(self) -> None:
+        """Stop the workers and release the run dir (safe to call twice)."""
+        self.runner.close()
+        if self.own_lock is not None:
+            self.own_lock.release()
 
     # ------------------------------------------------------------ loop
 
@@ -158,15 +203,13 @@ class Experiment:
         self.metrics = MetricsWriter(self.run_dir, cfg.log.tensorboard)
         self.progress = ProgressLine(cfg.train.total_env_steps, cfg.log.progress,
                                      self.runner.env_steps)
-        self.progress.print(self.runner.describe())
-        stop = _StopFlag()
-        handlers = _install_handlers(stop)
+        for note in [*self.notes, self.runner.describe()]:
+            self.progress.print(note)
+        handlers = _install_handlers(self.stop)
         try:
             while self.runner.env_steps < cfg.train.total_env_steps and not self._target_hit():
                 self._after_round(self.runner.step())
-                if stop.signum is not None:
-                    self.runner.freeze()
-                    raise Interrupted(stop.signum, self.save_checkpoint())
+                self._stop_if_asked()
             return self._finish()
         except WorkerError as err:  # the run cannot go on: say where it can resume from
             raise WorkerError(f"{err}\n{self._resume_hint()}") from None
@@ -175,7 +218,12 @@ class Experiment:
                 signal.signal(signum, handler)
             self.progress.close()
             self.metrics.close()
-            self.runner.close()
+            self.close()
+
+    def _stop_if_asked(self) -> None:
+        if self.stop.signum is not None:
+            self.runner.freeze()
+            raise Interrupted(self.stop.signum, self.save_checkpoint())
 
     def _resume_hint(self) -> str:
         try:
@@ -187,7 +235,15 @@ class Experiment:
     def _target_hit(self) -> bool:
         return self.cfg.train.target_return is not None and self.solved is not None
 
+    def _diverged(self, what: str) -> Diverged:
+        return Diverged(f"training diverged at env step {self.runner.env_steps:,} (update "
+                        f"{self.runner.updates:,}): {what}; nothing from this point was "
+                        f"saved, {self._resume_hint()}. Try a lower learner.lr or "
+                        "learner.max_grad_norm")
+
     def _after_round(self, report: RoundReport) -> None:
+        if report.loss_count and not math.isfinite(report.loss_sum):
+            raise self._diverged(f"the loss is {report.loss_sum}")
         self.window.append(report)
         for note in report.notes:
             self.progress.print(note)
@@ -199,11 +255,12 @@ class Experiment:
             self._log_train()
             self.next_log = steps + self.cfg.log.every
         if self.cfg.train.eval_every and steps >= self.next_eval:
-            self._eval()
+            if self._eval() is None:
+                return  # Ctrl-C abandoned it: the stop comes next
             self.next_eval = steps + self.cfg.train.eval_every
         if self.cfg.checkpoint.every and steps >= self.next_ckpt:
+            self.next_ckpt = steps + self.cfg.checkpoint.every  # saved with the checkpoint
             self.save_checkpoint()
-            self.next_ckpt = steps + self.cfg.checkpoint.every
 
     def _log_train(self) -> None:
         now = time.perf_counter()
@@ -226,14 +283,19 @@ class Experiment:
         last = self.last_eval[1] if self.last_eval else None
         self.progress.update(record | {"eval_return_mean": last})
 
-    def _eval(self) -> tuple[float, float]:
+    def _eval(self) -> tuple[float, float] | None:
+        """The greedy eval at this step (None: a Ctrl-C abandoned it)."""
         steps = self.runner.env_steps
         if self.last_eval is not None and self.last_eval[0] == steps:
             return self.last_eval[1], self.last_eval[2]
         t0 = time.perf_counter()
-        res = evaluate(self.runner.policy_net, self.cfg.env, self.cfg.train.eval_episodes,
-                       self.cfg.seed)
-        self.eval_s += time.perf_counter() - t0
+        try:
+            res = evaluate(self.runner.policy_net, self.cfg.env, self.cfg.train.eval_episodes,
+                           self.cfg.seed, should_stop=lambda: self.stop.signum is not None)
+        except EvalInterrupted:
+            return None
+        finally:
+            self.eval_s += time.perf_counter() - t0
         self.last_eval = (steps, res.mean, res.std)
         self.best_eval = max(self.best_eval, res.mean)
         target = self.cfg.train.target_return
@@ -247,7 +309,10 @@ class Experiment:
 
     def _finish(self) -> Result:
         self.runner.freeze()
-        mean, std = self._eval()
+        evaluated = self._eval()
+        self._stop_if_asked()
+        assert evaluated is not None  # only a stop abandons an eval
+        mean, std = evaluated
         ckpt = self.save_checkpoint()
         wall = self.wall_s()
         result = Result(
@@ -264,20 +329,38 @@ class Experiment:
         return result
 
 
-def train(cfg: Config, run_dir: str | Path | None = None) -> Result:
-    """Train ``cfg`` in a new run directory; returns the final greedy evaluation and counters."""
+def train(cfg: Config, run_dir: str | Path | None = None, *, overwrite: bool = False) -> Result:
+    """Train ``cfg`` in a new run directory; returns the final greedy evaluation and counters.
+    ``overwrite``: replace a run already in ``run_dir`` (its checkpoints are deleted)."""
     path = Path(run_dir) if run_dir else default_run_dir(cfg)
-    if (path / "metrics.jsonl").exists():
-        raise ConfigError(f"run directory {str(path)!r} already holds a run: continue it with "
-                          "`qfleet resume`, or choose another --run-dir")
-    return Experiment(cfg, path).run()
+    with rundir.claimed(path) as lock:
+        found = rundir.existing_run(path)
+        if found and not overwrite:
+            raise ConfigError(_holds_a_run(path))
+        exp = Experiment(cfg, path, lock)
+        if found:  # only now that the new run was built: a broken config keeps the old one
+            rundir.clear(path)
+        return exp.run()
 
 
-# Fields a resumed run cannot change: they shape the networks, the replay or the roles.
-FIXED_ON_RESUME = ("env.id", "algo.name", "algo.n_step", "algo.gamma", "net.torso", "net.hidden",
-                   "net.dueling", "net.activation", "net.shared_torso", "actors.count",
-                   "replay.kind", "replay.capacity", "replay.shards", "replay.storage",
-                   "replay.scope", "runtime.backend", "algo.a3c_mode")
+def _holds_a_run(path: Path) -> str:
+    ckpts = checkpoint.candidates(path)
+    if ckpts:
+        return (f"run directory {str(path)!r} already holds a run (checkpoint {ckpts[0].name}):"
+                f" continue it with `qfleet resume {path}`, replace it with --overwrite, or "
+                "choose another --run-dir")
+    return (f"run directory {str(path)!r} holds a run that stopped before its first checkpoint:"
+            f" `qfleet resume {path}` starts it again from step 0 with its config.toml, "
+            "--overwrite replaces it with this config, or choose another --run-dir")
+
+
+# Fields a resumed run cannot change: they shape the networks, the optimizer state, the
+# replay or the roles.
+FIXED_ON_RESUME = ("env.id", "env.frame_stack", "algo.name", "algo.n_step", "algo.gamma",
+                   "net.torso", "net.hidden", "net.dueling", "net.activation",
+                   "net.shared_torso", "actors.count", "replay.kind", "replay.capacity",
+                   "replay.shards", "replay.storage", "replay.scope", "runtime.backend",
+                   "algo.a3c_mode", "learner.optimizer")
 
 
 def check_resumable(saved: Config, cfg: Config) -> None:
@@ -289,14 +372,64 @@ def check_resumable(saved: Config, cfg: Config) -> None:
                               f"(the checkpoint has {old!r})")
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+# The counters every checkpoint holds, and what each must be (the runners check the rest).
+COUNTER_RULES: dict[str, Callable[[Any], bool]] = {
+    "env_steps": _count, "updates": _count, "actor_restarts": _count, "wall_s": _number,
+    "eval_s": _number, "best_eval": _number,
+    "recent_returns": lambda v: isinstance(v, list) and all(map(_number, v)),
+    "next": lambda v: isinstance(v, list) and len(v) == 3 and all(map(_count, v)),
+    "solved": lambda v: v is None or (isinstance(v, list) and len(v) == 2
+                                      and all(map(_number, v)))}
+
+
+def _check_counters(ckpt: Path, meta: dict[str, Any]) -> None:
+    for key, ok in COUNTER_RULES.items():
+        if key not in meta or not ok(meta[key]):
+            raise checkpoint.CheckpointError(f"{ckpt}: state.json has no valid {key!r} "
+                                             f"({meta.get(key, 'missing')!r})")
+
+
+def saved_config(ckpt: Path, meta: dict[str, Any]) -> Config:
+    """The config a checkpoint was written with (CheckpointError if it is unreadable)."""
+    try:
+        text = meta["config"]
+        if not isinstance(text, str):
+            raise TypeError(f"config is {type(text).__name__}, not TOML text")
+        return from_dict(tomllib.loads(text))
+    except (KeyError, TypeError, tomllib.TOMLDecodeError, ConfigError) as err:
+        raise checkpoint.CheckpointError(f"{ckpt}: state.json holds no valid config "
+                                         f"({type(err).__name__}: {err})") from None
+
+
 def resume(run_dir: str | Path, cfg: Config | None = None) -> Result:
-    """Continue a run from its latest checkpoint (``cfg`` defaults to the run's config.toml)."""
-    from qfleet.config import from_dict, load_config
+    """Continue a run from its newest loadable checkpoint (``cfg`` defaults to the run's
+    config.toml). The whole resumed run is built and the checkpoint loaded into it before
+    anything in the run dir changes. A run stopped before its first checkpoint starts
+    again from step 0."""
+    from qfleet.config import load_config
 
     run_dir = Path(run_dir)
-    ckpt = checkpoint.find(run_dir)
-    cfg = cfg or load_config(run_dir / "config.toml")
-    check_resumable(from_dict(tomllib.loads(checkpoint.load_meta(ckpt)["config"])), cfg)
-    exp = Experiment(cfg, run_dir)
-    exp.restore(ckpt)
-    return exp.run()
+    if not checkpoint.candidates(run_dir) and not (run_dir / "config.toml").is_file():
+        checkpoint.find(run_dir)  # raises: nothing to resume
+    with rundir.claimed(run_dir) as lock:
+        cfg = cfg or load_config(run_dir / "config.toml")
+        exp = Experiment(cfg, run_dir, lock)
+        try:
+            if checkpoint.candidates(run_dir):
+                exp.restore_latest()
+            else:
+                exp.notes.append(f"{run_dir} has no checkpoint (it stopped before its first): "
+                                 "starting it again from step 0")
+                rundir.clear(run_dir)
+        except BaseException:
+            exp.close()
+            raise
+        return exp.run()

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
+
+from qfleet.config import ConfigError, QfleetWarning
 
 
 class MetricsWriter:
     def __init__(self, run_dir: Path, tensorboard: bool) -> None:
-        self.fh = (run_dir / "metrics.jsonl").open("a", buffering=1)
+        path = run_dir / "metrics.jsonl"
+        self.fh = path.open("a", buffering=1)
+        if self.fh.tell() and not _ends_with_newline(path):
+            self.fh.write("\n")  # a crash cut the last line short: start a fresh one
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # late: slow import
@@ -30,7 +36,35 @@ class MetricsWriter:
             self.tb.close()
 
 
+def _ends_with_newline(path: Path) -> bool:
+    with path.open("rb") as fh:
+        fh.seek(-1, 2)
+        return fh.read(1) == b"\n"
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The records of ``run_dir/metrics.jsonl``. Lines that are not a JSON object with an
+    ``event`` and ``env_steps`` (cut short by a crash, edited by hand) are skipped with a
+    warning naming them."""
     path = run_dir / "metrics.jsonl"
-    with path.open() as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    if not path.is_file():
+        raise ConfigError(f"{run_dir}: no metrics.jsonl (is it a qfleet run directory?)")
+    records, bad = [], []
+    with path.open("rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw)
+            except ValueError:  # also UnicodeDecodeError
+                record = None
+            if isinstance(record, dict) and "event" in record and \
+                    isinstance(record.get("env_steps"), (int, float)):
+                records.append(record)
+            else:
+                bad.append(number)
+    if bad:
+        shown = ", ".join(map(str, bad[:5])) + (" ..." if len(bad) > 5 else "")
+        warnings.warn(f"{path}: skipped {len(bad)} unreadable line(s) (line {shown})",
+                      QfleetWarning, stacklevel=2)
+    return records

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -10,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _cli import cli_env as _cli_env
 from _runners import one_torch_thread as _one_torch_thread
 from hypothesis import settings
 
@@ -33,14 +33,6 @@ FAST_SETS = (
     "log.tensorboard=false",
     "log.progress=false",
 )
-
-
-def _cli_env() -> dict[str, str]:
-    env = dict(os.environ)
-    extra = os.pathsep.join([str(REPO_ROOT), str(TESTS_DIR)])
-    env["PYTHONPATH"] = extra + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.update(PYTHONUNBUFFERED="1", NO_COLOR="1", COLUMNS="200", TERM="dumb")
-    return env
 
 
 def _set_args(sets: Sequence[str]) -> list[str]:

@@ -5,6 +5,7 @@ conftest.py puts this folder on ``sys.path`` so the ``module:Class`` form resolv
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import gymnasium as gym
@@ -113,3 +114,15 @@ class DictObsEnv(gym.Env[dict[str, np.ndarray], int]):
 
 class NotAnEnv:
     """Importable, but not a gymnasium.Env subclass."""
+
+
+class SlowEnv(ChainEnv):
+    """ChainEnv that takes STEP_S of wall time per step and never terminates on its own
+    (give it env.max_episode_steps): long evaluations for the Ctrl-C tests."""
+
+    STEP_S = 0.004
+    LENGTH = 10**9
+
+    def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        time.sleep(self.STEP_S)
+        return super().step(action)

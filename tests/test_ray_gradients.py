@@ -269,3 +269,23 @@ def test_cartpole_gorila_sync_learns_on_the_ray_cluster(cluster: RayCluster,
     result = qfleet.train(cfg, tmp_path / "run")
     assert result.eval_return_mean >= 475.0, result
     assert result.env_steps <= cfg.train.total_env_steps
+
+
+def test_workers_own_replays_go_into_the_checkpoint_and_come_back(cluster: RayCluster) -> None:
+    from qfleet.checkpoint import with_prefix
+
+    cfg = _cfg("cartpole-gorila-async", "learner.learning_starts=200")
+    with ray_grad_runner(cfg) as runner:
+        run_until(runner, lambda r, _: r.updates >= 5, 45.0)
+        tensors, meta, replay = runner.state(with_replay=True)
+        parts = [with_prefix(replay, f"worker{i}.") for i in range(2)]
+        collected = [int(p["worker.collected"][0]) for p in parts]
+        assert min(collected) >= 200 and all(int(p["meta"][1]) > 0 for p in parts)
+        runner.restore(tensors, meta, replay)
+        # A refilling worker sends no gradient for 200 env steps; a restored one at once.
+        start = runner.env_steps
+        run_until(runner, lambda r, reps: _total(reps, "loss_count") > 0, 45.0)
+        assert runner.env_steps - start < 200
+        sizes = ray.get([s.handle.replay_state.remote(s.incarnation) for s in runner.slots])
+        assert all(int(p["meta"][1]) >= int(q["meta"][1]) for p, q in zip(sizes, parts,
+                                                                          strict=True))

@@ -54,12 +54,14 @@ def build(cfg: Config) -> GradientProgram:
         return GradientWorker(index, actor, new_net().requires_grad_(False), replay, loss_fn,
                               chunk_steps=cfg.actors.chunk_size,
                               batch_size=cfg.learner.batch_size,
-                              learning_starts=cfg.learner.learning_starts)
+                              learning_starts=cfg.learner.learning_starts,
+                              owns_replay=scope == "local")
 
     return gradient_program(
         cfg, make_worker=make_worker, make_aggregator=lambda: Aggregator(model, cfg.learner),
         make_shared_replay=None if scope == "local" else (lambda: new_replay((0,))),
-        make_eval_net=new_net, hogwild=False, obs_shape=obs_shape, obs_dtype=obs_dtype)
+        make_eval_net=new_net, hogwild=False, obs_shape=obs_shape, obs_dtype=obs_dtype,
+        local_replay=scope == "local")
 
 
 def _loss(online: nn.Module, target: nn.Module | None, batch: TorchBatch, *, double: bool,

@@ -90,6 +90,7 @@ class GradientProgram:
     obs_shape: tuple[int, ...]
     obs_dtype: np.dtype
     max_chunk_rows: int
+    local_replay: bool = False  # each worker keeps its own replay (checkpointed by the backend)
 
     @property
     def num_actors(self) -> int:
@@ -102,7 +103,7 @@ def gradient_program(cfg: Config, *, make_worker: Callable[[int, int, Replay | N
                      make_shared_replay: Callable[[], Replay] | None,
                      make_eval_net: Callable[[], nn.Module], hogwild: bool,
                      obs_shape: tuple[int, ...], obs_dtype: np.dtype,
-                     batch_size: int | None = None) -> GradientProgram:
+                     batch_size: int | None = None, local_replay: bool = False) -> GradientProgram:
     """The aggregation fields every gradient scheme reads the same way from ``cfg``."""
     return GradientProgram(
         num_workers=cfg.actors.count, make_worker=make_worker,
@@ -111,5 +112,5 @@ def gradient_program(cfg: Config, *, make_worker: Callable[[int, int, Replay | N
         max_staleness=cfg.algo.max_staleness, stale=cfg.algo.stale,
         wait_for_restart=cfg.algo.on_worker_loss == "wait", sync_every=cfg.algo.sync_every,
         hogwild=hogwild, batch_size=batch_size or cfg.learner.batch_size, obs_shape=obs_shape,
-        obs_dtype=obs_dtype,
+        obs_dtype=obs_dtype, local_replay=local_replay,
         max_chunk_rows=(cfg.actors.chunk_size + cfg.algo.n_step - 1) * cfg.env.num_envs)

@@ -24,6 +24,8 @@ from qfleet.roles.actor import Actor
 from qfleet.roles.learner import make_optimizer, to_torch
 from qfleet.roles.params import ParamSnapshot
 
+COLLECTED = "worker.collected"  # beside a worker's replay arrays in a checkpoint
+
 # (online, target or None, batch) -> loss and per-sample TD errors / advantages
 LossFn = Callable[[nn.Module, nn.Module | None, TorchBatch], LossOut]
 
@@ -64,8 +66,9 @@ class GradientWorker:
 
     def __init__(self, index: int, actor: Actor, target: nn.Module | None,
                  replay: Replay | None, loss_fn: LossFn, *, chunk_steps: int, batch_size: int,
-                 learning_starts: int) -> None:
+                 learning_starts: int, owns_replay: bool = False) -> None:
         self.index, self.actor, self.replay, self.loss_fn = index, actor, replay, loss_fn
+        self.owns_replay = owns_replay and replay is not None  # its own, not a shared one
         self.model = nn.ModuleDict({"online": actor.net} | ({} if target is None
                                                             else {"target": target}))
         self.params = list(actor.net.parameters())
@@ -105,6 +108,20 @@ class GradientWorker:
         self.sent += 1
         self.sent_total += 1
         return out
+
+    def replay_state(self) -> dict[str, np.ndarray]:
+        """This worker's own replay for a checkpoint (its arrays and how much it had
+        collected); {} when it shares a replay or has none."""
+        if not self.owns_replay or self.replay is None:
+            return {}
+        return self.replay.state_dict() | {COLLECTED: np.array([self.collected])}
+
+    def load_replay_state(self, state: dict[str, np.ndarray]) -> None:
+        """Refill this worker's own replay from a checkpoint: it trains again at once."""
+        if not state or not self.owns_replay or self.replay is None:
+            return
+        self.replay.load_state_dict({k: v for k, v in state.items() if k != COLLECTED})
+        self.collected = int(state[COLLECTED][0])
 
     def wants_params(self, sync_every: int) -> bool:
         """Due a pull: after ``sync_every`` gradients, and before every ``work()`` until the

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from qfleet.config import AlgoConfig, LearnerConfig
+from qfleet.config import AlgoConfig, ConfigError, LearnerConfig
 from qfleet.losses import TorchBatch, dqn_loss
 from qfleet.replay import Batch
 from qfleet.roles.params import ParamSnapshot
@@ -19,8 +19,8 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("learner.device = 'cuda' but torch sees no CUDA device; "
-                           "use 'auto' or 'cpu'")
+        raise ConfigError("learner.device = 'cuda': torch sees no CUDA device on this "
+                          "machine; allowed here: 'auto', 'cpu'")
     return torch.device(name)
 
 

@@ -8,9 +8,10 @@ from typing import TYPE_CHECKING, Union
 from qfleet.algos.program import ActorLearnerProgram, GradientProgram
 from qfleet.config import Config, ConfigError
 from qfleet.runtime.base import LearnerSide, RayOptions, RoundReport
+from qfleet.runtime.errors import WorkerError
 from qfleet.runtime.grad_processes import ProcessesGradientRunner
 from qfleet.runtime.inline import InlineGradientRunner, InlineRunner
-from qfleet.runtime.processes import ProcessesRunner, WorkerError
+from qfleet.runtime.processes import ProcessesRunner
 
 if TYPE_CHECKING:  # ray is an optional extra: imported only when the backend is chosen
     from qfleet.runtime.ray_gradients import RayGradientRunner

@@ -1,8 +1,10 @@
 """What every backend shares for gradient schemes: the global side (aggregator, gate,
 the replay workers share if any, counters) and its checkpoint layout.
 
-The counterpart of ``LearnerSide`` for actor-learner programs. Worker-local replays are
-not checkpointed: a resumed worker refills its own before it sends gradients again.
+The counterpart of ``LearnerSide`` for actor-learner programs. Workers' own replays
+(replay.scope local) go into the checkpoint under ``worker<i>.`` when the replay is saved;
+each backend fetches them from wherever its workers run (``local_replays``) and hands
+them back to the restarted workers (``restored_replay``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import numpy as np
 import torch
 
 from qfleet.algos.program import GradientProgram
-from qfleet.checkpoint import flatten_optimizer, unflatten_optimizer
+from qfleet.checkpoint import flatten_optimizer, unflatten_optimizer, with_prefix
 from qfleet.replay import describe as describe_replay
 from qfleet.roles.gradients import Gradient, GradientGate, Ready
 from qfleet.runtime.base import RoundReport
@@ -29,6 +31,7 @@ class GlobalSide:
         self.gate = GradientGate(program.num_workers, program.group_size,
                                  program.max_staleness, program.stale)
         self.env_steps = 0
+        self.saved_replays: dict[int, dict[str, np.ndarray]] = {}  # by worker, from restore
 
     @property
     def updates(self) -> int:
@@ -102,7 +105,18 @@ class GlobalSide:
             meta["replay_rng"] = self.shared_replay.rng.bit_generator.state
             if with_replay:
                 replay = self.shared_replay.state_dict()
+        if with_replay and self.program.local_replay:
+            for i, arrays in self.local_replays().items():
+                replay |= {f"worker{i}.{k}": v for k, v in arrays.items()}
         return tensors, meta, replay
+
+    def local_replays(self) -> dict[int, dict[str, np.ndarray]]:
+        """Each live worker's own replay arrays (GradientWorker.replay_state), by index."""
+        return {}
+
+    def restored_replay(self, worker: int) -> dict[str, np.ndarray]:
+        """The arrays a checkpoint saved for ``worker``'s own replay, handed out once."""
+        return self.saved_replays.pop(worker, {})
 
     def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
                 replay: dict[str, np.ndarray]) -> None:
@@ -113,7 +127,10 @@ class GlobalSide:
         agg.version_1.fill_(meta["updates"])
         torch.set_rng_state(tensors["torch_rng"])
         self.env_steps = meta["env_steps"]
+        self.saved_replays = {i: part for i in range(self.program.num_workers)
+                              if (part := with_prefix(replay, f"worker{i}."))}
         if self.shared_replay is not None:
             self.shared_replay.rng.bit_generator.state = meta["replay_rng"]
-            if replay:
-                self.shared_replay.load_state_dict(replay)
+            shared = {k: v for k, v in replay.items() if not k.startswith("worker")}
+            if shared:
+                self.shared_replay.load_state_dict(shared)

@@ -17,9 +17,11 @@ for it (``algo.on_worker_loss``). A worker that raises stops the run with its tr
 
 from __future__ import annotations
 
+import itertools
 import os
 import queue
-import signal
+import shutil
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -30,16 +32,20 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.numpy import load_file as load_numpy
+from safetensors.numpy import save_file as save_numpy
 
 from qfleet.algos.program import GradientProgram
 from qfleet.roles.gradients import Aggregator, Gradient, GradientWorker
 from qfleet.runtime.base import RoundReport
+from qfleet.runtime.errors import WorkerError
 from qfleet.runtime.global_side import GlobalSide
 from qfleet.runtime.processes import (
     ErrorMsg,
     arrived,
     count_restart,
     death_cause,
+    leave_signals_to_main,
     stop_processes,
 )
 from qfleet.runtime.replay_rpc import (
@@ -50,9 +56,10 @@ from qfleet.runtime.replay_rpc import (
     ReplayServer,
     SampleMsg,
 )
-from qfleet.runtime.shm import SharedParams
+from qfleet.runtime.shm import PauseGate, SharedParams
 
 ROUND_S = 0.1
+SAVE_TIMEOUT_S = 120.0  # for every worker to write its own replay for a checkpoint
 
 
 @dataclass(frozen=True)
@@ -68,6 +75,16 @@ class GradMsg:
     epsilon: float | None
     applied_at: int
     rows: int
+
+
+@dataclass(frozen=True)
+class SavedMsg:
+    """A worker wrote its own replay for checkpoint request ``request`` to ``path``."""
+
+    worker: int
+    incarnation: int
+    request: int
+    path: str
 
 
 @dataclass
@@ -96,20 +113,26 @@ class _Shared:
     stop: Event
     replay_size: Any
     replay_prioritized: bool
+    pause: PauseGate | None  # Hogwild: lets a checkpoint copy the shared model whole
+    save_request: Any  # a counter: when it moves, each worker saves its own replay ...
+    save_dir: str  # ... into this folder
     parent_pid: int = field(default_factory=os.getpid)
 
 
-def _worker_main(sh: _Shared, index: int, incarnation: int, link: Link) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+def _worker_main(sh: _Shared, index: int, incarnation: int, link: Link,
+                 replay_state: dict[str, np.ndarray], save_request: int) -> None:
+    leave_signals_to_main()
     torch.set_num_threads(1)
     try:
         replay = None if link.replay is None else ReplayClient(
             link.replay, index, incarnation, sh.out_q, sh.replay_size,
             sh.replay_prioritized, sh.stop)
         worker = sh.program.make_worker(index, incarnation, replay)
+        worker.load_replay_state(replay_state)
+        saver = _Saver(sh, worker, incarnation, save_request)
         _pull(sh, worker)
         while not sh.stop.is_set() and os.getppid() == sh.parent_pid:
-            slot = _take(link.free, sh)
+            slot = _take(link.free, sh, saver)
             if slot is None:
                 break
             if worker.wants_params(sh.program.sync_every):
@@ -123,6 +146,25 @@ def _worker_main(sh: _Shared, index: int, incarnation: int, link: Link) -> None:
         sh.out_q.put(ErrorMsg(index, incarnation, traceback.format_exc()))
         sh.out_q.close()
         sh.out_q.join_thread()  # the error must reach the main process before we end
+
+
+class _Saver:
+    """Answers the main process's checkpoint requests with this worker's own replay,
+    between two work() calls (so the replay is never caught mid-write)."""
+
+    def __init__(self, sh: _Shared, worker: GradientWorker, incarnation: int,
+                 answered: int) -> None:
+        self.sh, self.worker, self.incarnation = sh, worker, incarnation
+        self.answered = answered  # the last request before this worker was started
+
+    def __call__(self) -> None:
+        request = self.sh.save_request.value
+        if request == self.answered:
+            return
+        path = os.path.join(self.sh.save_dir, f"worker{self.worker.index}-{request}.safetensors")
+        save_numpy(self.worker.replay_state(), path)
+        self.sh.out_q.put(SavedMsg(self.worker.index, self.incarnation, request, path))
+        self.answered = request
 
 
 def _pull(sh: _Shared, worker: GradientWorker) -> None:
@@ -139,7 +181,9 @@ def _pull(sh: _Shared, worker: GradientWorker) -> None:
 def _send(sh: _Shared, worker: GradientWorker, grad: Gradient, link: Link,
           slot: int) -> GradMsg:
     if grad.grads_P is not None and sh.aggregator is not None:
-        grad.applied_at = sh.aggregator.apply([grad.grads_P], [1.0])
+        assert sh.pause is not None
+        with sh.pause.step(worker.index):
+            grad.applied_at = sh.aggregator.apply([grad.grads_P], [1.0])
         grad.grads_P = None
     if grad.grads_P is None:
         link.free.put(slot)  # nothing to hand over: the slot stays this worker's
@@ -151,8 +195,9 @@ def _send(sh: _Shared, worker: GradientWorker, grad: Gradient, link: Link,
                    grad.applied_at, grad.rows)
 
 
-def _take(free: Any, sh: _Shared) -> int | None:
+def _take(free: Any, sh: _Shared, saver: _Saver) -> int | None:
     while not sh.stop.is_set() and os.getppid() == sh.parent_pid:
+        saver()  # also while a sync worker waits for its group
         try:
             return int(free.get(timeout=0.1))
         except queue.Empty:
@@ -183,7 +228,11 @@ class ProcessesGradientRunner(GlobalSide):
         self.sh = _Shared(program, self.ctx.Queue(), self.params,
                           self.aggregator if program.hogwild else None, self.ctx.Event(),
                           None if self.server is None else self.server.size,
-                          self.shared_replay is not None and self.shared_replay.prioritized)
+                          self.shared_replay is not None and self.shared_replay.prioritized,
+                          PauseGate(program.num_workers, self.ctx) if program.hogwild else None,
+                          self.ctx.Value("q", 0, lock=False),
+                          tempfile.mkdtemp(prefix="qfleet-replays-"))
+        self.deferred: list[Any] = []  # messages that came while a checkpoint waited
         self.restarts = [0] * program.num_workers
         self.links: dict[tuple[int, int], Link] = {}
         self.in_gate: dict[int, tuple[Link, int]] = {}  # worker -> slot its gradient holds
@@ -207,8 +256,12 @@ class ProcessesGradientRunner(GlobalSide):
         old = self.links.pop((index, incarnation - 2), None)  # no message can still name it
         if old is not None:
             old.close()
+        if self.sh.pause is not None:
+            self.sh.pause.clear(index)  # a killed predecessor may have died mid-step
         process = self.ctx.Process(target=_worker_main, name=f"qfleet-worker-{index}",
-                                   daemon=True, args=(self.sh, index, incarnation, link))
+                                   daemon=True, args=(self.sh, index, incarnation, link,
+                                                      self.restored_replay(index),
+                                                      self.sh.save_request.value))
         process.start()
         return _Worker(index, incarnation, process, link, joined)
 
@@ -225,7 +278,12 @@ class ProcessesGradientRunner(GlobalSide):
     def _drain(self, report: RoundReport, wait: bool) -> None:
         """Serve what has arrived, for at most ROUND_S: Hogwild workers never wait for the
         main process, so the stream may not run dry, and the loop must still log."""
-        for msg in arrived(self.sh.out_q, wait, "worker", time.monotonic() + ROUND_S):
+        deferred, self.deferred = self.deferred, []
+        fresh = arrived(self.sh.out_q, wait and not deferred, "worker",
+                        time.monotonic() + ROUND_S)
+        for msg in itertools.chain(deferred, fresh):
+            if isinstance(msg, SavedMsg):
+                continue  # an answer that came after its checkpoint gave up on it
             if isinstance(msg, GradMsg):
                 self._receive_grad(msg, report)
             else:
@@ -287,9 +345,35 @@ class ProcessesGradientRunner(GlobalSide):
 
     def state(self, with_replay: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any],
                                                 dict[str, np.ndarray]]:
-        tensors, meta, replay = super().state(with_replay)
+        if self.sh.pause is None:
+            tensors, meta, replay = super().state(with_replay)
+        else:  # Hogwild workers write the model lock-free: copy it between their steps
+            with self.sh.pause.paused(lambda i: self.workers[i].process.is_alive()):
+                tensors, meta, replay = super().state(with_replay)
+                tensors = {k: v.clone() for k, v in tensors.items()}
         meta["workers"] = [{"incarnation": w.incarnation} for w in self.workers]
         return tensors, meta, replay
+
+    def local_replays(self) -> dict[int, dict[str, np.ndarray]]:
+        """Ask every worker to write its own replay, wait for the answers (serving nothing
+        else meanwhile: other messages wait for the next round), read them back."""
+        self.sh.save_request.value += 1
+        request, paths = self.sh.save_request.value, dict[int, str]()
+        deadline = time.monotonic() + SAVE_TIMEOUT_S
+        while len(paths) < sum(w.process.is_alive() for w in self.workers):
+            if time.monotonic() > deadline:
+                raise WorkerError(f"workers did not save their replays within "
+                                  f"{SAVE_TIMEOUT_S:.0f} s for the checkpoint")
+            for msg in arrived(self.sh.out_q, True, "worker"):
+                if isinstance(msg, SavedMsg) and msg.request == request and \
+                        msg.incarnation == self.workers[msg.worker].incarnation:
+                    paths[msg.worker] = msg.path
+                elif not isinstance(msg, SavedMsg):
+                    self.deferred.append(msg)
+        arrays = {i: load_numpy(path) for i, path in paths.items()}
+        for path in paths.values():
+            os.unlink(path)
+        return arrays
 
     def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
                 replay: dict[str, np.ndarray]) -> None:
@@ -307,6 +391,8 @@ class ProcessesGradientRunner(GlobalSide):
         self.gate.pending.clear()
         self.workers = [self._spawn(i, state["incarnation"] + 1)
                         for i, state in enumerate(meta["workers"])]
+        for key in [k for k in self.links if k[1] != self.workers[k[0]].incarnation]:
+            self.links.pop(key).close()  # what workers sent before the restore is void
 
     def freeze(self) -> None:
         """Hogwild workers write the shared model on their own: stop them so the final
@@ -319,6 +405,7 @@ class ProcessesGradientRunner(GlobalSide):
 
     def close(self) -> None:
         self._stop_workers()
+        shutil.rmtree(self.sh.save_dir, ignore_errors=True)
         self.sh.out_q.close()
         self.sh.out_q.cancel_join_thread()
         for link in self.links.values():

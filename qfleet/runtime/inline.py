@@ -96,15 +96,19 @@ class InlineGradientRunner(GlobalSide):
                            for w in self.workers]
         return tensors, meta, replay
 
+    def local_replays(self) -> dict[int, dict[str, np.ndarray]]:
+        return {i: w.replay_state() for i, w in enumerate(self.workers)}
+
     def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
                 replay: dict[str, np.ndarray]) -> None:
-        """Workers restart with fresh seeds (new incarnations) and refill local replays;
-        their epsilon schedules continue where they were."""
+        """Workers restart with fresh seeds (new incarnations) and their own replays as
+        saved (or refill them); their epsilon schedules continue where they were."""
         super().restore(tensors, meta, replay)
         for i, state in enumerate(meta["workers"]):
             self.workers[i].close()
             worker = self.program.make_worker(i, state["incarnation"] + 1, self.shared_replay)
             worker.actor.env_steps = state["env_steps"]
+            worker.load_replay_state(self.restored_replay(i))
             self.workers[i] = worker
         self._pull(force=True)
 

@@ -28,18 +28,12 @@ import torch
 from qfleet.algos.program import ActorLearnerProgram
 from qfleet.roles import Chunk
 from qfleet.runtime.base import LearnerSide, RoundReport
+from qfleet.runtime.errors import MAX_RESTARTS, WorkerError
 from qfleet.runtime.shm import ChunkSlots, SharedParams
 
 SLOTS_PER_ACTOR = 4
 POLL_S = 0.05  # how long the learner waits for data when it is ahead of the actors
 SHUTDOWN_S = 10.0
-MAX_RESTARTS = 20  # per actor slot: past this a crash loop is a bug to report, not retry
-
-
-class WorkerError(RuntimeError):
-    """An actor raised; carries the worker's own traceback."""
-
-
 @dataclass(frozen=True)
 class ChunkMsg:
     actor: int
@@ -61,10 +55,18 @@ class ErrorMsg:
     traceback: str
 
 
+def leave_signals_to_main() -> None:
+    """Ctrl-C or SIGTERM sent to the whole process group (a terminal, `timeout`, a batch
+    scheduler) is the main process's to handle: it checkpoints, then stops the workers.
+    A worker that died of it too would be restarted and reported as a crash."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def _actor_main(program: ActorLearnerProgram, index: int, incarnation: int,
                 slots: ChunkSlots, out_q: Any, params: SharedParams, stop: Event,
                 parent_pid: int) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    leave_signals_to_main()
     torch.set_num_threads(1)
     try:
         actor = program.make_actor(index, incarnation)
@@ -230,6 +232,8 @@ class ProcessesRunner(LearnerSide):
         # so a resumed run does not replay the seeds of the first one.
         for i, state in enumerate(meta.get("actors", [])[: len(self.workers)]):
             self._replace(i, state["incarnation"] + 1)
+        for key in [k for k in self.slots if k[1] != self.workers[k[0]].incarnation]:
+            self.slots.pop(key).close()  # chunks collected before the restore are void
 
     def _replace(self, i: int, incarnation: int) -> None:
         worker = self.workers[i]

@@ -90,6 +90,7 @@ class GradHost:
         torch.set_num_threads(1)
         self.spec, self.index = spec, index
         self.worker: GradientWorker | None = None
+        self.restored: tuple[int, dict[str, np.ndarray]] | None = None  # incarnation, replay
 
     def info(self) -> dict[str, Any]:
         joined = dist.is_initialized()
@@ -130,12 +131,26 @@ class GradHost:
                 ReplayActorClient(ray.get_actor(spec.replay), spec.prioritized)
             worker = self.worker = spec.make_worker(self.index, incarnation, replay)
             worker.sent = spec.sync_every  # a new worker pulls at once
+            if self.restored is not None and self.restored[0] == incarnation:
+                worker.load_replay_state(self.restored[1])
+            self.restored = None
         if worker.sent >= spec.sync_every:
             if version != worker.version:  # fetch only when the global model moved on
                 worker.set_params(ray.get(params[0]))
             else:
                 worker.sent = 0
         return worker
+
+    def replay_state(self, incarnation: int) -> dict[str, np.ndarray]:
+        """The worker's own replay for a checkpoint ({} if it has none yet)."""
+        worker = self.worker
+        if worker is None or worker.actor.incarnation != incarnation:
+            return {}
+        return worker.replay_state()
+
+    def load_replay_state(self, incarnation: int, state: dict[str, np.ndarray]) -> None:
+        """Fill the replay of this slot's worker ``incarnation`` when it is built."""
+        self.restored = (incarnation, state)
 
     def work(self, incarnation: int, version: int, params: list[ray.ObjectRef]) -> Sent:
         """Async / grouped: at most one gradient per call (the driver's gate sees each

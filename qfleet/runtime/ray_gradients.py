@@ -49,8 +49,9 @@ from ray.util.placement_group import PlacementGroup
 from qfleet.algos.program import GradientProgram
 from qfleet.roles.gradients import Gradient
 from qfleet.runtime.base import RayOptions, RoundReport
+from qfleet.runtime.errors import WorkerError
 from qfleet.runtime.global_side import GlobalSide
-from qfleet.runtime.processes import WorkerError, count_restart
+from qfleet.runtime.processes import count_restart
 from qfleet.runtime.ray_common import (
     POLL_S,
     Slot,
@@ -355,6 +356,18 @@ class RayGradientRunner(GlobalSide):
             meta["replay_rng"], replay = ray.get(self.replay_host.state.remote(with_replay))
         return tensors, meta, replay
 
+    def local_replays(self) -> dict[int, dict[str, np.ndarray]]:
+        """Each live worker's own replay, asked after the calls it has in flight."""
+        refs = {i: s.handle.replay_state.remote(s.incarnation) for i, s in enumerate(self.slots)
+                if not s.recovering}
+        out: dict[int, dict[str, np.ndarray]] = {}
+        for i, ref in refs.items():
+            try:
+                out[i] = ray.get(ref, timeout=COLLECTIVE_TIMEOUT_S)
+            except (RayActorError, GetTimeoutError):  # lost meanwhile: its replay goes too
+                continue
+        return out
+
     def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
                 replay: dict[str, np.ndarray]) -> None:
         """Workers rebuild with fresh incarnations (fresh seeds, refilled local replays);
@@ -364,10 +377,12 @@ class RayGradientRunner(GlobalSide):
             ray.get(self.replay_host.restore.remote(meta["replay_rng"], replay))
         self.gate.pending.clear()
         self.round, self.round_members = {}, None
-        for slot, saved in zip(self.slots, meta.get("workers", []), strict=False):
+        for i, (slot, saved) in enumerate(zip(self.slots, meta.get("workers", []), strict=False)):
             slot.incarnation = saved["incarnation"] + 1
             slot.calls.clear()
             slot.joined = True
+            if part := self.restored_replay(i):
+                slot.handle.load_replay_state.remote(slot.incarnation, ray.put(part))
         self._publish()
 
     def close(self) -> None:

@@ -30,7 +30,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from qfleet.algos.program import ActorLearnerProgram, GradientProgram
 from qfleet.config import ConfigError
 from qfleet.runtime.base import RayOptions, RoundReport
-from qfleet.runtime.processes import WorkerError
+from qfleet.runtime.errors import WorkerError
 from qfleet.runtime.ray_common import (
     PLACEMENT_TIMEOUT_S,
     connect,

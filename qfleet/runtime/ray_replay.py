@@ -35,7 +35,7 @@ from qfleet.replay import Batch, PrioritizedReplay, Replay, Transitions
 from qfleet.replay.prioritized import BetaSchedule, importance_weights
 from qfleet.replay.sharded import KEY_SHIFT, LOCAL_MASK
 from qfleet.replay.transitions import FIELDS
-from qfleet.runtime.processes import WorkerError
+from qfleet.runtime.errors import WorkerError
 
 SAMPLE_TIMEOUT_S = 60.0  # a batch request that takes longer means the shards are stuck
 

@@ -39,7 +39,7 @@ from qfleet.replay import Transitions
 from qfleet.replay.transitions import FIELDS
 from qfleet.roles import Actor, Chunk, ParamSnapshot
 from qfleet.runtime.base import LearnerSide, RayOptions, RoundReport
-from qfleet.runtime.processes import MAX_RESTARTS, WorkerError
+from qfleet.runtime.errors import MAX_RESTARTS, WorkerError
 from qfleet.runtime.ray_common import LOCAL_SYSTEM_CONFIG as LOCAL_SYSTEM_CONFIG
 from qfleet.runtime.ray_common import (
     POLL_S,

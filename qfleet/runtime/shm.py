@@ -7,7 +7,10 @@ after a SIGKILL). Only small control messages travel through queues; arrays neve
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
+import time
+from collections.abc import Callable, Iterator
 from multiprocessing.context import ForkContext
 from typing import Any
 
@@ -103,3 +106,46 @@ class ChunkSlots:
     def close(self) -> None:
         self.free.close()
         self.free.cancel_join_thread()
+
+
+class PauseGate:
+    """Lets the main process copy a shared model that Hogwild workers write lock-free.
+
+    Workers never wait for each other: each marks itself busy around its optimizer step
+    (under a lock held only for the flag). ``paused()`` stops new steps, waits for the
+    busy ones to finish, and yields a moment in which the model is one consistent state.
+    """
+
+    def __init__(self, num_workers: int, ctx: ForkContext) -> None:
+        self.lock = ctx.Lock()
+        self.pause = ctx.Value("b", 0, lock=False)
+        self.busy_W = torch.zeros(num_workers, dtype=torch.int8).share_memory_()
+
+    @contextlib.contextmanager
+    def step(self, worker: int) -> Iterator[None]:
+        while True:
+            with self.lock:
+                if not self.pause.value:
+                    self.busy_W[worker] = 1
+                    break
+            time.sleep(0.001)
+        try:
+            yield
+        finally:
+            self.busy_W[worker] = 0
+
+    @contextlib.contextmanager
+    def paused(self, alive: Callable[[int], bool]) -> Iterator[None]:
+        """``alive(i)``: whether worker i still runs (one killed mid-step stays busy)."""
+        with self.lock:
+            self.pause.value = 1
+        try:
+            while any(busy and alive(i) for i, busy in enumerate(self.busy_W.tolist())):
+                time.sleep(0.001)
+            yield
+        finally:
+            with self.lock:
+                self.pause.value = 0
+
+    def clear(self, worker: int) -> None:
+        self.busy_W[worker] = 0
