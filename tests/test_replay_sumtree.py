@@ -50,6 +50,30 @@ def test_random_updates_match_naive_cumsum(capacity: int, top: int, min_top: int
     check_against(tree, ref_N, rng)
 
 
+CAPACITIES = sorted({1, 2, 3} | {c for k in range(2, 10) for c in (2**k - 1, 2**k, 2**k + 1)})
+
+
+def test_every_power_of_two_boundary_matches_naive_cumsum() -> None:
+    """The capacities where off-by-ones live (2^k - 1, 2^k, 2^k + 1: the leaf count rounds
+    up, the roots cut the top), each with every cut, checked every run: the random test
+    above reaches each of them only on some of its examples."""
+    rng = np.random.default_rng(0)
+    for capacity in CAPACITIES:
+        for top in (1, 2, 8, 1024):
+            for min_top in (1, 4, 16384):
+                tree = SumMinTree(capacity, top=top, min_top=min_top)
+                tree.rebuild_every = 10**9
+                ref_N = np.zeros(capacity)
+                for _ in range(6):
+                    size = int(rng.integers(2, 2 * capacity + 3))
+                    idx_B = rng.integers(0, capacity, size)
+                    idx_B[:2] = [0, capacity - 1]  # both ends every time
+                    prio_B = rng.integers(0, 4, size).astype(np.float64)
+                    tree.update(idx_B, prio_B)
+                    naive_apply(ref_N, idx_B, prio_B)
+                check_against(tree, ref_N, rng)
+
+
 def test_thousands_of_real_valued_updates_on_a_large_tree() -> None:
     rng = np.random.default_rng(0)
     capacity = 50_000
