@@ -89,7 +89,9 @@ class NetConfig:
 
 @dataclass
 class ReplayConfig:
-    kind: str = _f("uniform", choices=("uniform", "prioritized"))
+    kind: str = _f("auto", choices=("auto", "uniform", "prioritized"),
+                   help="auto = prioritized where the scheme samples by priority (apex, "
+                   "gorila with scope sharded), else uniform")
     capacity: int = _f(100_000, lo=1)
     alpha: float = _f(0.6, lo=0.0, help="prioritization exponent: p = (|td| + eps) ** alpha")
     beta0: float = _f(0.4, lo=0.0, hi=1.0, help="initial IS exponent, annealed to 1")
@@ -104,10 +106,6 @@ class ReplayConfig:
                     help="gorila: each worker its own replay, one replay for all, or one "
                     "prioritized shard per worker sampled by every worker")
 
-    def __post_init__(self) -> None:
-        if isinstance(self.shards, int) and self.shards > 1 and self.kind == "uniform":
-            raise ConfigError(f"replay.shards = {self.shards}: sharding needs "
-                              "replay.kind = 'prioritized'")
 
 
 @dataclass
@@ -272,6 +270,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"actors.eps_end = {cfg.actors.eps_end}: must be <= "
                           f"actors.eps_start ({cfg.actors.eps_start})")
     _check_gradient_scheme(cfg)
+    _check_replay(cfg)
     _check_ray_fields(cfg)
 
 
@@ -290,6 +289,26 @@ def _check_ray_fields(cfg: Config) -> None:
 
 
 GRADIENT_SCHEMES = ("gorila", "a3c", "a2c")
+
+
+def replay_kind_of(cfg: Config) -> str:
+    """The resolved replay.kind: schemes that sample by priority need 'prioritized'."""
+    by_priority = cfg.algo.name == "apex" or (cfg.algo.name == "gorila"
+                                               and cfg.replay.scope == "sharded")
+    if cfg.replay.kind == "auto":
+        return "prioritized" if by_priority else "uniform"
+    return cfg.replay.kind
+
+
+def _check_replay(cfg: Config) -> None:
+    rc, kind = cfg.replay, replay_kind_of(cfg)
+    needs = "algo.name = 'apex'" if cfg.algo.name == "apex" else "replay.scope = 'sharded'"
+    if kind == "uniform" and (cfg.algo.name == "apex" or rc.scope == "sharded"):
+        raise ConfigError(f"replay.kind = 'uniform': {needs} samples shards by priority; "
+                          "allowed: 'prioritized' or 'auto'")
+    if rc.shards > 1 and kind == "uniform":
+        raise ConfigError(f"replay.shards = {rc.shards}: sharding needs "
+                          "replay.kind = 'prioritized'")
 
 
 def aggregation_of(cfg: Config) -> str:

@@ -24,7 +24,7 @@ import torch
 
 from qfleet import checkpoint, rundir
 from qfleet.algos import build_program
-from qfleet.config import Config, ConfigError, from_dict, to_toml
+from qfleet.config import Config, ConfigError, from_dict, replay_kind_of, to_toml
 from qfleet.evaluate import EvalInterrupted, evaluate
 from qfleet.memory import check_fits
 from qfleet.metrics import MetricsWriter
@@ -363,10 +363,17 @@ FIXED_ON_RESUME = ("env.id", "env.frame_stack", "algo.name", "algo.n_step", "alg
                    "algo.a3c_mode", "learner.optimizer")
 
 
+# Fields whose "auto" resolves per scheme: compared resolved, so "auto" and what it means
+# are the same value.
+RESOLVED: dict[str, Callable[[Config], Any]] = {"replay.kind": replay_kind_of}
+
+
 def check_resumable(saved: Config, cfg: Config) -> None:
     for key in FIXED_ON_RESUME:
         section, name = key.split(".")
         old, new = getattr(getattr(saved, section), name), getattr(getattr(cfg, section), name)
+        if key in RESOLVED:
+            old, new = RESOLVED[key](saved), RESOLVED[key](cfg)
         if old != new:
             raise ConfigError(f"{key} = {new!r}: cannot change on resume "
                               f"(the checkpoint has {old!r})")

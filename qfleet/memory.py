@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qfleet.config import Config, ConfigError
+from qfleet.config import Config, ConfigError, replay_kind_of
 from qfleet.replay.frames import storage_nbytes
 
 PRIORITY_BYTES = 40  # per slot: sum and min trees (2 x 2 x 8 bytes) + the slot's write id
@@ -56,7 +56,7 @@ def replay_bytes(cfg: Config, obs_shape: tuple[int, ...], obs_dtype: np.dtype) -
     else:
         one = rc.capacity * (2 * int(np.prod(obs_shape)) * np.dtype(obs_dtype).itemsize
                              + ROW_BYTES)
-    prioritized = rc.kind == "prioritized" or cfg.algo.name == "apex" or rc.scope == "sharded"
+    prioritized = replay_kind_of(cfg) == "prioritized"
     one += rc.capacity * PRIORITY_BYTES if prioritized else 0
     local = cfg.algo.name == "gorila" and rc.scope == "local"
     return one * (cfg.actors.count if local else 1)

@@ -289,3 +289,20 @@ def test_workers_own_replays_go_into_the_checkpoint_and_come_back(cluster: RayCl
         sizes = ray.get([s.handle.replay_state.remote(s.incarnation) for s in runner.slots])
         assert all(int(p["meta"][1]) >= int(q["meta"][1]) for p, q in zip(sizes, parts,
                                                                           strict=True))
+
+
+def test_ray_sync_keeps_gradients_older_than_max_staleness_as_inline_does(
+        cluster: RayCluster) -> None:
+    """Staleness is the gate's rule and the gate applies none to sync groups: with pulls
+    every 3 gradients and max_staleness 0, Ray used to drop what inline averages."""
+    sets = ("algo.sync_every=3", "algo.max_staleness=0", "learner.learning_starts=16")
+    cfg = _cfg("cartpole-gorila-sync", *sets)
+    inline = InlineGradientRunner(gradient_program(cfg))
+    with closing(inline):
+        ref = run_until(inline, lambda r, _: r.updates >= 12, 45.0)
+    with ray_grad_runner(cfg) as runner:
+        reports = run_until(runner, lambda r, _: r.updates >= 12, 45.0)
+    for reps in (ref, reports):
+        assert _total(reps, "grads_dropped") == 0
+        assert _total(reps, "staleness_sum") > 0  # gradients older than 0 updates ...
+        assert _total(reps, "grads_applied") == 2 * _total(reps, "updates")  # ... all kept

@@ -93,3 +93,34 @@ def test_prioritized_run_checkpoints_and_restores_its_priorities(
     assert (restored.added, restored.max_priority, restored.beta) == \
         (saved.added, saved.max_priority, saved.beta)
     again.runner.close()
+
+
+def test_every_shard_fills_when_one_actor_writes_a_sharded_replay() -> None:
+    """cartpole-per with replay.shards = 4 and one actor: writes spread over the shards
+    (they used to all go to the actor's own shard number, 0, leaving a quarter usable)."""
+    from qfleet.algos import build_program
+    from qfleet.replay import ShardedReplay
+    from qfleet.runtime import InlineRunner
+
+    cfg = load_config("cartpole-per", ["replay.shards=4", "replay.capacity=400",
+                                       "train.total_env_steps=2000", "log.progress=false"])
+    runner = InlineRunner(build_program(cfg))  # type: ignore[arg-type]
+    try:
+        while runner.env_steps < 1000:
+            runner.step()
+        assert isinstance(runner.replay, ShardedReplay)
+        sizes = [len(s) for s in runner.replay.shards.values()]
+        assert sizes == [100, 100, 100, 100] and len(runner.replay) == 400
+    finally:
+        runner.close()
+
+
+def test_apex_refuses_a_uniform_replay_and_auto_resolves() -> None:
+    from qfleet.config import replay_kind_of
+
+    with pytest.raises(ConfigError, match=r"replay\.kind = 'uniform'.*apex"):
+        load_config("cartpole-apex", ["replay.kind='uniform'"])
+    with pytest.raises(ConfigError, match=r"replay\.kind = 'uniform'.*sharded"):
+        load_config("cartpole-dper", ["replay.kind='uniform'"])
+    assert replay_kind_of(load_config("cartpole-apex")) == "prioritized"
+    assert replay_kind_of(load_config("cartpole-dqn")) == "uniform"

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from qfleet.algos import a2c, a3c, apex, dqn, gorila
 from qfleet.algos.program import ActorLearnerProgram, GradientProgram, Schedule
-from qfleet.config import Config, ConfigError, aggregation_of, group_size_of
+from qfleet.config import Config, ConfigError, aggregation_of, group_size_of, replay_kind_of
 
 Program = ActorLearnerProgram | GradientProgram
 BUILDERS: dict[str, Callable[[Config], Program]] = {
@@ -24,7 +24,7 @@ def _data_path(cfg: Config) -> str:
     if cfg.algo.name in ("a3c", "a2c"):
         queue = cfg.algo.name == "a3c" and cfg.algo.a3c_mode == "queue"
         return "on-policy rollouts" + (" through one global queue" if queue else "")
-    kind = "prioritized replay" if cfg.replay.kind == "prioritized" else "uniform replay"
+    kind = f"{replay_kind_of(cfg)} replay"
     if cfg.algo.name == "gorila":
         return {"local": f"local {kind} per worker", "shared": f"one shared {kind}",
                 "sharded": f"sharded prioritized replay ({workers} shards, "

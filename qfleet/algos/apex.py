@@ -35,4 +35,4 @@ def build(cfg: Config) -> ActorLearnerProgram:
         return td_abs(net, batch, double=cfg.algo.double).numpy()
 
     return wire(cfg, lambda index: lambda steps: epsilons[index], priority_fn=priorities,
-                replay_cfg=replay_cfg)
+                replay_cfg=replay_cfg, shard_per_actor=True)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from qfleet.algos.program import ActorLearnerProgram, Schedule
-from qfleet.config import Config, ReplayConfig
+from qfleet.config import Config, ReplayConfig, replay_kind_of
 from qfleet.envs import probe_spaces
 from qfleet.nets import QNetwork, make_q_network
 from qfleet.policies import LinearSchedule
@@ -30,11 +30,12 @@ def build(cfg: Config) -> ActorLearnerProgram:
     steps_per_actor = cfg.train.total_env_steps // cfg.actors.count
     epsilon = LinearSchedule(cfg.actors.eps_start, cfg.actors.eps_end,
                              int(cfg.actors.eps_fraction * steps_per_actor))
-    return wire(cfg, lambda index: epsilon, priority_fn=None, replay_cfg=cfg.replay)
+    replay_cfg = dataclasses.replace(cfg.replay, kind=replay_kind_of(cfg))
+    return wire(cfg, lambda index: epsilon, priority_fn=None, replay_cfg=replay_cfg)
 
 
 def wire(cfg: Config, epsilon_for: EpsilonFor, priority_fn: PriorityFn | None,
-         replay_cfg: ReplayConfig) -> ActorLearnerProgram:
+         replay_cfg: ReplayConfig, shard_per_actor: bool = False) -> ActorLearnerProgram:
     obs_shape, obs_dtype, num_actions = probe_spaces(cfg.env)
 
     def new_net() -> QNetwork:
@@ -69,6 +70,7 @@ def wire(cfg: Config, epsilon_for: EpsilonFor, priority_fn: PriorityFn | None,
         make_learner=make_learner,
         make_replay=make_replay_,
         make_shard=make_shard,
+        shard_per_actor=shard_per_actor,
         make_eval_net=new_net,
         schedule=Schedule(batch_size=cfg.learner.batch_size,
                           learning_starts=cfg.learner.learning_starts,

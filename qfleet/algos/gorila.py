@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from qfleet.algos.program import GradientProgram, gradient_program
-from qfleet.config import Config
+from qfleet.config import Config, replay_kind_of
 from qfleet.envs import probe_spaces
 from qfleet.losses import LossOut, TorchBatch, dqn_loss
 from qfleet.nets import make_q_network
@@ -31,7 +31,7 @@ from qfleet.roles.gradients import Aggregator, GradientWorker
 def build(cfg: Config) -> GradientProgram:
     obs_shape, obs_dtype, num_actions = probe_spaces(cfg.env)
     scope, workers = cfg.replay.scope, cfg.actors.count
-    replay_cfg = cfg.replay
+    replay_cfg = dataclasses.replace(cfg.replay, kind=replay_kind_of(cfg))
     if scope == "sharded":  # one prioritized shard per worker, sampled by every worker
         replay_cfg = dataclasses.replace(cfg.replay, kind="prioritized", shards=workers)
     epsilon = LinearSchedule(cfg.actors.eps_start, cfg.actors.eps_end,

@@ -58,6 +58,9 @@ class ActorLearnerProgram:
     # One shard of ``count`` that together hold the replay (a shard per actor, for a
     # backend that keeps the replay beside its writers); None: the replay is not shardable.
     make_shard: Callable[[int, int], Replay] | None = None
+    # Actor i writes to shard i of a sharded replay (Ape-X); else writes spread over the
+    # shards round-robin, so every shard fills whatever the actor count.
+    shard_per_actor: bool = False
 
     @property
     def batch_size(self) -> int:

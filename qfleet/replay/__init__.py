@@ -39,7 +39,7 @@ def make_replay(cfg: ReplayConfig, obs_shape: tuple[int, ...], obs_dtype: np.dty
             return FrameStorage(capacity, obs_shape, obs_dtype)
         return RingStorage(capacity, obs_shape, obs_dtype)
 
-    if cfg.kind == "uniform":
+    if cfg.kind != "prioritized":  # "auto" is resolved per scheme (config.replay_kind_of)
         return UniformReplay(new_storage(cfg.capacity), rng)
     beta_steps = cfg.beta_steps or anneal_steps or 0
 

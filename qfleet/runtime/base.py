@@ -93,8 +93,9 @@ class LearnerSide:
         return self.learner.online
 
     def write(self, actor: int, chunk: Chunk, report: RoundReport) -> None:
-        """Put one actor's chunk into its shard of the replay."""
-        self.replay.add(chunk.transitions, chunk.priorities_N, shard=actor)
+        """Put one actor's chunk into the replay (its own shard, for Ape-X)."""
+        shard = actor if self.program.shard_per_actor else None
+        self.replay.add(chunk.transitions, chunk.priorities_N, shard=shard)
         self.count(actor, chunk, report)
 
     def count(self, actor: int, chunk: Chunk, report: RoundReport) -> None:

@@ -7,9 +7,8 @@ Sync averaging is a ``torch.distributed`` all_reduce among the workers (gloo: wo
 compute on CPU). Every member contributes the same vector in every round, also a worker
 whose replay is still filling (zeros, counted 0) or whose own code raised (it raises only
 after the collective): so a round never leaves a peer waiting for a member that will not
-come. The vector carries the gradient weighted by its rows and four counters (gradients in
-it, their staleness, gradients dropped as too stale, rows), so the sum is all the driver
-needs for the mean over all rows.
+come. The vector carries the gradient weighted by its rows and three counters (gradients in
+it, their staleness, rows), so the sum is all the driver needs for the mean over all rows.
 """
 
 from __future__ import annotations
@@ -34,8 +33,8 @@ from qfleet.replay.transitions import FIELDS
 from qfleet.roles.gradients import Gradient, GradientWorker
 
 CALL_S = 0.02  # async: a call runs work() for at most this long while no gradient comes
-# after the gradient in a reduced vector: included, staleness sum, dropped, rows
-COUNTERS = 4
+# after the gradient in a reduced vector: included, staleness sum, rows
+COUNTERS = 3
 
 
 @dataclass(frozen=True)
@@ -46,8 +45,6 @@ class HostSpec:
     make_worker: Callable[[int, int, Replay | None], GradientWorker]
     num_params: int  # of the global online net: the length of a flat gradient
     sync_every: int
-    max_staleness: int
-    stale: str
     timeout_s: float  # of the process group's rendezvous and of each collective
     # The ReplayHost's actor name (replay.scope shared/sharded), or "": a name, not a
     # handle, since Ray warns that a restartable actor built from a handle may not restart.
@@ -65,13 +62,6 @@ class Sent:
     grads_P: np.ndarray | None = None
     has_grad: bool = False  # the last work computed a gradient
     failed: str = ""
-
-
-def stale_weight(staleness: int, max_staleness: int, stale: str) -> float:
-    """The gate's rule for one gradient, applied where it was computed: 0 = dropped."""
-    if staleness <= max_staleness:
-        return 1.0
-    return 0.0 if stale == "drop" else (max_staleness + 1) / (staleness + 1)
 
 
 def _stripped(grad: Gradient) -> Gradient:
@@ -195,17 +185,15 @@ class GradHost:
         vec_P = torch.zeros(size + COUNTERS)
         if grad is None or grad.grads_P is None:
             return vec_P
+        # Sync averages every member's gradient, however many updates old its parameters
+        # are (GradientGate applies no staleness rule to a group of all workers).
         staleness = version - grad.base_version
-        weight = stale_weight(staleness, self.spec.max_staleness, self.spec.stale)
-        if weight == 0.0:
-            vec_P[size + 2] = 1.0
-            return vec_P
         # Weighted by its rows, as the gate weights it: the driver divides the sum by the
         # total rows, so the step is the mean over all rows even when rollouts differ in
         # length (rows 0 = unknown: equal weights).
         rows = float(grad.rows or 1)
-        vec_P[:size] = grad.grads_P * (weight * rows)
-        vec_P[size], vec_P[size + 1], vec_P[size + 3] = 1.0, float(staleness), rows
+        vec_P[:size] = grad.grads_P * rows
+        vec_P[size], vec_P[size + 1], vec_P[size + 2] = 1.0, float(staleness), rows
         return vec_P
 
 

@@ -114,8 +114,7 @@ class RayGradientRunner(GlobalSide):
                 ray.get(self.replay_host.describe.remote(), timeout=CALL_TIMEOUT_S)[1]
             self.spec = HostSpec(program.make_worker,
                                  sum(p.numel() for p in self.aggregator.params),
-                                 program.sync_every, program.max_staleness, program.stale,
-                                 collective_timeout_s,
+                                 program.sync_every, collective_timeout_s,
                                  "" if self.replay_host is None else self.replay_name,
                                  prioritized)
             self.pg = place_bundles(program.num_workers, "gradient workers", opts.group_name)
@@ -283,14 +282,12 @@ class RayGradientRunner(GlobalSide):
 
     def _apply_sum(self, vec: np.ndarray, report: RoundReport) -> None:
         size = len(vec) - COUNTERS
-        included, staleness, dropped = (round(float(x)) for x in vec[size:size + 3])
-        rows = float(vec[size + 3])
-        for gate_field, value in (("applied", included), ("staleness_sum", staleness),
-                                  ("dropped", dropped)):
-            setattr(self.gate, gate_field, getattr(self.gate, gate_field) + value)
+        included, staleness = (round(float(x)) for x in vec[size:size + 2])
+        rows = float(vec[size + 2])
+        self.gate.applied += included
+        self.gate.staleness_sum += staleness
         report.grads_applied += included
         report.staleness_sum += staleness
-        report.grads_dropped += dropped
         if included:
             mean_P = torch.from_numpy(vec[:size].copy()) / rows
             self.aggregator.apply([mean_P], [1.0])
