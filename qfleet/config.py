@@ -18,17 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qfleet.errors import ConfigError, QfleetWarning
+
 PRESET_DIR = Path(__file__).parent / "presets"
 INT_LIMIT = 2**63  # integers travel as int64 (NumPy, torch seeds, safetensors counters)
 
 
-class ConfigError(ValueError):
-    """A user-facing configuration mistake; the CLI prints it and exits with code 2."""
-
-
-class QfleetWarning(UserWarning):
-    """Something a user should know that does not stop the command (the CLI prints it as
-    one line)."""
 
 
 def _f(default: Any, *, lo: float | None = None, hi: float | None = None,

@@ -10,13 +10,16 @@ from __future__ import annotations
 import difflib
 import importlib
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
 import numpy as np
 from gymnasium.vector import AutoresetMode, SyncVectorEnv
 
-from qfleet.config import ConfigError, EnvConfig
+from qfleet.errors import ConfigError
+
+if TYPE_CHECKING:  # config validates env ids through this module: no import back
+    from qfleet.config import EnvConfig
 
 
 def is_atari(env_id: str) -> bool:

@@ -1,0 +1,13 @@
+"""The errors and warnings a user sees, at the bottom of the import graph (every layer may
+raise them; they import nothing of qfleet)."""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration mistake; the CLI prints it and exits with code 2."""
+
+
+class QfleetWarning(UserWarning):
+    """Something a user should know that does not stop the command (the CLI prints it as
+    one line)."""
