@@ -48,6 +48,7 @@ from _common import (
 
 import qfleet
 from qfleet.algos import ActorLearnerProgram, build_program
+from qfleet.replay import transition_spec
 from qfleet.runtime import ProcessesRunner
 from qfleet.runtime.shm import ChunkSlots
 
@@ -167,7 +168,7 @@ def transport(rows: int, ring_rows: int, warmup: float,
               seconds: float) -> tuple[float, float, float]:
     """(MB/s, reader CPU share, writer CPU share) through ChunkSlots from a forked writer."""
     ctx = get_context("fork")
-    slots = ChunkSlots(4, rows, ATARI_OBS, np.dtype(np.uint8), ctx)
+    slots = ChunkSlots(4, rows, transition_spec(ATARI_OBS, np.dtype(np.uint8)), ctx)
     ring = new_ring(ring_rows)
     out_q: Any = ctx.Queue()
     stop = ctx.Event()
@@ -207,7 +208,8 @@ def copy_in_process(rows: int, ring_rows: int, seconds: float, how: str) -> floa
     chunks = atari_chunks(rows, SOURCES, seed=1)
     sources = chunks
     if how == "slots-add":
-        slots = ChunkSlots(SOURCES, rows, ATARI_OBS, np.dtype(np.uint8), get_context("fork"))
+        slots = ChunkSlots(SOURCES, rows, transition_spec(ATARI_OBS, np.dtype(np.uint8)),
+                           get_context("fork"))
         for slot, chunk in enumerate(chunks):
             slots.write(slot, chunk, None)
         sources = [slots.read(slot, rows, False)[0] for slot in range(SOURCES)]

@@ -182,6 +182,9 @@ def _positive(text: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        # NumPy first: torch's C extension imports it during its own init and swallows
+        # any error there, a Ctrl-C (KeyboardInterrupt) included.
+        import numpy  # noqa: F401
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
             return int(args.func(args))

@@ -20,7 +20,7 @@ from qfleet.config import Config
 from qfleet.envs import probe_spaces
 from qfleet.losses import LossOut, TorchBatch, ac_loss
 from qfleet.nets import ActorCritic, make_actor_critic
-from qfleet.replay import Replay
+from qfleet.replay import Replay, transition_spec
 from qfleet.roles import Actor
 from qfleet.roles.gradients import Aggregator, GradientWorker
 
@@ -44,7 +44,7 @@ def wire(cfg: Config, hogwild: bool) -> GradientProgram:
     return gradient_program(
         cfg, make_worker=make_worker, make_aggregator=lambda: Aggregator(model, cfg.learner),
         make_shared_replay=None, make_eval_net=new_net, hogwild=hogwild,
-        obs_shape=obs_shape, obs_dtype=obs_dtype,
+        record=transition_spec(obs_shape, obs_dtype),
         batch_size=cfg.actors.chunk_size * cfg.env.num_envs)  # the rollout is the batch
 
 

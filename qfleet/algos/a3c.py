@@ -24,7 +24,7 @@ from qfleet.algos.program import ActorLearnerProgram, GradientProgram, Schedule
 from qfleet.config import Config
 from qfleet.envs import probe_spaces
 from qfleet.nets import make_actor_critic
-from qfleet.replay import RolloutQueue
+from qfleet.replay import RolloutQueue, transition_spec
 from qfleet.roles.ac_learner import ACLearner
 
 
@@ -51,6 +51,5 @@ def build_queue(cfg: Config) -> ActorLearnerProgram:
                           updates_per_round=cfg.learner.updates_per_round,
                           chunk_steps=cfg.actors.chunk_size, on_policy=True),
         sync_every=cfg.actors.sync_every,
-        obs_shape=obs_shape,
-        obs_dtype=obs_dtype,
+        record=transition_spec(obs_shape, obs_dtype),
         max_chunk_rows=(cfg.actors.chunk_size + cfg.algo.n_step - 1) * cfg.env.num_envs)

@@ -19,7 +19,7 @@ from qfleet.config import Config, ReplayConfig, replay_kind_of
 from qfleet.envs import probe_spaces
 from qfleet.nets import QNetwork, make_q_network
 from qfleet.policies import LinearSchedule
-from qfleet.replay import Replay, make_replay
+from qfleet.replay import Replay, make_replay, transition_spec
 from qfleet.roles import Actor, DQNLearner
 from qfleet.roles.actor import PriorityFn
 
@@ -80,7 +80,6 @@ def wire(cfg: Config, epsilon_for: EpsilonFor, priority_fn: PriorityFn | None,
                           max_replay_ratio=cfg.learner.max_replay_ratio,
                           prefetch=cfg.learner.prefetch),
         sync_every=cfg.actors.sync_every,
-        obs_shape=obs_shape,
-        obs_dtype=obs_dtype,
+        record=transition_spec(obs_shape, obs_dtype),
         # every env emits at most one transition per step, plus its n-1 pending at an end
         max_chunk_rows=(cfg.actors.chunk_size + cfg.algo.n_step - 1) * cfg.env.num_envs)

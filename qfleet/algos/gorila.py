@@ -23,7 +23,7 @@ from qfleet.envs import probe_spaces
 from qfleet.losses import LossOut, TorchBatch, dqn_loss
 from qfleet.nets import make_q_network
 from qfleet.policies import LinearSchedule
-from qfleet.replay import Replay, make_replay
+from qfleet.replay import Replay, make_replay, transition_spec
 from qfleet.roles import Actor
 from qfleet.roles.gradients import Aggregator, GradientWorker
 
@@ -60,7 +60,7 @@ def build(cfg: Config) -> GradientProgram:
     return gradient_program(
         cfg, make_worker=make_worker, make_aggregator=lambda: Aggregator(model, cfg.learner),
         make_shared_replay=None if scope == "local" else (lambda: new_replay((0,))),
-        make_eval_net=new_net, hogwild=False, obs_shape=obs_shape, obs_dtype=obs_dtype,
+        make_eval_net=new_net, hogwild=False, record=transition_spec(obs_shape, obs_dtype),
         local_replay=scope == "local")
 
 

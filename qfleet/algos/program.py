@@ -9,11 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 from torch import nn
 
 from qfleet.config import Config, group_size_of
-from qfleet.replay import Replay
+from qfleet.replay import RecordSpec, Replay
 from qfleet.roles import Actor, DQNLearner
 from qfleet.roles.ac_learner import ACLearner
 from qfleet.roles.gradients import Aggregator, GradientWorker
@@ -52,8 +51,7 @@ class ActorLearnerProgram:
     make_eval_net: Callable[[], nn.Module]
     schedule: Schedule
     sync_every: int  # env steps an actor takes between checks for new parameters
-    obs_shape: tuple[int, ...]
-    obs_dtype: np.dtype
+    record: RecordSpec  # the fields of the transitions actors send (transports copy by it)
     max_chunk_rows: int  # the most transitions one chunk can hold (sizes transport slots)
     # One shard of ``count`` that together hold the replay (a shard per actor, for a
     # backend that keeps the replay beside its writers); None: the replay is not shardable.
@@ -90,8 +88,7 @@ class GradientProgram:
     sync_every: int
     hogwild: bool
     batch_size: int
-    obs_shape: tuple[int, ...]
-    obs_dtype: np.dtype
+    record: RecordSpec  # the fields of the transitions workers write to a shared replay
     max_chunk_rows: int
     local_replay: bool = False  # each worker keeps its own replay (checkpointed by the backend)
 
@@ -105,8 +102,8 @@ def gradient_program(cfg: Config, *, make_worker: Callable[[int, int, Replay | N
                      make_aggregator: Callable[[], Aggregator],
                      make_shared_replay: Callable[[], Replay] | None,
                      make_eval_net: Callable[[], nn.Module], hogwild: bool,
-                     obs_shape: tuple[int, ...], obs_dtype: np.dtype,
-                     batch_size: int | None = None, local_replay: bool = False) -> GradientProgram:
+                     record: RecordSpec, batch_size: int | None = None,
+                     local_replay: bool = False) -> GradientProgram:
     """The aggregation fields every gradient scheme reads the same way from ``cfg``."""
     return GradientProgram(
         num_workers=cfg.actors.count, make_worker=make_worker,
@@ -114,6 +111,6 @@ def gradient_program(cfg: Config, *, make_worker: Callable[[int, int, Replay | N
         make_eval_net=make_eval_net, group_size=group_size_of(cfg),
         max_staleness=cfg.algo.max_staleness, stale=cfg.algo.stale,
         wait_for_restart=cfg.algo.on_worker_loss == "wait", sync_every=cfg.algo.sync_every,
-        hogwild=hogwild, batch_size=batch_size or cfg.learner.batch_size, obs_shape=obs_shape,
-        obs_dtype=obs_dtype, local_replay=local_replay,
+        hogwild=hogwild, batch_size=batch_size or cfg.learner.batch_size, record=record,
+        local_replay=local_replay,
         max_chunk_rows=(cfg.actors.chunk_size + cfg.algo.n_step - 1) * cfg.env.num_envs)

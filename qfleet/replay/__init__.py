@@ -11,14 +11,15 @@ from qfleet.replay.frames import FrameStorage
 from qfleet.replay.nstep import NStepAccumulator
 from qfleet.replay.prioritized import PrioritizedReplay
 from qfleet.replay.queue import RolloutQueue
+from qfleet.replay.records import Field, RecordSpec, transition_spec
 from qfleet.replay.sharded import ShardedReplay
 from qfleet.replay.storage import RingStorage
 from qfleet.replay.transitions import Batch, Transitions
 from qfleet.replay.uniform import UniformReplay
 
-__all__ = ["Batch", "FrameStorage", "NStepAccumulator", "PrioritizedReplay", "Replay",
-           "RingStorage", "RolloutQueue", "ShardedReplay", "Storage", "Transitions",
-           "UniformReplay", "describe", "make_replay"]
+__all__ = ["Batch", "Field", "FrameStorage", "NStepAccumulator", "PrioritizedReplay",
+           "RecordSpec", "Replay", "RingStorage", "RolloutQueue", "ShardedReplay", "Storage",
+           "Transitions", "UniformReplay", "describe", "make_replay", "transition_spec"]
 
 
 def uses_frames(cfg: ReplayConfig, obs_shape: tuple[int, ...], obs_dtype: np.dtype) -> bool:
@@ -29,15 +30,17 @@ def uses_frames(cfg: ReplayConfig, obs_shape: tuple[int, ...], obs_dtype: np.dty
 
 
 def make_replay(cfg: ReplayConfig, obs_shape: tuple[int, ...], obs_dtype: np.dtype,
-                rng: np.random.Generator, anneal_steps: int | None = None) -> Replay:
+                rng: np.random.Generator, anneal_steps: int | None = None,
+                extra: RecordSpec | None = None) -> Replay:
     """Build the replay ``cfg`` asks for. ``anneal_steps`` (the run's total env steps) is
-    what beta anneals over when ``cfg.beta_steps`` is 0."""
+    what beta anneals over when ``cfg.beta_steps`` is 0; ``extra``: the program's record
+    fields beyond a transition's."""
     frames = uses_frames(cfg, obs_shape, obs_dtype)
 
     def new_storage(capacity: int) -> Storage:
         if frames:
-            return FrameStorage(capacity, obs_shape, obs_dtype)
-        return RingStorage(capacity, obs_shape, obs_dtype)
+            return FrameStorage(capacity, obs_shape, obs_dtype, extra)
+        return RingStorage(capacity, obs_shape, obs_dtype, extra)
 
     if cfg.kind != "prioritized":  # "auto" is resolved per scheme (config.replay_kind_of)
         return UniformReplay(new_storage(cfg.capacity), rng)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from qfleet.replay.records import RecordSpec, allocate
 from qfleet.replay.transitions import Transitions
 
 _FP_SEED = 0x5EED  # fixed: fingerprints of a restored buffer must match new ones
@@ -44,8 +45,11 @@ def _spare(capacity: int, stack: int, spare: int | None) -> int:
 
 
 class FrameStorage:
+    """``extra``: further per-row fields of the record spec, stored as they come."""
+
     def __init__(self, capacity: int, obs_shape: tuple[int, ...], obs_dtype: np.dtype,
-                 *, window: int = 4096, spare: int | None = None) -> None:
+                 extra: RecordSpec | None = None, *, window: int = 4096,
+                 spare: int | None = None) -> None:
         if len(obs_shape) < 2:
             raise ValueError(f"obs_shape {obs_shape} is not a stack of frames (F, ...)")
         self.capacity, self.window = capacity, window
@@ -61,6 +65,7 @@ class FrameStorage:
         self.reward_N = np.zeros(c, dtype=np.float32)
         self.discount_N = np.zeros(c, dtype=np.float32)
         self.floor_N = np.zeros(c, dtype=np.int64)  # oldest frame number it references
+        self.extra = allocate(extra or {}, c)
         self.head = self.tail = 0  # valid transitions are numbers [head, tail)
         self.frames_written = 0
         self.size = 0
@@ -74,7 +79,7 @@ class FrameStorage:
     @property
     def nbytes(self) -> int:
         arrays = (self.frames_M, self.fp_M, self.obs_ref_NF, self.next_ref_NF, self.action_N,
-                  self.reward_N, self.discount_N, self.floor_N)
+                  self.reward_N, self.discount_N, self.floor_N, *self.extra.values())
         return sum(a.nbytes for a in arrays)
 
     # ------------------------------------------------------------ writing
@@ -112,6 +117,8 @@ class FrameStorage:
         self.action_N[slots_N] = chunk.action_N[lo:hi]
         self.reward_N[slots_N] = chunk.reward_N[lo:hi]
         self.discount_N[slots_N] = chunk.discount_N[lo:hi]
+        for name, dst in self.extra.items():
+            dst[slots_N] = chunk.extra[name][lo:hi]
         self.floor_N[slots_N] = floor
         self.tail += n
         self.head = max(self.head, self.tail - self.capacity)
@@ -193,7 +200,8 @@ class FrameStorage:
             action_N=self.action_N[slots_B],
             reward_N=self.reward_N[slots_B],
             discount_N=self.discount_N[slots_B],
-            next_obs_NO=self.frames_M[self.next_ref_NF[slots_B]])
+            next_obs_NO=self.frames_M[self.next_ref_NF[slots_B]],
+            extra={name: a[slots_B] for name, a in self.extra.items()})
 
     def uniform_slots(self, rng: np.random.Generator, batch_size: int) -> np.ndarray:
         return (self.head + rng.integers(0, self.size, size=batch_size)) % self.capacity
@@ -208,13 +216,17 @@ class FrameStorage:
             "frames.action_N": self.action_N[:n], "frames.reward_N": self.reward_N[:n],
             "frames.discount_N": self.discount_N[:n], "frames.floor_N": self.floor_N[:n],
             "frames.meta": np.array([self.head, self.tail, self.frames_written,
-                                     self._unreported], dtype=np.int64)}
+                                     self._unreported], dtype=np.int64),
+            **{f"frames.extra.{k}": a[:n] for k, a in self.extra.items()}}
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         for name in ("frames_M", "fp_M", "obs_ref_NF", "next_ref_NF", "action_N", "reward_N",
                      "discount_N", "floor_N"):
             src = state[f"frames.{name}"]
             getattr(self, name)[:len(src)] = src
+        for name, dst in self.extra.items():
+            src = state[f"frames.extra.{name}"]
+            dst[:len(src)] = src
         self.head, self.tail, self.frames_written, self._unreported = (
             int(v) for v in state["frames.meta"])
         self.size = self.tail - self.head

@@ -8,7 +8,7 @@ from collections import deque
 
 import numpy as np
 
-from qfleet.replay.transitions import FIELDS, Batch, Transitions
+from qfleet.replay.transitions import Batch, Transitions
 
 
 class RolloutQueue:
@@ -29,12 +29,12 @@ class RolloutQueue:
 
     @property
     def nbytes(self) -> int:
-        return sum(getattr(p, name).nbytes for p in self.parts for name in FIELDS)
+        return sum(a.nbytes for p in self.parts for a in p.fields().values())
 
     def add(self, chunk: Transitions, priorities_N: np.ndarray | None = None,
             shard: int | None = None) -> None:
         # A copy: a chunk may be a view of a transport slot that its actor reuses.
-        self.parts.append(Transitions(*(np.array(getattr(chunk, n)) for n in FIELDS)))
+        self.parts.append(chunk.map(np.array))
         self.rows += len(chunk)
         while self.rows > self._capacity:  # the oldest rollouts are too stale to keep
             self.rows -= len(self.parts.popleft())
@@ -46,8 +46,8 @@ class RolloutQueue:
         while need:
             head = self.parts.popleft()
             if len(head) > need:  # split: the rest stays at the front
-                cut = Transitions(*(getattr(head, n)[:need] for n in FIELDS))
-                self.parts.appendleft(Transitions(*(getattr(head, n)[need:] for n in FIELDS)))
+                cut = head.rows(slice(None, need))
+                self.parts.appendleft(head.rows(slice(need, None)))
                 head = cut
             parts.append(head)
             need -= len(head)

@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from qfleet.replay.transitions import FIELDS, Transitions
+from qfleet.replay.records import RecordSpec, allocate, transition_spec
+from qfleet.replay.transitions import Transitions
 
 
 class RingStorage:
-    def __init__(self, capacity: int, obs_shape: tuple[int, ...], obs_dtype: np.dtype) -> None:
+    """Every field of the record spec (transitions plus ``extra``) in one array each."""
+
+    def __init__(self, capacity: int, obs_shape: tuple[int, ...], obs_dtype: np.dtype,
+                 extra: RecordSpec | None = None) -> None:
         self.capacity = capacity
-        self.arrays = {
-            "obs_NO": np.zeros((capacity, *obs_shape), dtype=obs_dtype),
-            "action_N": np.zeros(capacity, dtype=np.int64),
-            "reward_N": np.zeros(capacity, dtype=np.float32),
-            "discount_N": np.zeros(capacity, dtype=np.float32),
-            "next_obs_NO": np.zeros((capacity, *obs_shape), dtype=obs_dtype),
-        }
+        self.arrays = allocate(transition_spec(obs_shape, obs_dtype, extra), capacity)
         self.cursor = 0  # next slot to write
         self.size = 0
 
@@ -28,7 +26,7 @@ class RingStorage:
         """Write a chunk, wrapping around; returns the slots written."""
         n = len(chunk)
         if n > self.capacity:  # only the newest `capacity` survive anyway
-            chunk = Transitions(*(getattr(chunk, f)[-self.capacity:] for f in FIELDS))
+            chunk = chunk.rows(slice(-self.capacity, None))
             # The dropped head counts as written, so slot = (number written) % capacity
             # holds for every transition (prioritized replay derives slots from that).
             self.cursor = (self.cursor + n - self.capacity) % self.capacity
@@ -37,8 +35,8 @@ class RingStorage:
         # At most two contiguous slice copies (split at the wrap): several times faster
         # than a fancy-index write for image chunks.
         head = min(n, self.capacity - self.cursor)
-        for name in FIELDS:
-            src, dst = getattr(chunk, name), self.arrays[name]
+        for name, src in chunk.fields().items():
+            dst = self.arrays[name]
             dst[self.cursor: self.cursor + head] = src[:head]
             dst[: n - head] = src[head:]
         self.cursor = int((self.cursor + n) % self.capacity)
@@ -46,7 +44,7 @@ class RingStorage:
         return slots_N
 
     def get(self, slots_B: np.ndarray) -> Transitions:
-        return Transitions(*(self.arrays[name][slots_B] for name in FIELDS))
+        return Transitions.from_fields({k: a[slots_B] for k, a in self.arrays.items()})
 
     def uniform_slots(self, rng: np.random.Generator, batch_size: int) -> np.ndarray:
         """Slots drawn uniformly from the stored transitions (slots [0, size) hold them)."""
@@ -64,5 +62,5 @@ class RingStorage:
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         self.cursor, self.size = (int(v) for v in state["meta"])
-        for name in FIELDS:
-            self.arrays[name][: len(state[name])] = state[name]
+        for name, arr in self.arrays.items():
+            arr[: len(state[name])] = state[name]

@@ -2,32 +2,54 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
+
+# The fields every transition has (the losses read them); a program may declare more
+# (records.transition_spec), which travel in ``extra``.
+FIELDS = ("obs_NO", "action_N", "reward_N", "discount_N", "next_obs_NO")
 
 
 @dataclass
 class Transitions:
     """N n-step transitions: ``reward`` is the discounted n-step sum and ``discount`` is
-    gamma**k for the k steps folded in, or 0 where the episode terminated (no bootstrap)."""
+    gamma**k for the k steps folded in, or 0 where the episode terminated (no bootstrap).
+    ``extra``: the program's further per-row fields, carried along unread by the runtime."""
 
     obs_NO: np.ndarray
     action_N: np.ndarray
     reward_N: np.ndarray
     discount_N: np.ndarray
     next_obs_NO: np.ndarray
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.action_N.shape[0])
 
+    def fields(self) -> dict[str, np.ndarray]:
+        """Every field by name, the fixed ones first."""
+        return {name: getattr(self, name) for name in FIELDS} | self.extra
+
+    @staticmethod
+    def from_fields(arrays: dict[str, np.ndarray]) -> Transitions:
+        o, a, r, d, n = (arrays[name] for name in FIELDS)
+        return Transitions(o, a, r, d, n, {k: v for k, v in arrays.items() if k not in FIELDS})
+
+    def map(self, fn: Callable[[np.ndarray], np.ndarray]) -> Transitions:
+        """``fn`` applied to every field (slicing, indexing, copying rows)."""
+        return Transitions.from_fields({k: fn(v) for k, v in self.fields().items()})
+
+    def rows(self, index: slice | np.ndarray) -> Transitions:
+        """The rows ``index`` selects, every field alike."""
+        return Transitions.from_fields({k: v[index] for k, v in self.fields().items()})
+
     @staticmethod
     def concat(parts: list[Transitions]) -> Transitions:
-        return Transitions(*(np.concatenate([getattr(p, name) for p in parts])
-                             for name in FIELDS))
-
-
-FIELDS = ("obs_NO", "action_N", "reward_N", "discount_N", "next_obs_NO")
+        each = [p.fields() for p in parts]
+        return Transitions.from_fields({name: np.concatenate([f[name] for f in each])
+                                        for name in each[0]})
 
 
 @dataclass
@@ -43,7 +65,5 @@ class Batch:
 
     def take(self, rows_B: np.ndarray) -> Batch:
         """The rows ``rows_B`` of this batch, in that order."""
-        d = self.data
-        return Batch(Transitions(*(getattr(d, name)[rows_B] for name in FIELDS)),
-                     self.indices_B[rows_B],
+        return Batch(self.data.rows(rows_B), self.indices_B[rows_B],
                      None if self.weights_B is None else self.weights_B[rows_B])

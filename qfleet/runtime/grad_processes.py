@@ -247,7 +247,7 @@ class ProcessesGradientRunner(GlobalSide):
         for s in range(slots):
             free.put(s)
         replay = None if self.shared_replay is None else ReplayLink(
-            p.max_chunk_rows, p.batch_size, p.obs_shape, p.obs_dtype, self.ctx)
+            p.max_chunk_rows, p.batch_size, p.record, self.ctx)
         return Link(torch.zeros(slots, size).share_memory_(), free, replay)
 
     def _spawn(self, index: int, incarnation: int, joined: bool = True) -> _Worker:

@@ -171,7 +171,7 @@ class ProcessesRunner(LearnerSide):
 
     def _spawn(self, index: int, incarnation: int) -> _Worker:
         p = self.program
-        slots = ChunkSlots(SLOTS_PER_ACTOR, p.max_chunk_rows, p.obs_shape, p.obs_dtype, self.ctx)
+        slots = ChunkSlots(SLOTS_PER_ACTOR, p.max_chunk_rows, p.record, self.ctx)
         self.slots[(index, incarnation)] = slots
         self.slots.pop((index, incarnation - 2), None)  # no message can still name it
         process = self.ctx.Process(

@@ -29,7 +29,6 @@ import torch.distributed as dist
 
 from qfleet.replay import Batch, Replay, Transitions
 from qfleet.replay import describe as describe_replay
-from qfleet.replay.transitions import FIELDS
 from qfleet.roles.gradients import Gradient, GradientWorker
 
 CALL_S = 0.02  # async: a call runs work() for at most this long while no gradient comes
@@ -259,7 +258,7 @@ class ReplayActorClient:
     def sample(self, batch_size: int) -> Batch:
         batch: Batch = ray.get(self.handle.sample.remote(batch_size))
         # Arrays from the object store are read-only views: the loss wants its own.
-        data = Transitions(*(np.array(getattr(batch.data, name)) for name in FIELDS))
+        data = batch.data.map(np.array)
         weights = None if batch.weights_B is None else np.array(batch.weights_B)
         return Batch(data, np.array(batch.indices_B), weights)
 

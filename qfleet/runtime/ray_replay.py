@@ -34,7 +34,6 @@ from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError
 from qfleet.replay import Batch, PrioritizedReplay, Replay, Transitions
 from qfleet.replay.prioritized import BetaSchedule, importance_weights
 from qfleet.replay.sharded import KEY_SHIFT, LOCAL_MASK
-from qfleet.replay.transitions import FIELDS
 from qfleet.runtime.errors import WorkerError
 
 SAMPLE_TIMEOUT_S = 60.0  # a batch request that takes longer means the shards are stuck
@@ -133,9 +132,7 @@ class _Rows:
                      np.concatenate([p.prio_B for p in parts]))
 
     def take(self, rows: slice | np.ndarray) -> _Rows:
-        d = self.data
-        return _Rows(Transitions(*(getattr(d, name)[rows] for name in FIELDS)),
-                     self.ids_B[rows], self.prio_B[rows])
+        return _Rows(self.data.rows(rows), self.ids_B[rows], self.prio_B[rows])
 
 
 class RemoteReplay:

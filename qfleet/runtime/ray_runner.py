@@ -36,7 +36,6 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from qfleet.algos.program import ActorLearnerProgram
 from qfleet.config import ConfigError
 from qfleet.replay import Transitions
-from qfleet.replay.transitions import FIELDS
 from qfleet.roles import Actor, Chunk, ParamSnapshot
 from qfleet.runtime.base import LearnerSide, RayOptions, RoundReport
 from qfleet.runtime.errors import MAX_RESTARTS, WorkerError
@@ -138,7 +137,7 @@ class ActorHost:
 
 
 def _no_rows(t: Transitions) -> Transitions:
-    return Transitions(*(getattr(t, name)[:0].copy() for name in FIELDS))
+    return t.map(lambda a: a[:0].copy())
 
 
 RemoteHost = ray.remote(ActorHost)

@@ -21,8 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from qfleet.replay import Batch, Replay, Transitions
-from qfleet.replay.transitions import FIELDS
+from qfleet.replay import Batch, RecordSpec, Replay, Transitions
 from qfleet.runtime.shm import ChunkSlots
 
 SLOTS = 4
@@ -52,10 +51,10 @@ class PriorityMsg:
 class ReplayLink:
     """One worker's shared-memory end of the replay: chunk slots up, a batch slot down."""
 
-    def __init__(self, max_chunk_rows: int, batch_rows: int, obs_shape: tuple[int, ...],
-                 obs_dtype: np.dtype, ctx: ForkContext) -> None:
-        self.chunks = ChunkSlots(SLOTS, max_chunk_rows, obs_shape, obs_dtype, ctx)
-        self.batch = ChunkSlots(1, batch_rows, obs_shape, obs_dtype, ctx)
+    def __init__(self, max_chunk_rows: int, batch_rows: int, record: RecordSpec,
+                 ctx: ForkContext) -> None:
+        self.chunks = ChunkSlots(SLOTS, max_chunk_rows, record, ctx)
+        self.batch = ChunkSlots(1, batch_rows, record, ctx)
         self.replies: Any = ctx.Queue()
 
     def close(self) -> None:
@@ -113,7 +112,7 @@ class ReplayClient:
             self.out_q.put(SampleMsg(self.worker, self.incarnation, batch_size))
         indices_B, has_weights = self._wait(self.link.replies)
         data, weights_B = self.link.batch.read(0, len(indices_B), has_weights)
-        copy = Transitions(*(np.array(getattr(data, name)) for name in FIELDS))
+        copy = data.map(np.array)
         batch = Batch(copy, indices_B, None if weights_B is None else np.array(weights_B))
         self.out_q.put(SampleMsg(self.worker, self.incarnation, batch_size))  # the next one
         self.requested = batch_size

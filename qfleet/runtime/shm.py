@@ -12,15 +12,15 @@ import multiprocessing as mp
 import time
 from collections.abc import Callable, Iterator
 from multiprocessing.context import ForkContext
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from qfleet.replay import Transitions
-from qfleet.replay.transitions import FIELDS
+from qfleet.replay import Field, RecordSpec, Transitions
 from qfleet.roles import ParamSnapshot
+
+PRIORITY = "priority_N"  # beside the record's fields: the actor's initial priorities
 
 
 def shared_array(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -69,19 +69,16 @@ class SharedParams:
 
 
 class ChunkSlots:
-    """S preallocated chunk buffers for one actor; a slot is owned by the actor until it
-    sends the slot's id, and by the learner until it hands the id back."""
+    """S preallocated chunk buffers for one actor, one shared array per field of the
+    program's record spec (plus the Ape-X priorities); a slot is owned by the actor until
+    it sends the slot's id, and by the learner until it hands the id back."""
 
-    def __init__(self, num_slots: int, max_rows: int, obs_shape: tuple[int, ...],
-                 obs_dtype: np.dtype, ctx: ForkContext) -> None:
-        dtypes: dict[str, Any] = {
-            "obs_NO": obs_dtype, "action_N": np.int64, "reward_N": np.float32,
-            "discount_N": np.float32, "next_obs_NO": obs_dtype, "priority_N": np.float32}
+    def __init__(self, num_slots: int, max_rows: int, record: RecordSpec,
+                 ctx: ForkContext) -> None:
         self.max_rows = max_rows
-        self.arrays = {name: shared_array((num_slots, max_rows,
-                                           *(obs_shape if name.endswith("_NO") else ())),
-                                          np.dtype(dt))
-                       for name, dt in dtypes.items()}
+        fields = {**record, PRIORITY: Field(np.dtype(np.float32))}
+        self.arrays = {name: shared_array((num_slots, max_rows, *f.shape), f.dtype)
+                       for name, f in fields.items()}
         self.free: mp.Queue[int] = ctx.Queue()
         for slot in range(num_slots):
             self.free.put(slot)
@@ -90,17 +87,18 @@ class ChunkSlots:
         rows = len(data)
         if rows > self.max_rows:
             raise ValueError(f"chunk of {rows} transitions exceeds the slot size {self.max_rows}")
-        for name in FIELDS:
-            self.arrays[name][slot, :rows] = getattr(data, name)
+        for name, src in data.fields().items():
+            self.arrays[name][slot, :rows] = src
         if priorities_N is not None:
-            self.arrays["priority_N"][slot, :rows] = priorities_N
+            self.arrays[PRIORITY][slot, :rows] = priorities_N
         return rows
 
     def read(self, slot: int, rows: int, with_priorities: bool) -> tuple[Transitions,
                                                                          np.ndarray | None]:
         """Views into the slot: valid until the slot id is handed back to ``free``."""
-        data = Transitions(*(self.arrays[name][slot, :rows] for name in FIELDS))
-        prio = self.arrays["priority_N"][slot, :rows] if with_priorities else None
+        data = Transitions.from_fields({name: a[slot, :rows] for name, a in self.arrays.items()
+                                        if name != PRIORITY})
+        prio = self.arrays[PRIORITY][slot, :rows] if with_priorities else None
         return data, prio
 
     def close(self) -> None:
