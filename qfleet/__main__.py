@@ -1,3 +1,4 @@
 from qfleet.cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # not when a spawned worker imports this as __mp_main__
+    raise SystemExit(main())

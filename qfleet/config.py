@@ -143,6 +143,9 @@ class RuntimeConfig:
     address: str = _f("local", help="ray: 'local' starts Ray in this process; 'auto' or "
                       "'ray://host:port' joins a running cluster")
     torch_threads: int = _f(1, lo=0, help="0 keeps torch's default")
+    start_method: str = _f("auto", choices=("auto", "fork", "forkserver", "spawn"),
+                           help="processes: how worker processes start; auto = fork on "
+                           "Linux, spawn elsewhere")
     replay_on: str = _f("learner", choices=("learner", "learner_node", "actors"),
                         help="ray, dqn/apex: 'learner' keeps the replay in the learner's "
                         "process; 'actors' puts one shard actor beside each actor; "
@@ -271,6 +274,10 @@ def validate(cfg: Config) -> None:
 
 def _check_ray_fields(cfg: Config) -> None:
     rt = cfg.runtime
+    if rt.start_method != "auto" and rt.backend != "processes":
+        raise ConfigError(f"runtime.start_method = {rt.start_method!r}: only the processes "
+                          f"backend starts worker processes; runtime.backend = "
+                          f"{rt.backend!r} keeps 'auto'")
     for key, value, default in (("replay_on", rt.replay_on, "learner"),
                                 ("learner_host", rt.learner_host, "driver")):
         if value != default and rt.backend != "ray":

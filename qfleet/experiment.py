@@ -122,7 +122,8 @@ class Experiment:
         program = build_program(cfg)
         self.own_lock = None if lock is not None else rundir.RunLock(run_dir)
         try:
-            self.runner = make_runner(cfg.runtime.backend, program, ray_options(cfg))
+            self.runner = make_runner(cfg.runtime.backend, program, ray_options(cfg),
+                                      cfg.runtime.start_method)
         except BaseException:
             if self.own_lock is not None:
                 self.own_lock.release(failed=True)

@@ -20,6 +20,16 @@ class LinearSchedule:
         return self.start + frac * (self.end - self.start)
 
 
+@dataclass(frozen=True)
+class Constant:
+    """A fixed exploration rate (an Ape-X actor's rung, or 0 for a sampling actor)."""
+
+    value: float
+
+    def __call__(self, step: int) -> float:
+        return self.value
+
+
 def epsilon_greedy(q_fn: Callable[[], np.ndarray], num_envs: int, num_actions: int,
                    epsilon: float, rng: np.random.Generator) -> np.ndarray:
     """Greedy actions from ``q_fn()`` (E x A), each replaced by a uniform random one with

@@ -126,3 +126,13 @@ class SlowEnv(ChainEnv):
     def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
         time.sleep(self.STEP_S)
         return super().step(action)
+
+
+class ExplodingEnv(ChainEnv):
+    """Raises from its 40th step: a bug in user code that a worker must report, whether it
+    was forked or spawned (a monkeypatch does not reach a spawned process)."""
+
+    def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        if self.steps >= 40:
+            raise RuntimeError("exploded on purpose")
+        return super().step(action)

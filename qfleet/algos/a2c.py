@@ -10,6 +10,7 @@ aggregation (async, Hogwild on the processes backend).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -20,9 +21,10 @@ from qfleet.config import Config
 from qfleet.envs import probe_spaces
 from qfleet.losses import LossOut, TorchBatch, ac_loss
 from qfleet.nets import ActorCritic, make_actor_critic
+from qfleet.policies import Constant
 from qfleet.replay import Replay, transition_spec
 from qfleet.roles import Actor
-from qfleet.roles.gradients import Aggregator, GradientWorker
+from qfleet.roles.gradients import Aggregator, GradientWorker, LossFn
 
 
 def build(cfg: Config) -> GradientProgram:
@@ -35,23 +37,26 @@ def wire(cfg: Config, hogwild: bool) -> GradientProgram:
     torch.manual_seed(cfg.seed)
     model = nn.ModuleDict({"online": new_net()})
     loss_fn = partial(_loss, value_coef=cfg.algo.value_coef, entropy_coef=cfg.algo.entropy_coef)
-
-    def make_worker(index: int, incarnation: int, shared: Replay | None) -> GradientWorker:
-        return GradientWorker(index, make_ac_actor(cfg, new_net(), index, incarnation), None,
-                              None, loss_fn, chunk_steps=cfg.actors.chunk_size,
-                              batch_size=cfg.learner.batch_size, learning_starts=0)
-
     return gradient_program(
-        cfg, make_worker=make_worker, make_aggregator=lambda: Aggregator(model, cfg.learner),
+        cfg, make_worker=partial(_make_worker, cfg, new_net, loss_fn),
+        make_aggregator=partial(Aggregator, model, cfg.learner),
         make_shared_replay=None, make_eval_net=new_net, hogwild=hogwild,
         record=transition_spec(obs_shape, obs_dtype),
         batch_size=cfg.actors.chunk_size * cfg.env.num_envs)  # the rollout is the batch
 
 
+def _make_worker(cfg: Config, new_net: Callable[[], nn.Module], loss_fn: LossFn, index: int,
+                 incarnation: int, shared: Replay | None) -> GradientWorker:
+    """An actor-critic worker: its rollout is its batch (no replay)."""
+    return GradientWorker(index, make_ac_actor(cfg, new_net(), index, incarnation), None,
+                          None, loss_fn, chunk_steps=cfg.actors.chunk_size,
+                          batch_size=cfg.learner.batch_size, learning_starts=0)
+
+
 def make_ac_actor(cfg: Config, net: nn.Module, index: int, incarnation: int) -> Actor:
     """An actor that samples its actions from the policy logits (no epsilon)."""
     return Actor(cfg.env, net, n_step=cfg.algo.n_step, gamma=cfg.algo.gamma,
-                 epsilon=lambda steps: 0.0, seed=cfg.seed, index=index,
+                 epsilon=Constant(0.0), seed=cfg.seed, index=index,
                  incarnation=incarnation, sample=True)
 
 

@@ -14,10 +14,12 @@ async. ``algo.a3c_mode``:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 
 import numpy as np
 import torch
+from torch import nn
 
 from qfleet.algos.a2c import make_ac_actor, wire
 from qfleet.algos.program import ActorLearnerProgram, GradientProgram, Schedule
@@ -25,6 +27,7 @@ from qfleet.config import Config
 from qfleet.envs import probe_spaces
 from qfleet.nets import make_actor_critic
 from qfleet.replay import RolloutQueue, transition_spec
+from qfleet.roles import Actor
 from qfleet.roles.ac_learner import ACLearner
 
 
@@ -32,6 +35,15 @@ def build(cfg: Config) -> GradientProgram | ActorLearnerProgram:
     if cfg.algo.a3c_mode == "queue":
         return build_queue(cfg)
     return wire(cfg, hogwild=True)
+
+
+def _make_actor(cfg: Config, new_net: Callable[[], nn.Module], index: int,
+                incarnation: int) -> Actor:
+    return make_ac_actor(cfg, new_net(), index, incarnation)
+
+
+def _make_queue(cfg: Config) -> RolloutQueue:
+    return RolloutQueue(cfg.replay.capacity, np.random.default_rng([cfg.seed, 7919]))
 
 
 def build_queue(cfg: Config) -> ActorLearnerProgram:
@@ -42,10 +54,9 @@ def build_queue(cfg: Config) -> ActorLearnerProgram:
     batch = cfg.learner.batch_size
     return ActorLearnerProgram(
         num_actors=cfg.actors.count,
-        make_actor=lambda index, incarnation: make_ac_actor(cfg, new_net(), index, incarnation),
-        make_learner=lambda: ACLearner(global_net, cfg.learner, cfg.algo),
-        make_replay=lambda: RolloutQueue(cfg.replay.capacity,
-                                         np.random.default_rng([cfg.seed, 7919])),
+        make_actor=partial(_make_actor, cfg, new_net),
+        make_learner=partial(ACLearner, global_net, cfg.learner, cfg.algo),
+        make_replay=partial(_make_queue, cfg),
         make_eval_net=new_net,
         schedule=Schedule(batch_size=batch, learning_starts=0, train_every=batch,
                           updates_per_round=cfg.learner.updates_per_round,

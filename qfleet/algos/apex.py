@@ -11,6 +11,7 @@ initial priorities, aggregation single learner. Differences from DQN, all wiring
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 
 import numpy as np
 import torch
@@ -20,19 +21,21 @@ from qfleet.algos.dqn import wire
 from qfleet.algos.program import ActorLearnerProgram
 from qfleet.config import Config
 from qfleet.losses import TorchBatch, td_abs
-from qfleet.policies import apex_epsilons
+from qfleet.policies import Constant, apex_epsilons
 from qfleet.replay import Transitions
 
 
 def build(cfg: Config) -> ActorLearnerProgram:
     epsilons = apex_epsilons(cfg.actors.count, cfg.actors.apex_eps, cfg.actors.apex_alpha)
     replay_cfg = dataclasses.replace(cfg.replay, kind="prioritized", shards=cfg.actors.count)
-
-    def priorities(net: nn.Module, data: Transitions) -> np.ndarray:
-        t = torch.from_numpy
-        batch = TorchBatch(t(data.obs_NO), t(data.action_N), t(data.reward_N),
-                           t(data.discount_N), t(data.next_obs_NO), weights_B=None)
-        return td_abs(net, batch, double=cfg.algo.double).numpy()
-
-    return wire(cfg, lambda index: lambda steps: epsilons[index], priority_fn=priorities,
+    return wire(cfg, tuple(Constant(e) for e in epsilons),
+                priority_fn=partial(priorities, double=cfg.algo.double),
                 replay_cfg=replay_cfg, shard_per_actor=True)
+
+
+def priorities(net: nn.Module, data: Transitions, *, double: bool) -> np.ndarray:
+    """An actor's |n-step TD error| of its own transitions, with its local network."""
+    t = torch.from_numpy
+    batch = TorchBatch(t(data.obs_NO), t(data.action_N), t(data.reward_N),
+                       t(data.discount_N), t(data.next_obs_NO), weights_B=None)
+    return td_abs(net, batch, double=double).numpy()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ from qfleet.replay import Replay, make_replay, transition_spec
 from qfleet.roles import Actor, DQNLearner
 from qfleet.roles.actor import PriorityFn
 
-EpsilonFor = Callable[[int], Callable[[int], float]]  # actor index -> (env steps -> epsilon)
+Epsilon = Callable[[int], float]  # env steps -> exploration rate
 
 
 def build(cfg: Config) -> ActorLearnerProgram:
@@ -31,47 +32,63 @@ def build(cfg: Config) -> ActorLearnerProgram:
     epsilon = LinearSchedule(cfg.actors.eps_start, cfg.actors.eps_end,
                              int(cfg.actors.eps_fraction * steps_per_actor))
     replay_cfg = dataclasses.replace(cfg.replay, kind=replay_kind_of(cfg))
-    return wire(cfg, lambda index: epsilon, priority_fn=None, replay_cfg=replay_cfg)
+    return wire(cfg, (epsilon,) * cfg.actors.count, priority_fn=None, replay_cfg=replay_cfg)
 
 
-def wire(cfg: Config, epsilon_for: EpsilonFor, priority_fn: PriorityFn | None,
+@dataclass(frozen=True)
+class Parts:
+    """What the roles are built from. Plain data and bound methods only, so a program can
+    be pickled to workers that are spawned rather than forked."""
+
+    cfg: Config
+    obs_shape: tuple[int, ...]
+    obs_dtype: np.dtype
+    num_actions: int
+    epsilons: tuple[Epsilon, ...]  # actor i explores with epsilons[i]
+    priority_fn: PriorityFn | None
+    replay_cfg: ReplayConfig
+    learner_net: QNetwork
+
+    def new_net(self) -> QNetwork:
+        return make_q_network(self.cfg.net, self.obs_shape, self.num_actions)
+
+    def make_actor(self, index: int, incarnation: int) -> Actor:
+        cfg = self.cfg
+        return Actor(cfg.env, self.new_net(), n_step=cfg.algo.n_step, gamma=cfg.algo.gamma,
+                     epsilon=self.epsilons[index], seed=cfg.seed, index=index,
+                     incarnation=incarnation, priority_fn=self.priority_fn)
+
+    def make_learner(self) -> DQNLearner:
+        return DQNLearner(self.learner_net, self.cfg.learner, self.cfg.algo)
+
+    def make_replay(self) -> Replay:
+        return make_replay(self.replay_cfg, self.obs_shape, self.obs_dtype,
+                           np.random.default_rng([self.cfg.seed, 7919]),
+                           anneal_steps=self.cfg.train.total_env_steps)
+
+    def make_shard(self, index: int, count: int) -> Replay:
+        one = dataclasses.replace(self.replay_cfg, shards=1,
+                                  capacity=max(1, self.replay_cfg.capacity // count))
+        return make_replay(one, self.obs_shape, self.obs_dtype,
+                           np.random.default_rng([self.cfg.seed, 7919, index]),
+                           anneal_steps=self.cfg.train.total_env_steps)
+
+
+def wire(cfg: Config, epsilons: tuple[Epsilon, ...], priority_fn: PriorityFn | None,
          replay_cfg: ReplayConfig, shard_per_actor: bool = False) -> ActorLearnerProgram:
     obs_shape, obs_dtype, num_actions = probe_spaces(cfg.env)
-
-    def new_net() -> QNetwork:
-        return make_q_network(cfg.net, obs_shape, num_actions)
-
     torch.manual_seed(cfg.seed)
-    learner_net = new_net()  # built first so a seed gives the same initial weights
-
-    def make_actor(index: int, incarnation: int) -> Actor:
-        return Actor(cfg.env, new_net(), n_step=cfg.algo.n_step, gamma=cfg.algo.gamma,
-                     epsilon=epsilon_for(index), seed=cfg.seed, index=index,
-                     incarnation=incarnation, priority_fn=priority_fn)
-
-    def make_learner() -> DQNLearner:
-        return DQNLearner(learner_net, cfg.learner, cfg.algo)
-
-    def make_replay_() -> Replay:
-        return make_replay(replay_cfg, obs_shape, obs_dtype,
-                           np.random.default_rng([cfg.seed, 7919]),
-                           anneal_steps=cfg.train.total_env_steps)
-
-    def make_shard(index: int, count: int) -> Replay:
-        one = dataclasses.replace(replay_cfg, shards=1,
-                                  capacity=max(1, replay_cfg.capacity // count))
-        return make_replay(one, obs_shape, obs_dtype,
-                           np.random.default_rng([cfg.seed, 7919, index]),
-                           anneal_steps=cfg.train.total_env_steps)
-
+    # The learner's net is built first, so a seed gives the same initial weights.
+    parts = Parts(cfg, obs_shape, obs_dtype, num_actions, epsilons, priority_fn, replay_cfg,
+                  make_q_network(cfg.net, obs_shape, num_actions))
     return ActorLearnerProgram(
         num_actors=cfg.actors.count,
-        make_actor=make_actor,
-        make_learner=make_learner,
-        make_replay=make_replay_,
-        make_shard=make_shard,
+        make_actor=parts.make_actor,
+        make_learner=parts.make_learner,
+        make_replay=parts.make_replay,
+        make_shard=parts.make_shard,
         shard_per_actor=shard_per_actor,
-        make_eval_net=new_net,
+        make_eval_net=parts.new_net,
         schedule=Schedule(batch_size=cfg.learner.batch_size,
                           learning_starts=cfg.learner.learning_starts,
                           train_every=cfg.learner.train_every,

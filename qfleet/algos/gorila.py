@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
@@ -18,14 +20,14 @@ import torch
 from torch import nn
 
 from qfleet.algos.program import GradientProgram, gradient_program
-from qfleet.config import Config, replay_kind_of
+from qfleet.config import Config, ReplayConfig, replay_kind_of
 from qfleet.envs import probe_spaces
 from qfleet.losses import LossOut, TorchBatch, dqn_loss
 from qfleet.nets import make_q_network
 from qfleet.policies import LinearSchedule
 from qfleet.replay import Replay, make_replay, transition_spec
 from qfleet.roles import Actor
-from qfleet.roles.gradients import Aggregator, GradientWorker
+from qfleet.roles.gradients import Aggregator, GradientWorker, LossFn
 
 
 def build(cfg: Config) -> GradientProgram:
@@ -42,26 +44,41 @@ def build(cfg: Config) -> GradientProgram:
     model = nn.ModuleDict({"online": online, "target": copy.deepcopy(online)})
     loss_fn = partial(_loss, double=cfg.algo.double, huber=cfg.learner.huber)
 
-    def new_replay(stream: tuple[int, ...]) -> Replay:
-        return make_replay(replay_cfg, obs_shape, obs_dtype,
-                           np.random.default_rng([cfg.seed, 7919, *stream]),
-                           anneal_steps=cfg.train.total_env_steps)
-
-    def make_worker(index: int, incarnation: int, shared: Replay | None) -> GradientWorker:
-        actor = Actor(cfg.env, new_net(), n_step=cfg.algo.n_step, gamma=cfg.algo.gamma,
-                      epsilon=epsilon, seed=cfg.seed, index=index, incarnation=incarnation)
-        replay = shared if scope != "local" else new_replay((1 + index, incarnation))
-        return GradientWorker(index, actor, new_net().requires_grad_(False), replay, loss_fn,
-                              chunk_steps=cfg.actors.chunk_size,
-                              batch_size=cfg.learner.batch_size,
-                              learning_starts=cfg.learner.learning_starts,
-                              owns_replay=scope == "local")
-
+    parts = Parts(cfg, obs_shape, obs_dtype, replay_cfg, epsilon, new_net, loss_fn)
     return gradient_program(
-        cfg, make_worker=make_worker, make_aggregator=lambda: Aggregator(model, cfg.learner),
-        make_shared_replay=None if scope == "local" else (lambda: new_replay((0,))),
+        cfg, make_worker=parts.make_worker, make_aggregator=partial(Aggregator, model, cfg.learner),
+        make_shared_replay=None if scope == "local" else partial(parts.new_replay, (0,)),
         make_eval_net=new_net, hogwild=False, record=transition_spec(obs_shape, obs_dtype),
         local_replay=scope == "local")
+
+
+@dataclass(frozen=True)
+class Parts:
+    """What workers and replays are built from: plain data and bound methods, so the
+    program pickles to spawned worker processes."""
+
+    cfg: Config
+    obs_shape: tuple[int, ...]
+    obs_dtype: np.dtype
+    replay_cfg: ReplayConfig
+    epsilon: LinearSchedule
+    new_net: Callable[[], nn.Module]
+    loss_fn: LossFn
+
+    def new_replay(self, stream: tuple[int, ...]) -> Replay:
+        return make_replay(self.replay_cfg, self.obs_shape, self.obs_dtype,
+                           np.random.default_rng([self.cfg.seed, 7919, *stream]),
+                           anneal_steps=self.cfg.train.total_env_steps)
+
+    def make_worker(self, index: int, incarnation: int, shared: Replay | None) -> GradientWorker:
+        cfg, local = self.cfg, self.cfg.replay.scope == "local"
+        actor = Actor(cfg.env, self.new_net(), n_step=cfg.algo.n_step, gamma=cfg.algo.gamma,
+                      epsilon=self.epsilon, seed=cfg.seed, index=index, incarnation=incarnation)
+        replay = self.new_replay((1 + index, incarnation)) if local else shared
+        return GradientWorker(index, actor, self.new_net().requires_grad_(False), replay,
+                              self.loss_fn, chunk_steps=cfg.actors.chunk_size,
+                              batch_size=cfg.learner.batch_size,
+                              learning_starts=cfg.learner.learning_starts, owns_replay=local)
 
 
 def _loss(online: nn.Module, target: nn.Module | None, batch: TorchBatch, *, double: bool,

@@ -35,20 +35,20 @@ def ray_options(cfg: Config) -> RayOptions:
 
 
 def make_runner(backend: str, program: ActorLearnerProgram | GradientProgram,
-                options: RayOptions | None = None) -> Runner:
+                options: RayOptions | None = None, start_method: str = "auto") -> Runner:
     """``options``: what the ray backend reads (the address, where the replay and the
-    learner go); the other backends ignore it."""
+    learner go); ``start_method``: how the processes backend starts its workers."""
     if backend == "ray":
         return _ray_runner(program, options or RayOptions())
     if isinstance(program, GradientProgram):
         if backend == "inline":
             return InlineGradientRunner(program)
         if backend == "processes":
-            return ProcessesGradientRunner(program)
+            return ProcessesGradientRunner(program, start_method)
     elif backend == "inline":
         return InlineRunner(program)
     elif backend == "processes":
-        return ProcessesRunner(program)
+        return ProcessesRunner(program, start_method)
     raise _unknown_backend(backend)
 
 

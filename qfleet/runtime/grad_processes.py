@@ -24,9 +24,8 @@ import shutil
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field
-from multiprocessing import get_context
-from multiprocessing.context import ForkContext, ForkProcess
+from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event
 from typing import Any
 
@@ -43,6 +42,7 @@ from qfleet.runtime.global_side import GlobalSide
 from qfleet.runtime.processes import (
     ErrorMsg,
     arrived,
+    context,
     count_restart,
     death_cause,
     leave_signals_to_main,
@@ -56,7 +56,7 @@ from qfleet.runtime.replay_rpc import (
     ReplayServer,
     SampleMsg,
 )
-from qfleet.runtime.shm import PauseGate, SharedParams
+from qfleet.runtime.shm import PauseGate, SharedParams, main_alive
 
 ROUND_S = 0.1
 SAVE_TIMEOUT_S = 120.0  # for every worker to write its own replay for a checkpoint
@@ -116,7 +116,6 @@ class _Shared:
     pause: PauseGate | None  # Hogwild: lets a checkpoint copy the shared model whole
     save_request: Any  # a counter: when it moves, each worker saves its own replay ...
     save_dir: str  # ... into this folder
-    parent_pid: int = field(default_factory=os.getpid)
 
 
 def _worker_main(sh: _Shared, index: int, incarnation: int, link: Link,
@@ -131,7 +130,7 @@ def _worker_main(sh: _Shared, index: int, incarnation: int, link: Link,
         worker.load_replay_state(replay_state)
         saver = _Saver(sh, worker, incarnation, save_request)
         _pull(sh, worker)
-        while not sh.stop.is_set() and os.getppid() == sh.parent_pid:
+        while not sh.stop.is_set() and main_alive():
             slot = _take(link.free, sh, saver)
             if slot is None:
                 break
@@ -196,7 +195,7 @@ def _send(sh: _Shared, worker: GradientWorker, grad: Gradient, link: Link,
 
 
 def _take(free: Any, sh: _Shared, saver: _Saver) -> int | None:
-    while not sh.stop.is_set() and os.getppid() == sh.parent_pid:
+    while not sh.stop.is_set() and main_alive():
         saver()  # also while a sync worker waits for its group
         try:
             return int(free.get(timeout=0.1))
@@ -209,15 +208,15 @@ def _take(free: Any, sh: _Shared, saver: _Saver) -> int | None:
 class _Worker:
     index: int
     incarnation: int
-    process: ForkProcess
+    process: BaseProcess
     link: Link
     joined: bool = True  # sent a gradient (or is expected to: every worker at the start)
 
 
 class ProcessesGradientRunner(GlobalSide):
-    def __init__(self, program: GradientProgram) -> None:
+    def __init__(self, program: GradientProgram, start_method: str = "auto") -> None:
         super().__init__(program)
-        self.ctx: ForkContext = get_context("fork")
+        self.ctx = context(start_method)
         if program.hogwild:
             self.aggregator.share_memory()
             self.aggregator.lock = self.ctx.Lock()

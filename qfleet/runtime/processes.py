@@ -1,9 +1,10 @@
 """The processes backend: each actor in a worker process, learner and replay in this one.
 
-Workers are forked (the role factories are closures, and fork shares the preallocated
-shared memory for free). An actor writes a chunk into one of its shared slots and sends
-only the slot id and counters; the learner copies the slot into that actor's replay
-shard and hands the slot back. Parameters flow the other way through SharedParams.
+Workers are forked, or spawned (``runtime.start_method``: the program is plain data and
+bound methods, so it pickles; shared memory travels as handles). An actor writes a chunk
+into one of its shared slots and sends only the slot id and counters; the learner copies
+the slot into that actor's replay shard and hands the slot back. Parameters flow the other
+way through SharedParams.
 
 Faults: a worker killed by a signal is restarted with fresh seeds (same shard, so data it
 already delivered stays); a worker that raises stops the run with its traceback.
@@ -11,17 +12,17 @@ already delivered stays); a worker that raises stops the run with its traceback.
 
 from __future__ import annotations
 
-import os
 import queue
 import signal
+import sys
 import time
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
 from multiprocessing import get_context
-from multiprocessing.context import ForkProcess
+from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -29,7 +30,7 @@ from qfleet.algos.program import ActorLearnerProgram
 from qfleet.roles import Chunk
 from qfleet.runtime.base import LearnerSide, RoundReport
 from qfleet.runtime.errors import MAX_RESTARTS, WorkerError
-from qfleet.runtime.shm import ChunkSlots, SharedParams
+from qfleet.runtime.shm import ChunkSlots, Context, SharedParams, main_alive
 
 SLOTS_PER_ACTOR = 4
 POLL_S = 0.05  # how long the learner waits for data when it is ahead of the actors
@@ -64,14 +65,13 @@ def leave_signals_to_main() -> None:
 
 
 def _actor_main(program: ActorLearnerProgram, index: int, incarnation: int,
-                slots: ChunkSlots, out_q: Any, params: SharedParams, stop: Event,
-                parent_pid: int) -> None:
+                slots: ChunkSlots, out_q: Any, params: SharedParams, stop: Event) -> None:
     leave_signals_to_main()
     torch.set_num_threads(1)
     try:
         actor = program.make_actor(index, incarnation)
         since_sync = program.sync_every
-        while not stop.is_set() and os.getppid() == parent_pid:
+        while not stop.is_set() and main_alive():
             if since_sync >= program.sync_every:
                 snapshot = params.pull(actor.version)
                 if snapshot is not None:
@@ -79,7 +79,7 @@ def _actor_main(program: ActorLearnerProgram, index: int, incarnation: int,
                 since_sync = 0
             chunk = actor.collect(program.schedule.chunk_steps)
             since_sync += chunk.env_steps
-            slot = _take_slot(slots, stop, parent_pid)
+            slot = _take_slot(slots, stop)
             if slot is None:
                 break
             rows = slots.write(slot, chunk.transitions, chunk.priorities_N)
@@ -95,8 +95,8 @@ def _actor_main(program: ActorLearnerProgram, index: int, incarnation: int,
         out_q.join_thread()  # the error must reach the learner before this process ends
 
 
-def _take_slot(slots: ChunkSlots, stop: Event, parent_pid: int) -> int | None:
-    while not stop.is_set() and os.getppid() == parent_pid:
+def _take_slot(slots: ChunkSlots, stop: Event) -> int | None:
+    while not stop.is_set() and main_alive():
         try:
             return int(slots.free.get(timeout=0.1))
         except queue.Empty:
@@ -104,7 +104,7 @@ def _take_slot(slots: ChunkSlots, stop: Event, parent_pid: int) -> int | None:
     return None
 
 
-def death_cause(process: ForkProcess) -> str:
+def death_cause(process: BaseProcess) -> str:
     code = process.exitcode or 0
     return signal.Signals(-code).name if code < 0 else f"exit code {code}"
 
@@ -136,7 +136,7 @@ def count_restart(restarts: list[int], i: int, role: str, cause: str,
     report.notes.append(f"{role} {i} died ({cause}); restarted with fresh seeds")
 
 
-def stop_processes(processes: list[ForkProcess], stop: Event) -> None:
+def stop_processes(processes: list[BaseProcess], stop: Event) -> None:
     """Ask workers to stop, give them SHUTDOWN_S together, then kill what is left."""
     stop.set()
     deadline = time.monotonic() + SHUTDOWN_S
@@ -152,14 +152,22 @@ def stop_processes(processes: list[ForkProcess], stop: Event) -> None:
 class _Worker:
     index: int
     incarnation: int
-    process: ForkProcess
+    process: BaseProcess
     slots: ChunkSlots
 
 
+def context(start_method: str) -> Context:
+    """runtime.start_method: 'auto' forks on Linux and spawns elsewhere (macOS cannot fork
+    safely once system frameworks are loaded, as torch's docs warn)."""
+    if start_method == "auto":
+        start_method = "fork" if sys.platform.startswith("linux") else "spawn"
+    return cast(Context, get_context(start_method))
+
+
 class ProcessesRunner(LearnerSide):
-    def __init__(self, program: ActorLearnerProgram) -> None:
+    def __init__(self, program: ActorLearnerProgram, start_method: str = "auto") -> None:
         super().__init__(program)
-        self.ctx = get_context("fork")
+        self.ctx = context(start_method)
         self.params = SharedParams(self.learner.online, self.ctx)
         self.params.publish(self.learner.online, self.learner.version)
         self.out_q: Any = self.ctx.Queue()
@@ -176,8 +184,7 @@ class ProcessesRunner(LearnerSide):
         self.slots.pop((index, incarnation - 2), None)  # no message can still name it
         process = self.ctx.Process(
             target=_actor_main, name=f"qfleet-actor-{index}", daemon=True,
-            args=(p, index, incarnation, slots, self.out_q, self.params, self.stop,
-                  os.getpid()))
+            args=(p, index, incarnation, slots, self.out_q, self.params, self.stop))
         process.start()
         return _Worker(index, incarnation, process, slots)
 

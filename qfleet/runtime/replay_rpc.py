@@ -12,17 +12,15 @@ main-process half.
 
 from __future__ import annotations
 
-import os
 import queue
 from dataclasses import dataclass
-from multiprocessing.context import ForkContext
 from multiprocessing.synchronize import Event
 from typing import Any
 
 import numpy as np
 
 from qfleet.replay import Batch, RecordSpec, Replay, Transitions
-from qfleet.runtime.shm import ChunkSlots
+from qfleet.runtime.shm import ChunkSlots, Context, main_alive
 
 SLOTS = 4
 
@@ -52,7 +50,7 @@ class ReplayLink:
     """One worker's shared-memory end of the replay: chunk slots up, a batch slot down."""
 
     def __init__(self, max_chunk_rows: int, batch_rows: int, record: RecordSpec,
-                 ctx: ForkContext) -> None:
+                 ctx: Context) -> None:
         self.chunks = ChunkSlots(SLOTS, max_chunk_rows, record, ctx)
         self.batch = ChunkSlots(1, batch_rows, record, ctx)
         self.replies: Any = ctx.Queue()
@@ -71,7 +69,6 @@ class ReplayClient:
         self.link, self.worker, self.incarnation = link, worker, incarnation
         self.out_q, self.size, self.prioritized, self.stop = out_q, size, prioritized, stop
         self.rng = np.random.default_rng(0)  # unused: the server's replay draws the samples
-        self.parent = os.getppid()
         self.requested = 0  # rows of the batch in flight, 0 if none
 
     def __len__(self) -> int:
@@ -92,7 +89,7 @@ class ReplayClient:
         raise NotImplementedError("the main process checkpoints the shared replay")
 
     def _wait(self, q: Any) -> Any:
-        while not self.stop.is_set() and os.getppid() == self.parent:
+        while not self.stop.is_set() and main_alive():
             try:
                 return q.get(timeout=0.1)
             except queue.Empty:

@@ -1,8 +1,10 @@
 """Shared-memory transport for one machine: versioned parameters and chunk slots.
 
-Both are allocated by the main process before it forks the workers, as torch tensors in
+Both are allocated by the main process before it starts the workers, as torch tensors in
 shared memory (torch unlinks the segments at once, so nothing is left in /dev/shm even
-after a SIGKILL). Only small control messages travel through queues; arrays never do.
+after a SIGKILL). Forked workers inherit them; spawned ones receive them pickled, which
+for a shared tensor sends its handle, never its data. Only small control messages travel
+through queues; arrays never do.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ import contextlib
 import multiprocessing as mp
 import time
 from collections.abc import Callable, Iterator
-from multiprocessing.context import ForkContext
+from multiprocessing.context import ForkContext, ForkServerContext, SpawnContext
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,12 +23,15 @@ from torch import nn
 from qfleet.replay import Field, RecordSpec, Transitions
 from qfleet.roles import ParamSnapshot
 
+Context = ForkContext | ForkServerContext | SpawnContext  # runtime.start_method's
 PRIORITY = "priority_N"  # beside the record's fields: the actor's initial priorities
 
 
-def shared_array(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """A zeroed NumPy array backed by shared memory that forked children see."""
-    return torch.from_numpy(np.zeros(shape, dtype=dtype)).share_memory_().numpy()
+def main_alive() -> bool:
+    """In a worker: whether the process that started it still runs (fork, forkserver or
+    spawn alike; a worker must not outlive a main process that was killed)."""
+    parent = mp.parent_process()
+    return parent is None or parent.is_alive()
 
 
 class SharedParams:
@@ -35,7 +41,7 @@ class SharedParams:
     copies only when it moved (Sample Factory's policy_versions, on one machine).
     """
 
-    def __init__(self, module: nn.Module, ctx: ForkContext) -> None:
+    def __init__(self, module: nn.Module, ctx: Context) -> None:
         state = module.state_dict()
         self.layout = [(k, tuple(v.shape), v.numel(), v.dtype) for k, v in state.items()]
         total = sum(n for _, _, n, _ in self.layout)
@@ -74,14 +80,23 @@ class ChunkSlots:
     it sends the slot's id, and by the learner until it hands the id back."""
 
     def __init__(self, num_slots: int, max_rows: int, record: RecordSpec,
-                 ctx: ForkContext) -> None:
+                 ctx: Context) -> None:
         self.max_rows = max_rows
         fields = {**record, PRIORITY: Field(np.dtype(np.float32))}
-        self.arrays = {name: shared_array((num_slots, max_rows, *f.shape), f.dtype)
-                       for name, f in fields.items()}
+        self.tensors = {name: torch.from_numpy(np.zeros((num_slots, max_rows, *f.shape),
+                                                        dtype=f.dtype)).share_memory_()
+                        for name, f in fields.items()}
+        self.arrays = {name: t.numpy() for name, t in self.tensors.items()}
         self.free: mp.Queue[int] = ctx.Queue()
         for slot in range(num_slots):
             self.free.put(slot)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "arrays"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)  # the arrays are views of the shared tensors again
+        self.arrays = {name: t.numpy() for name, t in self.tensors.items()}
 
     def write(self, slot: int, data: Transitions, priorities_N: np.ndarray | None) -> int:
         rows = len(data)
@@ -114,7 +129,7 @@ class PauseGate:
     busy ones to finish, and yields a moment in which the model is one consistent state.
     """
 
-    def __init__(self, num_workers: int, ctx: ForkContext) -> None:
+    def __init__(self, num_workers: int, ctx: Context) -> None:
         self.lock = ctx.Lock()
         self.pause = ctx.Value("b", 0, lock=False)
         self.busy_W = torch.zeros(num_workers, dtype=torch.int8).share_memory_()

@@ -1,0 +1,162 @@
+"""The processes backend with workers started by ``spawn`` (and ``forkserver``), not fork:
+programs pickle, shared memory travels as handles, and the results are the ones fork and
+inline give (runtime.start_method; macOS and Python 3.14 default away from fork)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from _cli import cli_env
+from _runners import (
+    APEX_NO_LEARNING,
+    assert_same_apex_rows,
+    closing,
+    gradient_program,
+    inline_apex_shards,
+    run_until,
+    workers_gone,
+)
+
+import qfleet
+from qfleet.algos import build_program
+from qfleet.replay import ShardedReplay
+from qfleet.runtime import (
+    InlineGradientRunner,
+    ProcessesGradientRunner,
+    ProcessesRunner,
+    WorkerError,
+)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+APEX = ["actors.count=2", "env.num_envs=2", "actors.chunk_size=8", "learner.learning_starts=64",
+        "learner.train_every=32", "learner.updates_per_round=4", "learner.batch_size=16",
+        "replay.capacity=2000", "net.hidden=[32]", "actors.sync_every=16",
+        "log.progress=false", "log.tensorboard=false"]
+GRAD = ["actors.count=2", "env.num_envs=1", "actors.chunk_size=4", "net.hidden=[32]",
+        "learner.batch_size=16", "learner.learning_starts=32", "replay.capacity=5000",
+        "log.progress=false", "log.tensorboard=false"]
+
+
+def _apex(*extra: str) -> qfleet.Config:
+    return qfleet.load_config("cartpole-apex", [*APEX, *extra])
+
+
+def _grad(preset: str, *extra: str) -> qfleet.Config:
+    return qfleet.load_config(preset, [*GRAD, *extra])
+
+
+def _flat(module: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([v.detach().reshape(-1).clone() for v in module.state_dict().values()])
+
+
+def test_spawned_actors_write_the_rows_inline_writes() -> None:
+    reference = inline_apex_shards(_apex("runtime.backend='inline'", *APEX_NO_LEARNING), 6)
+    runner = ProcessesRunner(build_program(_apex(*APEX_NO_LEARNING)),  # type: ignore[arg-type]
+                             "spawn")
+    with closing(runner, workers_gone):
+        shards = runner.replay.shards  # type: ignore[attr-defined]
+        run_until(runner, lambda *_: all(len(shards[k]) >= len(s)
+                                         for k, s in reference.items()), 90.0)
+        assert_same_apex_rows(reference, shards)
+
+
+def test_spawned_sync_gorila_equals_inline_sync_exactly() -> None:
+    cfg = _grad("cartpole-gorila-sync", "learner.target_update_every=8")
+    with closing(ProcessesGradientRunner(gradient_program(cfg), "spawn"), workers_gone) as proc:
+        run_until(proc, lambda r, _: r.updates >= 20, 90.0)
+        version = proc.updates
+        model = {k: v.clone() for k, v in proc.aggregator.model.state_dict().items()}
+    with closing(InlineGradientRunner(gradient_program(cfg))) as inline:
+        while inline.updates < version:
+            inline.step()
+        for key, value in inline.aggregator.model.state_dict().items():
+            assert torch.equal(model[key], value), key
+
+
+def test_spawned_hogwild_workers_move_the_shared_model() -> None:
+    cfg = qfleet.load_config("cartpole-a3c", ["env.num_envs=2", "net.hidden=[32]",
+                                              "log.progress=false"])
+    with closing(ProcessesGradientRunner(gradient_program(cfg), "spawn"), workers_gone) as r:
+        start = _flat(r.aggregator.online)
+        run_until(r, lambda runner, _: runner.updates >= 30, 90.0)
+        assert not torch.equal(start, _flat(r.aggregator.online))
+
+
+def test_spawned_workers_share_the_sharded_replay_served_by_the_main_process() -> None:
+    with closing(ProcessesGradientRunner(gradient_program(_grad("cartpole-dper")), "spawn"),
+                 workers_gone) as runner:
+        run_until(runner, lambda r, _: r.updates >= 20, 90.0)
+        replay = runner.shared_replay
+        assert isinstance(replay, ShardedReplay)
+        prio = np.concatenate([s.tree.priorities_N[: len(s)] for s in replay.shards.values()])
+    assert all(len(s) > 0 for s in replay.shards.values())
+    assert len(np.unique(prio)) > 10  # priorities came back from the spawned workers
+
+
+def test_forkserver_workers_run_too() -> None:
+    runner = ProcessesGradientRunner(gradient_program(_grad("cartpole-gorila-async")),
+                                     "forkserver")
+    with closing(runner, workers_gone):
+        run_until(runner, lambda r, _: r.updates >= 10, 90.0)
+
+
+def test_a_killed_spawned_actor_is_restarted() -> None:
+    runner = ProcessesRunner(build_program(_apex()), "spawn")  # type: ignore[arg-type]
+    with closing(runner, workers_gone):
+        run_until(runner, lambda r, _: r.env_steps > 200, 90.0)
+        victim = runner.workers[0].process
+        assert victim.pid is not None
+        os.kill(victim.pid, signal.SIGKILL)
+        reports = run_until(runner, lambda r, reps: sum(x.actor_restarts for x in reps) > 0
+                            and r.workers[0].process.is_alive(), 90.0)
+        assert any("SIGKILL" in note for r in reports for note in r.notes)
+
+
+def test_a_spawned_workers_exception_stops_the_run() -> None:
+    cfg = _grad("cartpole-gorila-sync", "env.id='envs_for_tests:ExplodingEnv'")
+    runner = ProcessesGradientRunner(gradient_program(cfg), "spawn")
+    with closing(runner, workers_gone), pytest.raises(WorkerError, match="exploded on purpose"):
+        run_until(runner, lambda *_: False, 90.0)
+
+
+def test_spawned_workers_exit_when_the_main_process_is_killed(tmp_path: Path) -> None:
+    args = [sys.executable, "-m", "qfleet", "train", "cartpole-apex", "--run-dir",
+            str(tmp_path / "run"), *[x for s in [*APEX, "runtime.start_method='spawn'",
+                                                 "train.total_env_steps=100000000"]
+                                     for x in ("--set", s)]]
+    proc = subprocess.Popen(args, env=cli_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 90
+        while not (tmp_path / "run" / "metrics.jsonl").is_file():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        workers = _children(proc.pid)
+        assert len(workers) >= 2
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 10
+        while any(Path(f"/proc/{pid}").exists() for pid in workers):
+            assert time.monotonic() < deadline, "a spawned worker outlived the main process"
+            time.sleep(0.1)
+    finally:
+        for pid in _children(proc.pid):
+            os.kill(int(pid), signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _children(pid: int) -> list[str]:
+    """Worker processes of ``pid`` (spawn adds a resource tracker: not a worker)."""
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    return [c for c in out.stdout.split()
+            if "resource_tracker" not in Path(f"/proc/{c}/cmdline").read_text(errors="replace")]
