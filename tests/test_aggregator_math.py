@@ -17,7 +17,7 @@ from torch import nn
 import qfleet
 from qfleet import checkpoint
 from qfleet.config import LearnerConfig
-from qfleet.roles.gradients import Aggregator, flat_grads, set_grads
+from qfleet.roles.gradients import Aggregator, Gradient, GradientGate, flat_grads, set_grads
 from qfleet.roles.learner import make_optimizer
 from qfleet.runtime import InlineGradientRunner, ProcessesGradientRunner
 from qfleet.runtime.global_side import GlobalSide
@@ -196,6 +196,7 @@ def test_share_memory_shares_everything_and_the_next_step_is_a_fresh_optimizers(
     agg.share_memory()
     assert torch.equal(_flat(agg.online), start), "the zero-gradient step moved parameters"
     assert all(p.is_shared() for p in agg.online.parameters()) and agg.version_1.is_shared()
+    assert agg.version_1.dtype == torch.int64  # a float counter would stall at 2**24
     state = _optimizer_tensors(agg)
     assert state and all(agg.opt.state[p][k].is_shared() for p in agg.params
                          for k, v in agg.opt.state[p].items() if isinstance(v, torch.Tensor))
@@ -213,3 +214,37 @@ def test_share_memory_shares_everything_and_the_next_step_is_a_fresh_optimizers(
     assert torch.equal(_flat(agg.online), moved)
     for key, value in _optimizer_tensors(agg).items():
         assert torch.equal(value, steps[key]), key
+
+
+# ---------------------------------------------------------------- the gate's weights
+
+
+def _rows_grad(worker: int, base: int, uid: int, rows: int) -> Gradient:
+    return Gradient(worker, base, env_steps=1, grads_P=torch.tensor([float(uid)]), rows=rows)
+
+
+def test_gate_weights_each_gradient_by_its_rows_over_the_groups_mean_rows() -> None:
+    """Rows 10, 30, 20 in one sync group of 3: weights 10/20, 30/20, 20/20 (the step is then
+    the mean over all 60 rows); a group of one always weighs 1; stale scaling multiplies."""
+    gate = GradientGate(num_workers=3, group_size=3, max_staleness=0)
+    for worker, rows in ((0, 10), (1, 30)):
+        assert gate.offer(_rows_grad(worker, 0, worker, rows), 0, range(3)) is None
+    ready = gate.offer(_rows_grad(2, 0, 2, 20), 0, range(3))
+    assert ready is not None
+    assert [int(g.item()) for g in ready[0]] == [0, 1, 2]
+    assert ready[1] == pytest.approx([0.5, 1.5, 1.0], rel=1e-12)
+    alone = GradientGate(num_workers=2, group_size=1, max_staleness=1, stale="scale")
+    ready = alone.offer(_rows_grad(1, 0, 7, 13), 0, range(2))
+    assert ready is not None and ready[1] == [1.0]
+    ready = alone.offer(_rows_grad(0, 0, 8, 13), 3, range(2))  # staleness 3: (1+1)/(3+1)
+    assert ready is not None and ready[1] == pytest.approx([0.5])
+
+
+def test_gate_steps_with_the_gradient_a_lost_worker_left_behind() -> None:
+    """Worker 1 sent, then died (no longer live): its gradient still goes into the group's
+    step once worker 0 sends."""
+    gate = GradientGate(num_workers=2, group_size=2, max_staleness=8)
+    assert gate.offer(_rows_grad(1, 0, 1, 16), 0, range(2)) is None
+    ready = gate.offer(_rows_grad(0, 0, 0, 16), 0, {0})
+    assert ready is not None and [int(g.item()) for g in ready[0]] == [0, 1]
+    assert gate.pending == {}

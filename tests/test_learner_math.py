@@ -18,6 +18,7 @@ from torch import nn
 from qfleet.config import AlgoConfig, LearnerConfig
 from qfleet.replay import Batch, Transitions
 from qfleet.roles import DQNLearner
+from qfleet.roles.learner import make_optimizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -209,3 +210,15 @@ def test_snapshot_carries_the_online_parameters_and_version() -> None:
     for key, value in learner.online.state_dict().items():
         assert torch.equal(snap.params[key], value), key
     copy.deepcopy(snap)  # plain data: it travels to actors
+
+
+def test_make_optimizer_uses_the_configured_hyperparameters() -> None:
+    params = list(nn.Linear(2, 2).parameters())
+    adam = make_optimizer(params, LearnerConfig(lr=3e-4, adam_eps=1e-5))
+    assert isinstance(adam, torch.optim.Adam)
+    group = adam.param_groups[0]
+    assert (group["lr"], group["eps"], group["fused"]) == (3e-4, 1e-5, True)
+    rms = make_optimizer(params, LearnerConfig(lr=7e-4, adam_eps=1e-3, optimizer="rmsprop"))
+    assert isinstance(rms, torch.optim.RMSprop)
+    group = rms.param_groups[0]
+    assert (group["lr"], group["eps"], group["alpha"]) == (7e-4, 1e-3, 0.99)
