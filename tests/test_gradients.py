@@ -31,6 +31,7 @@ from qfleet.nets import ActorCritic
 from qfleet.policies import sample_logits
 from qfleet.policy_io import load_policy
 from qfleet.replay import RolloutQueue, Transitions
+from qfleet.roles import gradient_step
 from qfleet.roles.gradients import Aggregator, Gradient, GradientGate, flat_grads, set_grads
 from qfleet.roles.learner import make_optimizer, to_torch
 from qfleet.runtime import InlineGradientRunner, RoundReport
@@ -261,7 +262,7 @@ def test_sync_gorila_step_equals_one_step_on_the_concatenated_batch() -> None:
             version = agg.version
             states = [copy.deepcopy(w.replay.rng.bit_generator.state)  # type: ignore[union-attr]
                       for w in runner.workers]
-            grads = [w.work() for w in runner.workers]
+            grads = [gradient_step(w, runner._fetch, 1) for w in runner.workers]
             if grads[0].grads_P is None:  # still filling the local replays
                 assert all(g.grads_P is None for g in grads)
                 for g in grads:
@@ -283,7 +284,7 @@ def test_sync_gorila_step_equals_one_step_on_the_concatenated_batch() -> None:
             assert agg.version == version, "sync must wait for the second worker"
             runner.receive(grads[1], runner.live, report)
             assert agg.version == version + 1 and report.updates == 1
-            runner._pull()
+            runner._publish()
             steps += 1
 
             out = dqn_loss(ref["online"], ref["target"], _cat(*batches),
@@ -304,8 +305,9 @@ def test_sync_gorila_step_equals_one_step_on_the_concatenated_batch() -> None:
                 assert not torch.equal(flat_params(agg.target), flat_params(agg.online))
             _assert_params_close(agg.target, ref["target"])
         assert not torch.equal(flat_params(agg.target), flat_params(initial_target))
-        # Workers pulled the new global model (online and target) after the step.
+        # Workers pull the new global model (online and target) before their next gradient.
         for worker in runner.workers:
+            gradient_step(worker, runner._fetch, 1)
             assert worker.version == agg.version
             assert torch.equal(flat_params(worker.model), flat_params(agg.model))
 
@@ -798,7 +800,7 @@ def test_inline_runs_are_deterministic_under_a_seed(preset: str, tmp_path: Path)
             assert torch.equal(ten_a[key], ten_b[key]), key
     assert meta_a["recent_returns"] and meta_a["recent_returns"] == \
         _final(tmp_path / "b")[1]["recent_returns"]
-    net, _ = load_policy(tmp_path / "a")  # the scheme's own network (ActorCritic for a2c)
+    net = load_policy(tmp_path / "a").net  # the scheme's own network (ActorCritic for a2c)
     assert isinstance(net, ActorCritic) == (preset == "cartpole-a2c")
     for name, value in net.state_dict().items():
         assert torch.equal(value, ten_a[f"online.{name}"]), name
@@ -819,7 +821,8 @@ def test_resume_of_an_inline_gorila_run_continues_its_counters(tmp_path: Path) -
     assert meta["updates"] == first.updates > 0 and meta["env_steps"] == first.env_steps
     assert any(k.startswith("online.") for k in tensors)
     assert any(k.startswith("target.") for k in tensors)
-    net, saved_cfg = load_policy(run_dir)  # what `qfleet eval` loads: the global online net
+    policy = load_policy(run_dir)  # what `qfleet eval` loads: the global online net
+    net, saved_cfg = policy.net, policy.config
     assert saved_cfg.algo.name == "gorila"
     for name, value in net.state_dict().items():
         assert torch.equal(value, tensors[f"online.{name}"]), name

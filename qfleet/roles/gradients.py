@@ -88,6 +88,13 @@ class GradientWorker:
             self.actor.version = snapshot.version
         self.sent = 0
 
+    def pulled(self, snapshot: ParamSnapshot | None) -> None:
+        """A pull happened: new parameters, or None when the ones held are the newest."""
+        if snapshot is None:
+            self.sent = 0
+        else:
+            self.set_params(snapshot)
+
     def work(self) -> Gradient:
         chunk = self.actor.collect(self.chunk_steps)
         out = Gradient(self.index, self.actor.version, chunk.env_steps, chunk.episode_returns,

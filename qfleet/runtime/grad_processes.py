@@ -35,6 +35,7 @@ from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 
 from qfleet.algos.program import GradientProgram
+from qfleet.roles import Fetch, gradient_step
 from qfleet.roles.gradients import Aggregator, Gradient, GradientWorker
 from qfleet.runtime.base import RoundReport
 from qfleet.runtime.errors import WorkerError
@@ -129,14 +130,16 @@ def _worker_main(sh: _Shared, index: int, incarnation: int, link: Link,
         worker = sh.program.make_worker(index, incarnation, replay)
         worker.load_replay_state(replay_state)
         saver = _Saver(sh, worker, incarnation, save_request)
-        _pull(sh, worker)
+        # Hogwild: a fresh copy of the shared model, whatever its version; else the
+        # published snapshot when its version moved.
+        fetch: Fetch = sh.params.pull if sh.aggregator is None else \
+            (lambda version: sh.aggregator.snapshot())  # type: ignore[union-attr]
         while not sh.stop.is_set() and main_alive():
             slot = _take(link.free, sh, saver)
             if slot is None:
                 break
-            if worker.wants_params(sh.program.sync_every):
-                _pull(sh, worker)
-            sh.out_q.put(_send(sh, worker, worker.work(), link, slot))
+            grad = gradient_step(worker, fetch, sh.program.sync_every)
+            sh.out_q.put(_send(sh, worker, grad, link, slot))
         worker.close()
         sh.out_q.cancel_join_thread()
     except SystemExit:
@@ -164,17 +167,6 @@ class _Saver:
         save_numpy(self.worker.replay_state(), path)
         self.sh.out_q.put(SavedMsg(self.worker.index, self.incarnation, request, path))
         self.answered = request
-
-
-def _pull(sh: _Shared, worker: GradientWorker) -> None:
-    if sh.aggregator is not None:  # Hogwild: copy straight from the shared model
-        worker.set_params(sh.aggregator.snapshot())
-        return
-    snapshot = sh.params.pull(worker.version)
-    if snapshot is None:
-        worker.sent = 0
-    else:
-        worker.set_params(snapshot)
 
 
 def _send(sh: _Shared, worker: GradientWorker, grad: Gradient, link: Link,

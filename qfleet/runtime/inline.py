@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from qfleet.algos.program import ActorLearnerProgram, GradientProgram
+from qfleet.roles import Actor, ActorLoop, ParamSnapshot, gradient_step
 from qfleet.runtime.base import LearnerSide, RoundReport
 from qfleet.runtime.global_side import GlobalSide
 
@@ -21,18 +22,24 @@ from qfleet.runtime.global_side import GlobalSide
 class InlineRunner(LearnerSide):
     def __init__(self, program: ActorLearnerProgram) -> None:
         super().__init__(program)
-        self.actors = [program.make_actor(i, 0) for i in range(program.num_actors)]
+        self.loops = [ActorLoop(program.make_actor(i, 0), program.schedule.chunk_steps,
+                                program.sync_every) for i in range(program.num_actors)]
         self._publish()
 
+    @property
+    def actors(self) -> list[Actor]:
+        return [loop.actor for loop in self.loops]
+
     def _publish(self) -> None:
-        snapshot = self.learner.snapshot()
-        for actor in self.actors:
-            actor.set_params(snapshot)
+        self.published = self.learner.snapshot()
+
+    def _fetch(self, version: int) -> ParamSnapshot | None:
+        return None if version == self.published.version else self.published
 
     def step(self) -> RoundReport:
         report = RoundReport()
-        for index, actor in enumerate(self.actors):
-            self.write(index, actor.collect(self.program.schedule.chunk_steps), report)
+        for index, loop in enumerate(self.loops):
+            self.write(index, loop.step(self._fetch), report)
         stats = self.train(self.updates_owed())
         report.add_updates(stats)
         if stats:
@@ -56,6 +63,8 @@ class InlineRunner(LearnerSide):
             actor.rng.bit_generator.state = state["rng"]
             actor.reset_envs()  # env internals cannot be saved: start fresh episodes
         self._publish()
+        for loop in self.loops:
+            loop.pull_next()
 
     def close(self) -> None:
         for actor in self.actors:
@@ -73,20 +82,22 @@ class InlineGradientRunner(GlobalSide):
         self.workers = [program.make_worker(i, 0, self.shared_replay)
                         for i in range(program.num_workers)]
         self.live = range(program.num_workers)
-        self._pull(force=True)
+        self._publish()
 
-    def _pull(self, force: bool = False) -> None:
-        snapshot = None
-        for worker in self.workers:
-            if force or worker.wants_params(self.program.sync_every):
-                snapshot = snapshot or self.aggregator.snapshot()
-                worker.set_params(snapshot)
+    def _publish(self) -> None:
+        """A snapshot at the end of each round: what every worker pulls in the next."""
+        self.published = self.aggregator.snapshot()
+
+    def _fetch(self, version: int) -> ParamSnapshot | None:
+        return None if version == self.published.version else self.published
 
     def step(self) -> RoundReport:
         report = RoundReport()
         for worker in self.workers:
-            self.receive(worker.work(), self.live, report)
-        self._pull()
+            grad = gradient_step(worker, self._fetch, self.program.sync_every)
+            self.receive(grad, self.live, report)
+        if self.aggregator.version != self.published.version:
+            self._publish()
         return report
 
     def state(self, with_replay: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any],
@@ -110,7 +121,7 @@ class InlineGradientRunner(GlobalSide):
             worker.actor.env_steps = state["env_steps"]
             worker.load_replay_state(self.restored_replay(i))
             self.workers[i] = worker
-        self._pull(force=True)
+        self._publish()
 
     def close(self) -> None:
         for worker in self.workers:

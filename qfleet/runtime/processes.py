@@ -27,7 +27,7 @@ from typing import Any, cast
 import torch
 
 from qfleet.algos.program import ActorLearnerProgram
-from qfleet.roles import Chunk
+from qfleet.roles import ActorLoop, Chunk
 from qfleet.runtime.base import LearnerSide, RoundReport
 from qfleet.runtime.errors import MAX_RESTARTS, WorkerError
 from qfleet.runtime.shm import ChunkSlots, Context, SharedParams, main_alive
@@ -69,16 +69,10 @@ def _actor_main(program: ActorLearnerProgram, index: int, incarnation: int,
     leave_signals_to_main()
     torch.set_num_threads(1)
     try:
-        actor = program.make_actor(index, incarnation)
-        since_sync = program.sync_every
+        loop = ActorLoop(program.make_actor(index, incarnation), program.schedule.chunk_steps,
+                         program.sync_every)
         while not stop.is_set() and main_alive():
-            if since_sync >= program.sync_every:
-                snapshot = params.pull(actor.version)
-                if snapshot is not None:
-                    actor.set_params(snapshot)
-                since_sync = 0
-            chunk = actor.collect(program.schedule.chunk_steps)
-            since_sync += chunk.env_steps
+            chunk = loop.step(params.pull)
             slot = _take_slot(slots, stop)
             if slot is None:
                 break
@@ -87,7 +81,7 @@ def _actor_main(program: ActorLearnerProgram, index: int, incarnation: int,
                                chunk.episode_returns, chunk.episode_lengths,
                                chunk.param_version, chunk.epsilon,
                                chunk.priorities_N is not None))
-        actor.close()
+        loop.actor.close()
         out_q.cancel_join_thread()  # stopping: chunks still buffered are not needed
     except Exception:
         out_q.put(ErrorMsg(index, incarnation, traceback.format_exc()))

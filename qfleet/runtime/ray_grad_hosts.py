@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from qfleet.replay import Batch, Replay, Transitions
 from qfleet.replay import describe as describe_replay
+from qfleet.roles import ParamSnapshot, gradient_step
 from qfleet.roles.gradients import Gradient, GradientWorker
 
 CALL_S = 0.02  # async: a call runs work() for at most this long while no gradient comes
@@ -109,9 +110,9 @@ class GradHost:
             return _first_line(err)
         return ""
 
-    def _ready_worker(self, incarnation: int, version: int,
-                      params: list[ray.ObjectRef]) -> GradientWorker:
-        """The slot's worker for ``incarnation``, holding the newest parameters if due."""
+    def _work(self, incarnation: int, version: int, params: list[ray.ObjectRef]) -> Gradient:
+        """One gradient_step of the slot's worker for ``incarnation`` (built on its first
+        call), pulling the published parameters if due and they moved."""
         spec, worker = self.spec, self.worker
         if worker is None or worker.actor.incarnation != incarnation:
             if worker is not None:
@@ -119,16 +120,14 @@ class GradHost:
             replay = None if not spec.replay else \
                 ReplayActorClient(ray.get_actor(spec.replay), spec.prioritized)
             worker = self.worker = spec.make_worker(self.index, incarnation, replay)
-            worker.sent = spec.sync_every  # a new worker pulls at once
             if self.restored is not None and self.restored[0] == incarnation:
                 worker.load_replay_state(self.restored[1])
             self.restored = None
-        if worker.sent >= spec.sync_every:
-            if version != worker.version:  # fetch only when the global model moved on
-                worker.set_params(ray.get(params[0]))
-            else:
-                worker.sent = 0
-        return worker
+
+        def fetch(held: int) -> ParamSnapshot | None:
+            return None if held == version else ray.get(params[0])
+
+        return gradient_step(worker, fetch, spec.sync_every)
 
     def replay_state(self, incarnation: int) -> dict[str, np.ndarray]:
         """The worker's own replay for a checkpoint ({} if it has none yet)."""
@@ -145,10 +144,9 @@ class GradHost:
         """Async / grouped: at most one gradient per call (the driver's gate sees each
         as it comes); while the replay fills, several works per call for CALL_S, since a
         Ray call costs about as much CPU as a CartPole chunk."""
-        worker = self._ready_worker(incarnation, version, params)
         sent, t_end = Sent(), time.monotonic() + CALL_S
         while True:
-            grad = worker.work()
+            grad = self._work(incarnation, version, params)
             sent.works.append(_stripped(grad))
             if grad.grads_P is not None:
                 sent.grads_P, sent.has_grad = grad.grads_P.numpy(), True
@@ -162,7 +160,7 @@ class GradHost:
         error: Exception | None = None
         grad = None
         try:
-            grad = self._ready_worker(incarnation, version, params).work()
+            grad = self._work(incarnation, version, params)
         except Exception as err:  # raised after the collective
             error = err
         vec_P = self._contribution(grad, version)

@@ -36,7 +36,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from qfleet.algos.program import ActorLearnerProgram
 from qfleet.config import ConfigError
 from qfleet.replay import Transitions
-from qfleet.roles import Actor, Chunk, ParamSnapshot
+from qfleet.roles import Actor, ActorLoop, Chunk, ParamSnapshot
 from qfleet.runtime.base import LearnerSide, RayOptions, RoundReport
 from qfleet.runtime.errors import MAX_RESTARTS, WorkerError
 from qfleet.runtime.ray_common import LOCAL_SYSTEM_CONFIG as LOCAL_SYSTEM_CONFIG
@@ -87,8 +87,7 @@ class ActorHost:
     def __init__(self, spec: ActorSpec, index: int) -> None:
         torch.set_num_threads(1)
         self.spec, self.index = spec, index
-        self.actor: Actor | None = None
-        self.since_sync = 0
+        self.loop: ActorLoop | None = None
         self.shard: Any = None
         self.writing: ray.ObjectRef | None = None  # the previous write to the shard
 
@@ -99,22 +98,20 @@ class ActorHost:
                 params: list[ray.ObjectRef]) -> Delivery:
         """Chunks for CALL_S of collection: a Ray call costs about a millisecond of CPU on
         each side, too much to pay per small chunk (CartPole chunks take a few ms)."""
-        actor = self.actor
-        if actor is None or actor.incarnation != incarnation:
-            if actor is not None:
-                actor.close()
-            actor = self.actor = self.spec.make_actor(self.index, incarnation)
-            self.since_sync = self.spec.sync_every
+        loop = self.loop
+        if loop is None or loop.actor.incarnation != incarnation:
+            if loop is not None:
+                loop.actor.close()
+            loop = self.loop = ActorLoop(self.spec.make_actor(self.index, incarnation),
+                                         self.spec.chunk_steps, self.spec.sync_every)
+
+        def fetch(held: int) -> ParamSnapshot | None:  # from the object store if it moved
+            return None if held == version else ray.get(params[0])
+
         chunks: list[Chunk] = []
         t_end = time.monotonic() + CALL_S
         while not chunks or (time.monotonic() < t_end and len(chunks) < MAX_CHUNKS_PER_CALL):
-            if self.since_sync >= self.spec.sync_every:
-                if version != actor.version:  # fetch only when the learner moved on
-                    snapshot: ParamSnapshot = ray.get(params[0])
-                    actor.set_params(snapshot)
-                self.since_sync = 0
-            chunks.append(actor.collect(self.spec.chunk_steps))
-            self.since_sync += chunks[-1].env_steps
+            chunks.append(loop.step(fetch))
         return self._write(chunks) if self.spec.shard_prefix else Delivery(chunks)
 
     def _write(self, chunks: list[Chunk]) -> Delivery:
