@@ -3,24 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
-from typing import TYPE_CHECKING, Union
 
 from qfleet.algos.program import ActorLearnerProgram, GradientProgram
 from qfleet.config import Config, ConfigError
-from qfleet.runtime.base import LearnerSide, RayOptions, RoundReport
+from qfleet.runtime.base import LearnerSide, RayOptions, RoundReport, Runner
 from qfleet.runtime.errors import WorkerError
 from qfleet.runtime.grad_processes import ProcessesGradientRunner
 from qfleet.runtime.inline import InlineGradientRunner, InlineRunner
 from qfleet.runtime.processes import ProcessesRunner
-
-if TYPE_CHECKING:  # ray is an optional extra: imported only when the backend is chosen
-    from qfleet.runtime.ray_gradients import RayGradientRunner
-    from qfleet.runtime.ray_learner import RemoteRunner
-    from qfleet.runtime.ray_runner import RayRunner
-
-Runner = Union[InlineRunner, ProcessesRunner, "RayRunner",  # a string: ray may be absent
-               InlineGradientRunner, ProcessesGradientRunner, "RayGradientRunner",
-               "RemoteRunner"]
 
 __all__ = ["InlineGradientRunner", "InlineRunner", "LearnerSide", "ProcessesGradientRunner",
            "ProcessesRunner", "RayOptions", "RoundReport", "Runner", "WorkerError",

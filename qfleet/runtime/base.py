@@ -7,12 +7,12 @@ the update schedule and the checkpoint layout are the same everywhere, so they l
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeAlias
 
 import numpy as np
 import torch
 
-from qfleet.algos.program import ActorLearnerProgram
+from qfleet.algos.program import ActorLearnerProgram, GradientProgram
 from qfleet.checkpoint import flatten_optimizer, unflatten_optimizer, with_prefix
 from qfleet.replay import Replay
 from qfleet.replay import describe as describe_replay
@@ -69,6 +69,49 @@ class RoundReport:
             self.q_sum += float(torch.stack([s.q_mean for s in stats]).sum())
             self.updates += len(stats)
             self.loss_count += len(stats)
+
+
+Tensors: TypeAlias = dict[str, torch.Tensor]
+Meta: TypeAlias = dict[str, Any]
+Arrays: TypeAlias = dict[str, np.ndarray]
+
+
+class Runner(Protocol):
+    """What the experiment loop (and a user driving a backend by hand) calls: one round of
+    the scheme per ``step()``, the counters, the network to evaluate, checkpoint state.
+    Every backend's runner, for both program shapes, is one."""
+
+    @property
+    def program(self) -> ActorLearnerProgram | GradientProgram: ...
+
+    @property
+    def env_steps(self) -> int: ...
+
+    @property
+    def updates(self) -> int: ...
+
+    @property
+    def replay_size(self) -> int: ...
+
+    @property
+    def policy_net(self) -> torch.nn.Module: ...
+
+    def step(self) -> RoundReport: ...
+
+    def describe(self) -> str:
+        """One line for the start of a run."""
+        ...
+
+    def freeze(self) -> None:
+        """Stop anything that writes the parameters outside ``step()`` (before a final
+        eval and checkpoint)."""
+        ...
+
+    def state(self, with_replay: bool) -> tuple[Tensors, Meta, Arrays]: ...
+
+    def restore(self, tensors: Tensors, meta: Meta, replay: Arrays) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class LearnerSide:
