@@ -131,7 +131,8 @@ class ActorsConfig:
     eps_end: float = _f(0.04, lo=0.0, hi=1.0)
     eps_fraction: float = _f(0.16, gt=0.0, hi=1.0, help="share of total steps to anneal over")
     chunk_size: int = _f(64, lo=1, help="vector steps an actor takes per chunk")
-    sync_every: int = _f(400, lo=1, help="env steps between an actor's parameter pulls")
+    sync_every: int = _f(0, lo=0, help="env steps between an actor's parameter pulls; "
+                         "0 = before every chunk")
     apex_eps: float = _f(0.4, lo=0.0, hi=1.0, help="Ape-X: actor i explores with "
                          "apex_eps ** (1 + apex_alpha * i / (N - 1))")
     apex_alpha: float = _f(7.0, lo=0.0)
