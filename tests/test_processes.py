@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -92,9 +93,18 @@ def test_worker_exception_reports_its_traceback(monkeypatch: pytest.MonkeyPatch)
         run_until(runner, lambda *_: False, 20.0)
 
 
+def _both_deliver(run_dir: Path) -> bool:
+    metrics = run_dir / "metrics.jsonl"
+    lines = metrics.read_text().splitlines() if metrics.is_file() else []
+    rates = [json.loads(x).get("env_steps_per_s_by_actor") for x in lines[-1:]]
+    return bool(rates and rates[0] and all(r > 0 for r in rates[0]))
+
+
 def _children(pid: int) -> list[str]:
+    """Worker processes of ``pid`` (not spawn's resource tracker, which is no worker)."""
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
-    return out.stdout.split()
+    return [c for c in out.stdout.split() if "resource_tracker" not in
+            Path(f"/proc/{c}/cmdline").read_text(errors="replace")]
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
@@ -153,19 +163,21 @@ def test_learner_exception_stops_workers_and_keeps_the_checkpoint(
     assert meta["updates"] > 0 and replay
 
 
-def test_actors_exit_when_the_main_process_is_killed(tmp_path: Path) -> None:
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_actors_exit_when_the_main_process_is_killed(tmp_path: Path, start_method: str) -> None:
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "qfleet", "train", "cartpole-apex", "--run-dir", str(run_dir),
-           *[x for s in SMALL for x in ("--set", s)], "--set", "train.total_env_steps=10000000"]
+           *[x for s in SMALL for x in ("--set", s)], "--set", "train.total_env_steps=10000000",
+           "--set", f"runtime.start_method='{start_method}'"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 60
-        while len(workers := _children(proc.pid)) < 2:
+        deadline = time.monotonic() + 120  # until both actors deliver (spawned ones import
+        while len(workers := _children(proc.pid)) < 2 or not _both_deliver(run_dir):  # first)
             assert proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.2)
         proc.kill()
         proc.wait()
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 20
         while any(Path(f"/proc/{pid}").exists() for pid in workers):
             assert time.monotonic() < deadline, "actor outlived its learner"
             time.sleep(0.1)

@@ -6,15 +6,10 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from _cli import cli_env
 from _runners import (
     APEX_NO_LEARNING,
     assert_same_apex_rows,
@@ -126,37 +121,3 @@ def test_a_spawned_workers_exception_stops_the_run() -> None:
     runner = ProcessesGradientRunner(gradient_program(cfg), "spawn")
     with closing(runner, workers_gone), pytest.raises(WorkerError, match="exploded on purpose"):
         run_until(runner, lambda *_: False, 90.0)
-
-
-def test_spawned_workers_exit_when_the_main_process_is_killed(tmp_path: Path) -> None:
-    args = [sys.executable, "-m", "qfleet", "train", "cartpole-apex", "--run-dir",
-            str(tmp_path / "run"), *[x for s in [*APEX, "runtime.start_method='spawn'",
-                                                 "train.total_env_steps=100000000"]
-                                     for x in ("--set", s)]]
-    proc = subprocess.Popen(args, env=cli_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 90
-        while not (tmp_path / "run" / "metrics.jsonl").is_file():
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.2)
-        workers = _children(proc.pid)
-        assert len(workers) >= 2
-        proc.kill()
-        proc.wait()
-        deadline = time.monotonic() + 10
-        while any(Path(f"/proc/{pid}").exists() for pid in workers):
-            assert time.monotonic() < deadline, "a spawned worker outlived the main process"
-            time.sleep(0.1)
-    finally:
-        for pid in _children(proc.pid):
-            os.kill(int(pid), signal.SIGKILL)
-        if proc.poll() is None:
-            proc.kill()
-
-
-def _children(pid: int) -> list[str]:
-    """Worker processes of ``pid`` (spawn adds a resource tracker: not a worker)."""
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
-    return [c for c in out.stdout.split()
-            if "resource_tracker" not in Path(f"/proc/{c}/cmdline").read_text(errors="replace")]

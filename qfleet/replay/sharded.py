@@ -12,7 +12,7 @@ flight for it are ignored. Batch indices carry the shard key in their high bits.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -21,6 +21,31 @@ from qfleet.replay.transitions import Batch, Transitions
 
 KEY_SHIFT = 40  # a shard may write 2**40 transitions before its indices would collide
 LOCAL_MASK = (1 << KEY_SHIFT) - 1
+
+
+# The sampling rules of any sharded replay, whether its shards are objects in this process
+# (ShardedReplay) or Ray actors answering prefetched calls (runtime.ray_replay.RemoteReplay).
+
+def split_draw(rng: np.random.Generator, count: int, total_K: np.ndarray) -> np.ndarray:
+    """How many of ``count`` draws each shard makes: multinomial over total priorities,
+    so with proportional draws inside each shard every row has probability p_i / sum p."""
+    return rng.multinomial(count, total_K / total_K.sum())
+
+
+def global_ids(key: int, local_ids_B: np.ndarray) -> np.ndarray:
+    """Batch indices: the shard's key in the high bits, its own write number below."""
+    return (key << KEY_SHIFT) | local_ids_B
+
+
+def route(indices_B: np.ndarray, td_abs_B: np.ndarray) -> Iterator[tuple[int, np.ndarray,
+                                                                          np.ndarray]]:
+    """(shard key, its own write numbers, their |td|) for each shard a batch drew from."""
+    ids_B = np.asarray(indices_B, dtype=np.int64)
+    td_B = np.asarray(td_abs_B)
+    key_B = ids_B >> KEY_SHIFT
+    for key in np.unique(key_B).tolist():
+        mine_B = key_B == key
+        yield key, ids_B[mine_B] & LOCAL_MASK, td_B[mine_B]
 
 
 class ShardedReplay:
@@ -91,7 +116,7 @@ class ShardedReplay:
         total_K = np.array([self.shards[k].tree.total for k in keys])
         if not keys or not total_K.sum() > 0:
             raise RuntimeError("cannot sample from an empty replay")
-        count_K = self.rng.multinomial(batch_size, total_K / total_K.sum())
+        count_K = split_draw(self.rng, batch_size, total_K)
         parts, ids, prios = [], [], []
         for key, count in zip(keys, count_K, strict=True):
             if count == 0:
@@ -99,7 +124,7 @@ class ShardedReplay:
             shard = self.shards[key]
             slots_b, prio_b = shard.draw(int(count), self.rng)
             parts.append(shard.storage.get(slots_b))
-            ids.append((key << KEY_SHIFT) | shard.id_N[slots_b])
+            ids.append(global_ids(key, shard.id_N[slots_b]))
             prios.append(prio_b)
         min_prio = min(self.shards[k].tree.min_positive() for k in keys)
         weights_B = importance_weights(np.concatenate(prios), min_prio,
@@ -108,13 +133,9 @@ class ShardedReplay:
 
     def update_priorities(self, indices_B: np.ndarray, td_abs_B: np.ndarray) -> None:
         """Route each update to its shard; updates for dropped shards are ignored."""
-        ids_B = np.asarray(indices_B, dtype=np.int64)
-        td_B = np.asarray(td_abs_B)
-        key_B = ids_B >> KEY_SHIFT
-        for key in np.unique(key_B).tolist():
+        for key, local_ids_B, td_B in route(indices_B, td_abs_B):
             if key in self.shards:
-                mine_B = key_B == key
-                self.shards[key].update_priorities(ids_B[mine_B] & LOCAL_MASK, td_B[mine_B])
+                self.shards[key].update_priorities(local_ids_B, td_B)
 
     # ------------------------------------------------------------ checkpoint
 

@@ -33,7 +33,7 @@ from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError
 
 from qfleet.replay import Batch, PrioritizedReplay, Replay, Transitions
 from qfleet.replay.prioritized import BetaSchedule, importance_weights
-from qfleet.replay.sharded import KEY_SHIFT, LOCAL_MASK
+from qfleet.replay.sharded import global_ids, route, split_draw
 from qfleet.runtime.errors import WorkerError
 
 SAMPLE_TIMEOUT_S = 60.0  # a batch request that takes longer means the shards are stuck
@@ -203,14 +203,10 @@ class RemoteReplay:
 
     def update_priorities(self, indices_B: np.ndarray, td_abs_B: np.ndarray) -> None:
         """Route each row's |td| to its shard, unless that shard was lost since the draw."""
-        ids_B = np.asarray(indices_B, dtype=np.int64)
-        key_B = ids_B >> KEY_SHIFT
-        td_B = np.asarray(td_abs_B, dtype=np.float32)
-        for key in np.unique(key_B).tolist():
+        for key, local_ids_B, td_B in route(indices_B, td_abs_B):
             shard, generation = key % len(self.handles), key // len(self.handles)
             if generation == self.generation[shard]:
-                mine_B = key_B == key
-                self.updates[shard].append((ids_B[mine_B] & LOCAL_MASK, td_B[mine_B]))
+                self.updates[shard].append((local_ids_B, td_B.astype(np.float32)))
         self.flush(more_than=1)  # the rest go with the next draw's calls
 
     def flush(self, more_than: int = 0) -> None:
@@ -227,7 +223,7 @@ class RemoteReplay:
         by a multinomial over their totals, one call per shard."""
         totals_K = np.array([s.total if s is not None else 0.0 for s in self.stats])
         while len(self.pending) < draws and totals_K.sum() > 0:
-            count_K = self.rng.multinomial(n, totals_K / totals_K.sum())
+            count_K = split_draw(self.rng, n, totals_K)
             draw = []
             for k in np.flatnonzero(count_K).tolist():
                 updates, self.updates[k] = self.updates[k], []
@@ -282,7 +278,7 @@ class RemoteReplay:
             self.stats[req.shard] = stats
         if rows is not None and current:
             key = req.shard + len(self.handles) * req.generation
-            parts.append(_Rows(rows, (key << KEY_SHIFT) | ids_B,
+            parts.append(_Rows(rows, global_ids(key, ids_B),
                                np.ones(len(ids_B)) if prio_B is None else prio_B))
 
     def _forget_asked(self) -> None:
