@@ -1,190 +1,52 @@
 """Configuration: dataclasses are the one source of truth.
 
-Every field carries its allowed range in ``field(metadata=...)`` so one generic
-validator can name the key, the value and what is allowed. Presets are TOML files
+Every field carries its allowed range in ``field(metadata=...)`` (the sections are in
+qfleet.config_sections) so one generic validator can name the key, the value and what is
+allowed. Presets are TOML files
 under ``qfleet/presets``; ``--set section.key=value`` overrides any field.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import json
 import math
+import re
+import sys
+import textwrap
 import tomllib
 import typing
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qfleet.config_sections import (
+    PYTHON_ONLY,
+    ActorsConfig,
+    AlgoConfig,
+    CheckpointConfig,
+    EnvConfig,
+    LearnerConfig,
+    LogConfig,
+    NetConfig,
+    ReplayConfig,
+    RuntimeConfig,
+    TrainConfig,
+    _f,
+)
 from qfleet.errors import ConfigError, QfleetWarning
 
 PRESET_DIR = Path(__file__).parent / "presets"
 INT_LIMIT = 2**63  # integers travel as int64 (NumPy, torch seeds, safetensors counters)
 
 
-
-
-def _f(default: Any, *, lo: float | None = None, hi: float | None = None,
-       gt: float | None = None, choices: tuple[Any, ...] | None = None,
-       help: str = "") -> Any:
-    meta = {"lo": lo, "hi": hi, "gt": gt, "choices": choices, "help": help}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-@dataclass
-class EnvConfig:
-    id: str = _f("CartPole-v1", help="Gymnasium id or module:Class")
-    num_envs: int = _f(1, lo=1, help="environments per actor, stepped as one vector env")
-    max_episode_steps: int = _f(0, lo=0, help="0 keeps the env's own limit")
-    frame_stack: int = _f(4, lo=1, help="frames stacked for Atari ids")
-
-
-@dataclass
-class AlgoConfig:
-    name: str = _f("dqn", choices=("dqn", "apex", "gorila", "a3c", "a2c"))
-    gamma: float = _f(0.99, lo=0.0, hi=1.0)
-    n_step: int = _f(1, lo=1, hi=100, help="a2c/a3c: the rollout length of each return")
-    double: bool = _f(True)
-    # Gradient schemes (gorila, a3c, a2c): workers send gradients to a global model.
-    aggregation: str = _f("auto", choices=("auto", "sync", "async", "grouped"),
-                          help="auto = sync for gorila and a2c, async for a3c")
-    group_size: int = _f(0, lo=0, help="grouped: workers averaged synchronously per group; "
-                         "groups update the global model asynchronously")
-    max_staleness: int = _f(8, lo=0, help="async/grouped: gradients computed on parameters "
-                            "more than this many global updates old are dropped or scaled")
-    stale: str = _f("drop", choices=("drop", "scale"),
-                    help="scale = weight (max_staleness + 1) / (staleness + 1)")
-    on_worker_loss: str = _f("proceed", choices=("proceed", "wait"),
-                             help="sync: average the live workers, or wait for the restart")
-    sync_every: int = _f(1, lo=1, help="gradients a worker sends between parameter pulls")
-    a3c_mode: str = _f("hogwild", choices=("hogwild", "queue"),
-                       help="hogwild = workers apply gradients to the shared model lock-free; "
-                       "queue = workers push rollouts, trainers compute the gradients")
-    trainers: int = _f(1, lo=1, help="a3c queue mode: trainer threads popping rollouts")
-    value_coef: float = _f(0.5, lo=0.0, help="a2c/a3c: weight of the value loss")
-    entropy_coef: float = _f(0.01, lo=0.0, help="a2c/a3c: weight of the entropy bonus")
-
-
-@dataclass
-class NetConfig:
-    torso: str = _f("auto", choices=("auto", "mlp", "cnn"))
-    hidden: list[int] = _f([256, 256])  # noqa: RUF009 (_f gives lists a default_factory)
-    dueling: bool = _f(False)
-    activation: str = _f("relu", choices=("relu", "tanh"), help="MLP hidden activation")
-    shared_torso: bool = _f(True, help="actor-critic: policy and value heads share one "
-                            "torso; false = two separate MLPs (as SB3's A2C builds them)")
-    init: str = _f("default", choices=("default", "orthogonal"),
-                   help="actor-critic: orthogonal = gain sqrt(2) hidden, 0.01 policy head, "
-                   "1 value head (the A2C/PPO convention)")
-
-
-@dataclass
-class ReplayConfig:
-    kind: str = _f("auto", choices=("auto", "uniform", "prioritized"),
-                   help="auto = prioritized where the scheme samples by priority (apex, "
-                   "gorila with scope sharded), else uniform")
-    capacity: int = _f(100_000, lo=1)
-    alpha: float = _f(0.6, lo=0.0, help="prioritization exponent: p = (|td| + eps) ** alpha")
-    beta0: float = _f(0.4, lo=0.0, hi=1.0, help="initial IS exponent, annealed to 1")
-    beta_steps: int = _f(0, lo=0, help="transitions added over which beta reaches 1; "
-                         "0 = the run's train.total_env_steps")
-    eps: float = _f(1e-6, gt=0.0, help="added to |td| so no priority is zero")
-    shards: int = _f(1, lo=1, help="prioritized shards sampled by total priority")
-    storage: str = _f("auto", choices=("auto", "ring", "frames"),
-                      help="frames = each image frame stored once; auto = frames for "
-                      "uint8 frame stacks")
-    scope: str = _f("local", choices=("local", "shared", "sharded"),
-                    help="gorila: each worker its own replay, one replay for all, or one "
-                    "prioritized shard per worker sampled by every worker")
-
-
-
-@dataclass
-class LearnerConfig:
-    lr: float = _f(1e-3, gt=0.0)
-    batch_size: int = _f(64, lo=1)
-    learning_starts: int = _f(1000, lo=0, help="env steps collected before the first update")
-    train_every: int = _f(256, lo=1, help="env steps between training rounds")
-    updates_per_round: int = _f(128, lo=1, help="gradient steps per training round")
-    target_update_every: int = _f(128, lo=1, help="updates between hard target copies")
-    tau: float = _f(1.0, gt=0.0, hi=1.0, help="1.0 = hard copy, <1 = Polyak every update")
-    huber: bool = _f(True)
-    max_grad_norm: float = _f(10.0, lo=0.0, help="0 disables clipping")
-    adam_eps: float = _f(1e-8, gt=0.0, help="eps of the optimizer (Adam or RMSprop)")
-    optimizer: str = _f("adam", choices=("adam", "rmsprop"),
-                        help="rmsprop: alpha 0.99, as A2C/A3C use it")
-    max_replay_ratio: float = _f(0.0, lo=0.0, help="cap on sampled / inserted transitions; "
-                                 "0 = only the train_every/updates_per_round schedule")
-    prefetch: int = _f(1, lo=1, help="prioritized replay: batches drawn at once, their "
-                       "priorities written back after all of them (Ape-X prefetching)")
-    device: str = _f("auto", choices=("auto", "cpu", "cuda"))
-
-
-@dataclass
-class ActorsConfig:
-    count: int = _f(1, lo=1)
-    eps_start: float = _f(1.0, lo=0.0, hi=1.0)
-    eps_end: float = _f(0.04, lo=0.0, hi=1.0)
-    eps_fraction: float = _f(0.16, gt=0.0, hi=1.0, help="share of total steps to anneal over")
-    chunk_size: int = _f(64, lo=1, help="vector steps an actor takes per chunk")
-    sync_every: int = _f(0, lo=0, help="env steps between an actor's parameter pulls; "
-                         "0 = before every chunk")
-    apex_eps: float = _f(0.4, lo=0.0, hi=1.0, help="Ape-X: actor i explores with "
-                         "apex_eps ** (1 + apex_alpha * i / (N - 1))")
-    apex_alpha: float = _f(7.0, lo=0.0)
-
-
-@dataclass
-class RuntimeConfig:
-    backend: str = _f("inline", choices=("inline", "processes", "ray"))
-    address: str = _f("local", help="ray: 'local' starts Ray in this process; 'auto' or "
-                      "'ray://host:port' joins a running cluster")
-    torch_threads: int = _f(1, lo=0, help="0 keeps torch's default")
-    start_method: str = _f("auto", choices=("auto", "fork", "forkserver", "spawn"),
-                           help="processes: how worker processes start; auto = fork on "
-                           "Linux, spawn elsewhere")
-    replay_on: str = _f("learner", choices=("learner", "learner_node", "actors"),
-                        help="ray, dqn/apex: 'learner' keeps the replay in the learner's "
-                        "process; 'actors' puts one shard actor beside each actor; "
-                        "'learner_node' puts the shard actors on the learner's node")
-    sample_requests: int = _f(4, lo=1, help="ray, replay_on != 'learner': batches the "
-                              "learner keeps requested ahead from the shard actors")
-    learner_host: str = _f("driver", choices=("driver", "actor"),
-                           help="ray: 'driver' trains in the qfleet process; 'actor' in a Ray "
-                           "actor that asks for a GPU when learner.device is cuda (or auto "
-                           "and the cluster has one)")
-
-
-@dataclass
-class TrainConfig:
-    total_env_steps: int = _f(50_000, lo=1)
-    eval_every: int = _f(5_000, lo=0, help="env steps between greedy evals; 0 = only at the end")
-    eval_episodes: int = _f(20, lo=1)
-    target_return: float | None = _f(None, help="stop once a greedy eval reaches it")
-
-
-@dataclass
-class CheckpointConfig:
-    every: int = _f(10_000, lo=0, help="env steps between checkpoints; 0 = only at the end")
-    replay: bool = _f(True, help="also save the replay buffers (turn off for huge buffers)")
-    keep: int = _f(3, lo=1, help="checkpoints kept; older ones are deleted once a newer one "
-                   "is safely on disk")
-
-
-@dataclass
-class LogConfig:
-    every: int = _f(1_000, lo=1, help="env steps between metric lines")
-    tensorboard: bool = _f(True)
-    progress: bool = _f(True)
-
-
 @dataclass
 class Config:
-    seed: int = _f(0, lo=0)
+    seed: int = _f(0, lo=0, help="seeds every random stream: networks, envs, replay")
     env: EnvConfig = field(default_factory=EnvConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     net: NetConfig = field(default_factory=NetConfig)
@@ -209,9 +71,15 @@ def _type_ok(value: Any, tp: Any) -> bool:
         return any(_type_ok(value, arg) for arg in typing.get_args(tp))
     if tp is type(None):
         return value is None
+    if tp is Any:  # what TOML can hold (a value that could not be written back is refused)
+        return _tomlable(value)
     if origin is list:
         (item,) = typing.get_args(tp)
         return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if origin is dict:
+        key, item = typing.get_args(tp)
+        return isinstance(value, dict) and all(_type_ok(k, key) and _type_ok(v, item)
+                                               for k, v in value.items())
     if tp is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if tp is int:
@@ -219,9 +87,17 @@ def _type_ok(value: Any, tp: Any) -> bool:
     return isinstance(value, tp)
 
 
+def _tomlable(value: Any) -> bool:
+    if isinstance(value, list):
+        return all(map(_tomlable, value))
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _tomlable(v) for k, v in value.items())
+    return isinstance(value, (bool, int, float, str))
+
+
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is not None:  # list[int], float | None: keep the arguments
-        return str(tp).replace("NoneType", "none")
+        return str(tp).replace("NoneType", "none").replace("typing.", "")
     return getattr(tp, "__name__", str(tp))
 
 
@@ -247,7 +123,8 @@ def _check_field(key: str, value: Any, tp: Any, meta: typing.Mapping[str, Any]) 
 
 
 def _fields(obj: Any) -> dict[str, dataclasses.Field[Any]]:
-    return {f.name: f for f in dataclasses.fields(obj)}
+    """The config fields of a section (what TOML holds; not the Python-only ones)."""
+    return {f.name: f for f in dataclasses.fields(obj) if not f.metadata.get(PYTHON_ONLY)}
 
 
 def validate(cfg: Config) -> None:
@@ -262,15 +139,28 @@ def validate(cfg: Config) -> None:
             _check_field(name, value, hints[name], f.metadata)
     if any(h < 1 for h in cfg.net.hidden):
         raise ConfigError(f"net.hidden = {cfg.net.hidden!r}: every layer width must be >= 1")
-    from qfleet.envs import check_env_id  # late: gymnasium's registry is only needed here
+    from qfleet.envs import check_env  # late: gymnasium's registry is only needed here
 
-    check_env_id(cfg.env.id)
+    check_env(cfg.env)
+    _check_env_fn(cfg)
     if cfg.actors.eps_end > cfg.actors.eps_start:
         raise ConfigError(f"actors.eps_end = {cfg.actors.eps_end}: must be <= "
                           f"actors.eps_start ({cfg.actors.eps_start})")
     _check_gradient_scheme(cfg)
     _check_replay(cfg)
     _check_ray_fields(cfg)
+
+
+def _check_env_fn(cfg: Config) -> None:
+    """A function that builds the env travels to spawned workers by pickle (forked ones
+    inherit it, Ray's cloudpickle takes lambdas too)."""
+    method = cfg.runtime.start_method
+    if method == "auto":  # as the processes backend resolves it
+        method = "fork" if sys.platform.startswith("linux") else "spawn"
+    if cfg.env.fn is not None and cfg.runtime.backend == "processes" and method != "fork":
+        from qfleet.envs import check_picklable
+
+        check_picklable(cfg.env.fn, method)
 
 
 def _check_ray_fields(cfg: Config) -> None:
@@ -368,10 +258,11 @@ def _unknown(key: str, known: typing.Iterable[str]) -> ConfigError:
     return ConfigError(f"unknown key {key!r}{hint}; allowed: {', '.join(sorted(known))}")
 
 
-def from_dict(data: dict[str, Any]) -> Config:
-    """Build a validated Config from nested dicts, rejecting unknown keys."""
+def from_dict(data: dict[str, Any], env_fn: Callable[..., Any] | None = None) -> Config:
+    """Build a validated Config from nested dicts, rejecting unknown keys. ``env_fn``: the
+    function that builds the env (EnvConfig.fn), for a run trained with one."""
     top = _fields(Config)
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"env": EnvConfig(fn=env_fn)} if env_fn is not None else {}
     for name, value in data.items():
         if name not in top:
             raise _unknown(name, top)
@@ -383,14 +274,21 @@ def from_dict(data: dict[str, Any]) -> Config:
             for sub in value:
                 if sub not in known:
                     raise _unknown(f"{name}.{sub}", known)
-            kwargs[name] = section_type(**value)  # type: ignore[operator]
+            extra = {"fn": env_fn} if section_type is EnvConfig and env_fn is not None else {}
+            kwargs[name] = section_type(**value, **extra)  # type: ignore[operator]
         else:
             kwargs[name] = value
     return Config(**kwargs)
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """Nested dicts of every config field (copies; the Python-only fields left out)."""
+    out: dict[str, Any] = {}
+    for name in _fields(cfg):
+        value = getattr(cfg, name)
+        out[name] = {sub: copy.deepcopy(getattr(value, sub)) for sub in _fields(value)} \
+            if dataclasses.is_dataclass(value) else value
+    return out
 
 
 def _parse_value(text: str) -> Any:
@@ -414,11 +312,20 @@ def apply_override(data: dict[str, Any], override: str) -> None:
         raise _unknown(parts[0], top)
     section_type = typing.get_type_hints(Config)[parts[0]]
     if dataclasses.is_dataclass(section_type):
-        if len(parts) != 2:
-            raise ConfigError(f"--set {override!r}: expected {parts[0]}.<key>=value")
-        if parts[1] not in _fields(section_type):
+        if len(parts) >= 2 and parts[1] not in _fields(section_type):
             raise _unknown(key, _fields(section_type))
-        data.setdefault(parts[0], {})[parts[1]] = _parse_value(text.strip())
+        is_table = len(parts) == 3 and \
+            typing.get_origin(typing.get_type_hints(section_type)[parts[1]]) is dict
+        if len(parts) != 2 and not is_table:
+            raise ConfigError(f"--set {override!r}: expected {parts[0]}.<key>=value")
+        section = data.setdefault(parts[0], {})
+        if is_table:  # one key of a table: env.kwargs.map_name=8x8
+            table = section.setdefault(parts[1], {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"--set {override!r}: {parts[0]}.{parts[1]} is not a table")
+            table[parts[2]] = _parse_value(text.strip())
+        else:
+            section[parts[1]] = _parse_value(text.strip())
     elif len(parts) == 1:
         data[parts[0]] = _parse_value(text.strip())
     else:
@@ -464,12 +371,14 @@ def resolve_source(preset_or_path: str | Path) -> Path:
 
 
 def load_config(preset_or_path: str | Path = "cartpole-dqn",
-                overrides: typing.Sequence[str] = ()) -> Config:
-    """Load a preset name or TOML path, apply ``section.key=value`` overrides, validate."""
+                overrides: typing.Sequence[str] = (),
+                env_fn: Callable[..., Any] | None = None) -> Config:
+    """Load a preset name or TOML path, apply ``section.key=value`` overrides, validate.
+    ``env_fn``: the function that builds the env, for a run trained with one."""
     data = _read_toml(resolve_source(preset_or_path))
     for override in overrides:
         apply_override(data, override)
-    return from_dict(data)
+    return from_dict(data, env_fn)
 
 
 def _toml_value(value: Any) -> str:
@@ -479,20 +388,43 @@ def _toml_value(value: Any) -> str:
         return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # an inline table
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}"
+                               for k, v in value.items()) + "}"
     return repr(value)
 
 
-def to_toml(cfg: Config) -> str:
-    """Every field, resolved, as TOML (``None`` fields are written as comments)."""
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml_value(key)
+
+
+def to_toml(cfg: Config, explain: bool = False) -> str:
+    """Every field, resolved, as TOML (``None`` fields are written as comments);
+    ``explain``: each field preceded by its help text and allowed values as comments."""
     lines: list[str] = []
     sections: list[tuple[str, dict[str, Any]]] = []
     for name, value in to_dict(cfg).items():
         if isinstance(value, dict):
             sections.append((name, value))
         elif value is not None:
+            lines += _explain(_fields(Config)[name]) if explain else []
             lines.append(f"{name} = {_toml_value(value)}")
     for name, values in sections:
         lines.append(f"\n[{name}]")
+        meta = _fields(getattr(cfg, name))
         for key, value in values.items():
+            lines += _explain(meta[key]) if explain else []
             lines.append(f"# {key} = (unset)" if value is None else f"{key} = {_toml_value(value)}")
     return "\n".join(lines) + "\n"
+
+
+def _explain(f: dataclasses.Field[Any]) -> list[str]:
+    """A field's help text and what it allows, as TOML comment lines."""
+    meta = f.metadata
+    allowed = []
+    if meta.get("choices"):
+        allowed.append("one of " + ", ".join(_toml_value(c) for c in meta["choices"]))
+    allowed += [f"{op} {meta[k]}" for k, op in (("lo", ">="), ("gt", ">"), ("hi", "<="))
+                if meta.get(k) is not None]
+    text = meta.get("help", "") + (f" ({'; '.join(allowed)})" if allowed else "")
+    return ["# " + line for line in textwrap.wrap(text, 96)]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import gymnasium as gym
@@ -25,6 +25,7 @@ class EvalInterrupted(Exception):
 @dataclass
 class EvalResult:
     returns: list[float]
+    lengths: list[int] = field(default_factory=list)  # env steps of each episode
 
     @property
     def mean(self) -> float:
@@ -33,6 +34,10 @@ class EvalResult:
     @property
     def std(self) -> float:
         return float(np.std(self.returns))
+
+    @property
+    def length_mean(self) -> float | None:
+        return float(np.mean(self.lengths)) if self.lengths else None
 
 
 @torch.no_grad()
@@ -46,48 +51,57 @@ def evaluate(net: nn.Module, env_cfg: EnvConfig, episodes: int, seed: int,
     """Run ``episodes`` greedy episodes; each env in a wave counts only its first episode,
     so short episodes are not over-represented. ``should_stop`` is asked every step:
     True abandons the evaluation (EvalInterrupted)."""
-    returns: list[float] = []
+    result = EvalResult([], [])
     seeds = seeds_for(seed, EVAL_STREAM, episodes)
     was_training = net.training
     net.eval()
     try:
-        while len(returns) < episodes:
-            wave = min(MAX_PARALLEL, episodes - len(returns))
-            returns += _wave(net, env_cfg, seeds[len(returns): len(returns) + wave], should_stop)
+        while (done := len(result.returns)) < episodes:
+            wave = min(MAX_PARALLEL, episodes - done)
+            returns, lengths = _wave(net, env_cfg, seeds[done: done + wave], should_stop)
+            result.returns += returns
+            result.lengths += lengths
     finally:
         net.train(was_training)
-    return EvalResult(returns)
+    return result
 
 
 def _wave(net: nn.Module, env_cfg: EnvConfig, seeds: list[int | None],
-          should_stop: Callable[[], bool]) -> list[float]:
-    """One episode in each of ``len(seeds)`` envs stepped together."""
+          should_stop: Callable[[], bool]) -> tuple[list[float], list[int]]:
+    """One episode in each of ``len(seeds)`` envs stepped together: returns and lengths."""
     env = make_vec_env(env_cfg, num_envs=len(seeds))
     try:
         obs_EO, _ = env.reset(seed=seeds)
         ret_E, alive_E = np.zeros(len(seeds)), np.ones(len(seeds), dtype=bool)
+        len_E = np.zeros(len(seeds), dtype=np.int64)
         while alive_E.any():
             if should_stop():
                 raise EvalInterrupted
             obs_EO, reward_E, term_E, trunc_E, _ = env.step(_greedy(net, obs_EO))
             ret_E += reward_E * alive_E
+            len_E += alive_E
             alive_E &= ~(term_E | trunc_E)
-        return [float(r) for r in ret_E]
+        return [float(r) for r in ret_E], [int(n) for n in len_E]
     finally:
         env.close()
 
 
 def record_video(net: nn.Module, env_cfg: EnvConfig, episodes: int, seed: int,
-                 video_dir: Path) -> EvalResult:
-    """Greedy episodes one at a time through Gymnasium's RecordVideo (needs rgb_array)."""
-    base = env_fn(env_cfg, render_mode="rgb_array")()
+                 video_dir: Path, max_frames: int | None = None) -> EvalResult:
+    """Greedy episodes one at a time through Gymnasium's RecordVideo (needs rgb_array);
+    ``max_frames`` cuts each video short (the episodes still run to their end)."""
+    try:
+        base = env_fn(env_cfg, render_mode="rgb_array")()
+    except TypeError as err:  # a class or function that takes no render_mode
+        raise ConfigError(f"--video: env {env_cfg.id!r} cannot render rgb_array frames "
+                          f"({err})") from None
     if "rgb_array" not in base.metadata.get("render_modes", []):
         base.close()
         raise ConfigError(f"--video: env {env_cfg.id!r} cannot render rgb_array frames "
                           f"(render modes: {base.metadata.get('render_modes', [])})")
     try:
         env = gym.wrappers.RecordVideo(base, str(video_dir), episode_trigger=lambda _: True,
-                                       disable_logger=True)
+                                       video_length=max_frames or 0, disable_logger=True)
     except gym.error.DependencyNotInstalled:
         base.close()
         raise ConfigError("--video needs moviepy: pip install 'qfleet[video]'") from None
