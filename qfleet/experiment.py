@@ -6,14 +6,16 @@ checkpoints. It reads top to bottom: build, (restore), step until done, finish.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import re
 import signal
 import threading
 import time
 import tomllib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType
@@ -24,12 +26,16 @@ import torch
 
 from qfleet import checkpoint, rundir
 from qfleet.algos import build_program
-from qfleet.config import Config, ConfigError, from_dict, replay_kind_of, to_toml
+from qfleet.callbacks import CallbackList
+from qfleet.config import Config, ConfigError, from_dict, replay_kind_of, to_toml, validate
+from qfleet.envs import ENV_FN, env_fn_needed, env_fn_ref
 from qfleet.evaluate import EvalInterrupted, evaluate
 from qfleet.memory import check_fits
 from qfleet.metrics import MetricsWriter
 from qfleet.progress import ProgressLine
 from qfleet.runtime import RoundReport, WorkerError, make_runner, ray_options
+from qfleet.sysinfo import write_system_info
+from qfleet.tracking import check_installed
 
 
 @dataclass
@@ -107,6 +113,7 @@ def _install_handlers(stop: _StopFlag) -> dict[int, Any]:
 
 def default_run_dir(cfg: Config, name: str | None = None) -> Path:
     stem = name or f"{cfg.env.id.split('/')[-1].split(':')[-1].lower()}-{cfg.algo.name}"
+    stem = re.sub(r"[^\w.-]+", "-", stem).strip("-.")  # an env_fn's "<lambda>" names no folder
     return Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
@@ -114,8 +121,10 @@ class Experiment:
     """One run in ``run_dir``. It holds the run dir's lock (``lock``, or its own) from
     before its workers start until ``close()``; ``run()`` closes it when it ends."""
 
-    def __init__(self, cfg: Config, run_dir: Path, lock: rundir.RunLock | None = None) -> None:
+    def __init__(self, cfg: Config, run_dir: Path, lock: rundir.RunLock | None = None,
+                 callbacks: CallbackList | None = None) -> None:
         self.cfg, self.run_dir = cfg, run_dir
+        self.callbacks = callbacks or CallbackList()
         if cfg.runtime.torch_threads:
             torch.set_num_threads(cfg.runtime.torch_threads)
         check_fits(cfg)  # before anything is allocated or any dir is made
@@ -157,14 +166,16 @@ class Experiment:
                  "actor_restarts": self.actor_restarts,
                  "recent_returns": list(self.episodes),
                  "next": [self.next_log, self.next_eval, self.next_ckpt]}
-        return checkpoint.save(self.run_dir / "checkpoints", self.runner.env_steps, tensors,
+        path = checkpoint.save(self.run_dir / "checkpoints", self.runner.env_steps, tensors,
                                meta, replay, keep=self.cfg.checkpoint.keep)
+        self.callbacks.checkpoint(path)
+        return path
 
     def restore(self, ckpt: Path) -> None:
         """Load ``ckpt`` into this run; CheckpointError if it is damaged or does not fit,
         ConfigError if this run's config changes a field fixed at the start."""
         tensors, meta, replay = checkpoint.load(ckpt)
-        check_resumable(saved_config(ckpt, meta), self.cfg)
+        check_resumable(saved_config(ckpt, meta, self.cfg.env.fn), self.cfg)
         _check_counters(ckpt, meta)
         try:
             self.runner.restore(tensors, meta, replay)
@@ -201,7 +212,12 @@ class Experiment:
         self.t_window = self.t0
         # Written only now that a resume's restore succeeded: a failed one keeps the old file.
         (self.run_dir / "config.toml").write_text(to_toml(cfg))
-        self.metrics = MetricsWriter(self.run_dir, cfg.log.tensorboard)
+        try:
+            info = write_system_info(self.run_dir)
+            self.metrics = MetricsWriter(self.run_dir, cfg, info)
+        except BaseException:
+            self.close()
+            raise
         self.progress = ProgressLine(cfg.train.total_env_steps, cfg.log.progress,
                                      self.runner.env_steps)
         for note in [*self.notes, self.runner.describe()]:
@@ -234,7 +250,9 @@ class Experiment:
         return f"last checkpoint: {ckpt} (continue with `qfleet resume {self.run_dir}`)"
 
     def _target_hit(self) -> bool:
-        return self.cfg.train.target_return is not None and self.solved is not None
+        """The target return was reached, or a callback asked to stop."""
+        return (self.cfg.train.target_return is not None and self.solved is not None) or \
+            self.callbacks.stop_requested
 
     def _diverged(self, what: str) -> Diverged:
         return Diverged(f"training diverged at env step {self.runner.env_steps:,} (update "
@@ -275,12 +293,14 @@ class Experiment:
             "return_mean": float(np.mean(self.episodes)) if self.episodes else None,
             **summarize_window(win, dt, self.runner.program.num_actors,
                                self.runner.program.batch_size),
-            "replay_size": self.runner.replay_size, "actor_restarts": self.actor_restarts}
+            "replay_size": self.runner.replay_size, "actor_restarts": self.actor_restarts,
+            "lr": self.cfg.learner.lr}  # constant: no schedule changes it
         if self.runner.program.num_actors > 1:  # Ape-X actors explore differently: show each
             record["return_mean_by_actor"] = [
                 float(np.mean(d)) if (d := self.episodes_by_actor.get(i)) else None
                 for i in range(self.runner.program.num_actors)]
         self.metrics.write("train", record)
+        self.callbacks.metrics("train", record)
         last = self.last_eval[1] if self.last_eval else None
         self.progress.update(record | {"eval_return_mean": last})
 
@@ -302,10 +322,13 @@ class Experiment:
         target = self.cfg.train.target_return
         if target is not None and self.solved is None and res.mean >= target:
             self.solved = (steps, self.wall_s())
-        self.metrics.write("eval", {"env_steps": steps, "wall_s": round(self.wall_s(), 3),
-                                    "eval_return_mean": res.mean, "eval_return_std": res.std,
-                                    "eval_episodes": len(res.returns),
-                                    "eval_s": round(self.eval_s, 3)})
+        record = {"env_steps": steps, "wall_s": round(self.wall_s(), 3),
+                  "eval_return_mean": res.mean, "eval_return_std": res.std,
+                  "eval_length_mean": res.length_mean, "eval_episodes": len(res.returns),
+                  "eval_s": round(self.eval_s, 3)}
+        self.metrics.write("eval", record)
+        self.callbacks.metrics("eval", record)
+        self.callbacks.eval(record)
         return res.mean, res.std
 
     def _finish(self) -> Result:
@@ -326,19 +349,26 @@ class Experiment:
             solved_at_wall_s=self.solved[1] if self.solved else None,
             run_dir=str(self.run_dir))
         (self.run_dir / "result.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
+        self.metrics.finished = True
         self.progress.print(f"checkpoint: {ckpt}")
         return result
 
 
-def train(cfg: Config, run_dir: str | Path | None = None, *, overwrite: bool = False) -> Result:
+def train(cfg: Config, run_dir: str | Path | None = None, *, overwrite: bool = False,
+          callbacks: Iterable[Any] = (), env_fn: Callable[..., Any] | None = None) -> Result:
     """Train ``cfg`` in a new run directory; returns the final greedy evaluation and counters.
-    ``overwrite``: replace a run already in ``run_dir`` (its checkpoints are deleted)."""
+    ``overwrite``: replace a run already in ``run_dir`` (its checkpoints are deleted).
+    ``callbacks``: objects with on_metrics / on_eval / on_checkpoint (qfleet.callbacks).
+    ``env_fn``: builds the env instead of env.id (called with env.kwargs); it must pickle
+    when workers are spawned, any function does when they fork."""
+    cfg = _checked(cfg, env_fn)
     path = Path(run_dir) if run_dir else default_run_dir(cfg)
+    hooks = CallbackList(callbacks)
     with rundir.claimed(path) as lock:
         found = rundir.existing_run(path)
         if found and not overwrite:
             raise ConfigError(_holds_a_run(path))
-        exp = Experiment(cfg, path, lock)
+        exp = Experiment(cfg, path, lock, hooks)
         if found:  # only now that the new run was built: a broken config keeps the old one
             rundir.clear(path)
         return exp.run()
@@ -405,31 +435,52 @@ def _check_counters(ckpt: Path, meta: dict[str, Any]) -> None:
                                              f"({meta.get(key, 'missing')!r})")
 
 
-def saved_config(ckpt: Path, meta: dict[str, Any]) -> Config:
-    """The config a checkpoint was written with (CheckpointError if it is unreadable)."""
+def _checked(cfg: Config, env_fn: Callable[..., Any] | None) -> Config:
+    """``cfg`` validated as it is now (a field set after load_config is checked too), with
+    ``env_fn`` in it: env.id then names the function (module:name when it imports back)."""
+    if env_fn is not None:
+        env_id, by_name = env_fn_ref(env_fn)
+        cfg = dataclasses.replace(cfg, env=dataclasses.replace(
+            cfg.env, id=env_id, fn=None if by_name else env_fn))  # replace() validates
+    else:
+        validate(cfg)
+    check_installed(cfg)
+    return cfg
+
+
+def saved_config(ckpt: Path, meta: dict[str, Any],
+                 env_fn: Callable[..., Any] | None = None) -> Config:
+    """The config a checkpoint was written with (CheckpointError if it is unreadable;
+    ConfigError if its env came from a function ``env_fn`` must give again)."""
     try:
         text = meta["config"]
         if not isinstance(text, str):
             raise TypeError(f"config is {type(text).__name__}, not TOML text")
-        return from_dict(tomllib.loads(text))
+        data = tomllib.loads(text)
+        env_id = data["env"].get("id", "") if isinstance(data.get("env"), dict) else ""
+        if env_fn is not None or not str(env_id).startswith(ENV_FN):
+            return from_dict(data, env_fn)
     except (KeyError, TypeError, tomllib.TOMLDecodeError, ConfigError) as err:
         raise checkpoint.CheckpointError(f"{ckpt}: state.json holds no valid config "
                                          f"({type(err).__name__}: {err})") from None
+    raise env_fn_needed(env_id)  # a sound config, whose env only that function builds
 
 
-def resume(run_dir: str | Path, cfg: Config | None = None) -> Result:
+def resume(run_dir: str | Path, cfg: Config | None = None, *, callbacks: Iterable[Any] = (),
+           env_fn: Callable[..., Any] | None = None) -> Result:
     """Continue a run from its newest loadable checkpoint (``cfg`` defaults to the run's
     config.toml). The whole resumed run is built and the checkpoint loaded into it before
     anything in the run dir changes. A run stopped before its first checkpoint starts
-    again from step 0."""
+    again from step 0. ``callbacks``, ``env_fn``: as for ``train``."""
     from qfleet.config import load_config
 
     run_dir = Path(run_dir)
     if not checkpoint.candidates(run_dir) and not (run_dir / "config.toml").is_file():
         checkpoint.find(run_dir)  # raises: nothing to resume
+    hooks = CallbackList(callbacks)
     with rundir.claimed(run_dir) as lock:
-        cfg = cfg or load_config(run_dir / "config.toml")
-        exp = Experiment(cfg, run_dir, lock)
+        cfg = _checked(cfg or load_config(run_dir / "config.toml", env_fn=env_fn), env_fn)
+        exp = Experiment(cfg, run_dir, lock, hooks)
         try:
             if checkpoint.candidates(run_dir):
                 exp.restore_latest()

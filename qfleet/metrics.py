@@ -1,4 +1,6 @@
-"""Metrics: one JSON object per event in metrics.jsonl, mirrored to TensorBoard."""
+"""Metrics: one JSON object per event in metrics.jsonl, mirrored to TensorBoard and to the
+trackers the config turns on (Weights & Biases, MLflow), all under one naming scheme:
+``<event>/<name>`` (``train/loss``, ``eval/return_mean``, ``train/return_mean/actor_1``)."""
 
 from __future__ import annotations
 
@@ -7,33 +9,66 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from qfleet.config import ConfigError, QfleetWarning
+from qfleet.config import Config, ConfigError, QfleetWarning, to_toml
 
 
 class MetricsWriter:
-    def __init__(self, run_dir: Path, tensorboard: bool) -> None:
+    def __init__(self, run_dir: Path, cfg: Config, info: dict[str, Any] | None = None) -> None:
+        from qfleet.tracking import open_sinks
+
         path = run_dir / "metrics.jsonl"
         self.fh = path.open("a", buffering=1)
-        if self.fh.tell() and not _ends_with_newline(path):
-            self.fh.write("\n")  # a crash cut the last line short: start a fresh one
         self.tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter  # late: slow import
+        self.finished = False  # set by the loop once the run ended normally
+        try:
+            if self.fh.tell() and not _ends_with_newline(path):
+                self.fh.write("\n")  # a crash cut the last line short: start a fresh one
+            if cfg.log.tensorboard:
+                from torch.utils.tensorboard import SummaryWriter  # late: slow import
 
-            self.tb = SummaryWriter(str(run_dir / "tb"))
+                self.tb = SummaryWriter(str(run_dir / "tb"))
+                # Indented: TensorBoard's text tab renders it as preformatted (markdown).
+                self.tb.add_text("config", "".join(f"    {line}\n"
+                                                   for line in to_toml(cfg).splitlines()))
+            self.sinks = open_sinks(run_dir, cfg, info or {})
+        except BaseException:
+            self.close()
+            raise
 
     def write(self, event: str, record: dict[str, Any]) -> None:
         """``record`` must hold ``env_steps`` and ``wall_s`` (the public contract)."""
         self.fh.write(json.dumps({"event": event, **record}) + "\n")
+        scalars = dashboard_scalars(event, record)
         if self.tb is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "env_steps":
-                    self.tb.add_scalar(f"{event}/{key}", value, record["env_steps"])
+            for tag, value in scalars.items():
+                self.tb.add_scalar(tag, value, record["env_steps"])
+        for sink in self.sinks:
+            sink.log(scalars, record["env_steps"])
 
     def close(self) -> None:
         self.fh.close()
         if self.tb is not None:
             self.tb.close()
+        for sink in getattr(self, "sinks", []):
+            sink.close(self.finished)
+
+
+def dashboard_scalars(event: str, record: dict[str, Any]) -> dict[str, float]:
+    """The scalars of one record as dashboards name them: ``event/name`` without the
+    event repeated (eval_return_mean -> eval/return_mean), one scalar per actor for the
+    per-actor lists (return_mean_by_actor -> train/return_mean/actor_0, ...)."""
+    out: dict[str, float] = {}
+    for key, value in record.items():
+        name = key.removeprefix(f"{event}_")
+        if key == "env_steps" or isinstance(value, bool):
+            continue
+        if isinstance(value, (int, float)):
+            out[f"{event}/{name}"] = value
+        elif isinstance(value, list) and key.endswith("_by_actor"):
+            base = name.removesuffix("_by_actor")
+            out |= {f"{event}/{base}/actor_{i}": v for i, v in enumerate(value)
+                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return out
 
 
 def _ends_with_newline(path: Path) -> bool:

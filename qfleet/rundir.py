@@ -18,7 +18,8 @@ from qfleet.config import ConfigError
 
 LOCK_NAME = ".lock"
 # What a run writes; --overwrite removes exactly these, never other files of the user's.
-RUN_FILES = ("metrics.jsonl", "config.toml", "result.json", "checkpoints", "tb")
+RUN_FILES = ("metrics.jsonl", "config.toml", "result.json", "checkpoints", "tb",
+             "system_info.json", "tracking.json")
 
 
 class RunDirBusy(ConfigError):

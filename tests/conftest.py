@@ -135,3 +135,20 @@ def cluster() -> Iterator[Any]:
 @pytest.fixture
 def clean_error() -> Callable[..., None]:
     return assert_clean_error
+
+
+# A CartPole DQN run of a few seconds (inline), trained once per session for the tests that
+# only read a run: loading, predicting, exporting, pushing, provenance. Tests write only
+# into tmp_path, never into this run.
+TINY_SETS = (*FAST_SETS, "train.total_env_steps=1000", "learner.learning_starts=200",
+             "net.hidden=[32]", "train.eval_every=0", "checkpoint.every=0")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from qfleet.experiment import train
+
+    run_dir = tmp_path_factory.mktemp("tiny") / "run"
+    with _one_torch_thread():
+        train(load_config("cartpole-dqn", TINY_SETS), run_dir)
+    return run_dir
