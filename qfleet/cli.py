@@ -1,9 +1,10 @@
-"""The ``qfleet`` command line: train, presets, config, eval, resume, plot."""
+"""The ``qfleet`` command line: train, presets, config, eval, resume, plot, export, push."""
 
 from __future__ import annotations
 
 import argparse
 import errno
+import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -100,26 +101,64 @@ def cmd_config(args: argparse.Namespace) -> int:
     from qfleet.config import load_config, resolve_source, to_toml
 
     cfg = load_config(args.preset, args.set or [])
-    sys.stdout.write(f"# resolved from {resolve_source(args.preset)}\n" + to_toml(cfg))
+    sys.stdout.write(f"# resolved from {resolve_source(args.preset)}\n"
+                     + to_toml(cfg, explain=args.explain))
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from qfleet.policy_io import load_policy
 
-    policy, cfg = load_policy(Path(args.path))
+    policy = load_policy(args.path)
+    net, cfg = policy.net, policy.config
     out, _ = _consoles()
     if args.video:
         from qfleet.evaluate import record_video
 
-        res = record_video(policy, cfg.env, args.episodes, cfg.seed, Path(args.video))
+        res = record_video(net, cfg.env, args.episodes, cfg.seed, Path(args.video))
         out.print(f"videos written to {_escape(args.video)}")
     else:
         from qfleet.evaluate import evaluate
 
-        res = evaluate(policy, cfg.env, args.episodes, cfg.seed)
+        res = evaluate(net, cfg.env, args.episodes, cfg.seed)
     out.print(f"eval return {res.mean:.1f} ± {res.std:.1f} over {len(res.returns)} episodes "
               f"({_escape(cfg.env.id)})", highlight=False)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from qfleet.export import FORMATS, export_policy
+    from qfleet.hub import run_dir_of
+    from qfleet.policy_io import load_policy
+
+    policy = load_policy(args.path, device="cpu")
+    folder = run_dir_of(policy.source) or Path(args.path)
+    target = Path(args.output) if args.output else \
+        folder / "export" / f"policy{FORMATS[args.format]}"
+    check = export_policy(policy, args.format, target)
+    _consoles()[0].print(
+        f"{args.format} model written to {_escape(check.path)}; it matches PyTorch on "
+        f"{check.observations} observations (max |diff| {check.max_abs_diff:.2g}). "
+        "Input 'obs' (batch, *observation shape); outputs 'action', 'values'.", highlight=False)
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from qfleet import hub
+    from qfleet.policy_io import load_policy
+
+    hub.check_repo_id(args.repo)
+    if not args.no_upload:
+        hub.check_installed()  # before the minutes a video can take
+    policy = load_policy(args.path, device="cpu")
+    folder = Path(args.output) if args.output else \
+        (hub.run_dir_of(policy.source) or Path(args.path)) / "hub"
+    hub.prepare(policy, args.repo, folder, video=not args.no_video)
+    out, _ = _consoles()
+    out.print(f"Hub folder prepared: {_escape(folder)}", highlight=False)
+    if not args.no_upload:
+        url = hub.upload(folder, args.repo, private=args.private)
+        out.print(f"uploaded to {_escape(url)}", highlight=False)
     return 0
 
 
@@ -133,6 +172,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qfleet", description=__doc__)
+    parser.add_argument("--version", action=_Version, help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, func: Callable[[argparse.Namespace], int], help: str) -> \
@@ -154,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("config", cmd_config, "print a preset's fully resolved TOML")
     p.add_argument("preset", help="preset name or path.toml")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE")
+    p.add_argument("--explain", action="store_true",
+                   help="precede every field with its help text and allowed values")
 
     p = add("eval", cmd_eval, "evaluate a run's latest checkpoint greedily")
     p.add_argument("path", help="run directory or checkpoint directory")
@@ -165,11 +207,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                    help="override a field, e.g. train.total_env_steps=100000")
 
+    p = add("export", cmd_export, "write a run's policy as a standalone ONNX or TorchScript "
+            "model, checked against PyTorch")
+    p.add_argument("path", help="run directory, checkpoint directory or pushed folder")
+    p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
+    p.add_argument("-o", "--output", help="the file to write (default RUN/export/policy.EXT)")
+
+    p = add("push", cmd_push, "prepare a Hugging Face Hub folder for a run's policy "
+            "(weights, config, score, video, model card) and upload it")
+    p.add_argument("path", help="run directory or checkpoint directory")
+    p.add_argument("--repo", required=True, metavar="USER/NAME", help="the Hub repository")
+    p.add_argument("-o", "--output", help="the folder to prepare (default RUN/hub)")
+    p.add_argument("--no-upload", action="store_true", help="only prepare the folder")
+    p.add_argument("--no-video", action="store_true", help="skip the replay video")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+
     p = add("plot", cmd_plot, "draw learning curves of one or more runs")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("-o", "--output", default="curves.png",
                    help="image file (its suffix picks the format), or a folder for curves.png")
     return parser
+
+
+class _Version(argparse.Action):
+    """``--version``, computed only when asked (it asks git for the checkout's commit)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        from qfleet.sysinfo import version_line
+
+        print(version_line())
+        parser.exit()
 
 
 def _positive(text: str) -> int:
@@ -181,6 +251,10 @@ def _positive(text: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # env.id = "my_envs:Corridor" and env.wrappers find a module in the current folder, as
+    # with `python -m qfleet`; appended, so it never shadows an installed package.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
     try:
         # NumPy first: torch's C extension imports it during its own init and swallows
         # any error there, a Ctrl-C (KeyboardInterrupt) included.
@@ -227,9 +301,12 @@ def _user_error(err: BaseException) -> tuple[str | None, int]:
     """(the one line to print, the exit code), or (None, 1) for a bug."""
     from qfleet.checkpoint import CheckpointError
     from qfleet.config import ConfigError
+    from qfleet.errors import QfleetFailure
 
     if isinstance(err, (ConfigError, CheckpointError)):
         return str(err), 2
+    if isinstance(err, QfleetFailure):
+        return str(err), 1
     if isinstance(err, OSError) and err.errno in USER_ERRNOS:
         where = f"{err.filename}: " if err.filename else ""
         return f"{where}{err.strerror or err}", 2

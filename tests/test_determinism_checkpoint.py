@@ -149,7 +149,8 @@ def test_checkpoint_folder_has_no_pickle(finished: tuple[Experiment, Config, Pat
     monkeypatch.setattr(torch, "load", refuse)
     tensors, meta, replay = checkpoint.load(checkpoint.find(run_dir))
     assert tensors and meta and replay
-    net, cfg = load_policy(run_dir)
+    policy = load_policy(run_dir)
+    net, cfg = policy.net, policy.config
     assert cfg.env.id == "CartPole-v1"
     torch.testing.assert_close(net.state_dict()["advantage.weight"],
                                tensors["online.advantage.weight"])
