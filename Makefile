@@ -25,8 +25,8 @@ test-fast: $(STAMP)  ## the tests without the slow learning lane
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(STAMP)
-	$(BIN)/ruff check qfleet tests benchmarks
-	$(BIN)/mypy qfleet benchmarks
+	$(BIN)/ruff check qfleet tests benchmarks examples
+	$(BIN)/mypy qfleet benchmarks examples
 
 bench: $(STAMP)  ## benchmarks need the peer libraries
 	$(BIN)/python -m pip install -q -e ".[bench]" "$(TORCH_PIN)"
