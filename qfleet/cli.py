@@ -207,6 +207,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                    help="override a field, e.g. train.total_env_steps=100000")
 
+    _add_policy_commands(add)
+
+    p = add("plot", cmd_plot, "draw learning curves of one or more runs")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("-o", "--output", default="curves.png",
+                   help="image file (its suffix picks the format), or a folder for curves.png")
+    return parser
+
+
+def _add_policy_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
+    """The commands that take a trained policy out of qfleet."""
     p = add("export", cmd_export, "write a run's policy as a standalone ONNX or TorchScript "
             "model, checked against PyTorch")
     p.add_argument("path", help="run directory, checkpoint directory or pushed folder")
@@ -221,12 +232,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-upload", action="store_true", help="only prepare the folder")
     p.add_argument("--no-video", action="store_true", help="skip the replay video")
     p.add_argument("--private", action="store_true", help="create the repository private")
-
-    p = add("plot", cmd_plot, "draw learning curves of one or more runs")
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
-    p.add_argument("-o", "--output", default="curves.png",
-                   help="image file (its suffix picks the format), or a folder for curves.png")
-    return parser
 
 
 class _Version(argparse.Action):

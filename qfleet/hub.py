@@ -122,30 +122,30 @@ def prepare(policy: Policy, repo_id: str, folder: Path, video: bool = True,
     return folder
 
 
-def model_card(policy: Policy, repo_id: str, score: dict[str, Any],
-               info: dict[str, Any] | None, has_video: bool) -> str:
-    cfg = policy.config
-    env_id, algo = cfg.env.id, cfg.algo.name
-    mean, std = score.get("eval_return_mean"), score.get("eval_return_std")
-    value = f"{mean:.2f} +/- {std:.2f}" if mean is not None and std is not None else "unknown"
-    steps = score.get("env_steps")
-    command = training_command(info)
-    versions = ", ".join(f"{k} {v}" for k, v in ((info or {}).get("packages") or {}).items()
-                         if v) or "unknown"
-    git = (info or {}).get("git") or {}
-    front = "\n".join([
-        "---", "library_name: qfleet", "tags:",
-        *(f"- {json.dumps(t)}" for t in ("reinforcement-learning", "deep-reinforcement-learning",
-                                         "qfleet", env_id, algo)),
+def _front_matter(env_id: str, algo: str, value: str) -> str:
+    """The Hub's model-index metadata, as SB3 and CleanRL cards write it."""
+    tags = ("reinforcement-learning", "deep-reinforcement-learning", "qfleet", env_id, algo)
+    return "\n".join([
+        "---", "library_name: qfleet", "tags:", *(f"- {json.dumps(t)}" for t in tags),
         "model-index:", f"- name: {json.dumps(f'{algo.upper()} on {env_id}')}", "  results:",
         "  - task:", "      type: reinforcement-learning", "      name: reinforcement-learning",
         "    dataset:", f"      name: {json.dumps(env_id)}", f"      type: {json.dumps(env_id)}",
         "    metrics:", "    - type: mean_reward", f"      value: {json.dumps(value)}",
         "      name: mean_reward", "      verified: false", "---"])
+
+
+def model_card(policy: Policy, repo_id: str, score: dict[str, Any],
+               info: dict[str, Any] | None, has_video: bool) -> str:
+    cfg, info = policy.config, info or {}
+    env_id, algo = cfg.env.id, cfg.algo.name
+    mean, std = score.get("eval_return_mean"), score.get("eval_return_std")
+    value = f"{mean:.2f} +/- {std:.2f}" if mean is not None and std is not None else "unknown"
+    steps, command, git = score.get("env_steps"), training_command(info), info.get("git") or {}
+    versions = ", ".join(f"{k} {v}" for k, v in (info.get("packages") or {}).items() if v)
     lines = [
-        front, "", f"# {algo.upper()} on {env_id}, trained with qfleet", "",
-        f"Greedy return **{value}** over {score.get('eval_episodes', '?')} episodes"
-        + (f" after {steps:,} env steps." if isinstance(steps, int) else "."), "",
+        _front_matter(env_id, algo, value), "", f"# {algo.upper()} on {env_id}, trained with "
+        "qfleet", "", f"Greedy return **{value}** over {score.get('eval_episodes', '?')} "
+        "episodes" + (f" after {steps:,} env steps." if isinstance(steps, int) else "."), "",
         *([f"![a greedy episode]({VIDEO_FILE})", ""] if has_video else []),
         "## Use it", "", "```python", "import qfleet",
         "from huggingface_hub import snapshot_download", "",
@@ -155,10 +155,9 @@ def model_card(policy: Policy, repo_id: str, score: dict[str, Any],
         "## How it was trained", "",
         f"Command: `{command}`" if command else "Command: not recorded", "",
         f"Reproduce with the `{CONFIG_FILE}` of this repository: `qfleet train {CONFIG_FILE}`.",
-        "", f"qfleet {(info or {}).get('qfleet', qfleet.__version__)}"
-        + (f" (git {git.get('commit', '')[:12]})" if git else "") + f"; {versions}.", "",
-        "## Files", "",
-        f"- `{MODEL_FILE}`: the network's weights (safetensors)",
+        "", f"qfleet {info.get('qfleet', qfleet.__version__)}"
+        + (f" (git {git.get('commit', '')[:12]})" if git else "") + f"; {versions or '?'}.",
+        "", "## Files", "", f"- `{MODEL_FILE}`: the network's weights (safetensors)",
         f"- `{CONFIG_FILE}`: the run's full config", "- `result.json`: the evaluation above",
         *(["- `system_info.json`: versions, machine and command of the run"] if info else []),
         *([f"- `{VIDEO_FILE}`: one greedy episode"] if has_video else []), ""]

@@ -6,6 +6,7 @@ upload is exercised only up to its clean failure against a closed local port."""
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -157,7 +158,7 @@ def test_push_prepares_a_hub_folder_that_load_policy_reads(tiny_run: Path, tmp_p
     score = f"{result['eval_return_mean']:.2f} +/- {result['eval_return_std']:.2f}"
     assert card.startswith("---\nlibrary_name: qfleet\n") and f'value: "{score}"' in card
     argv = json.loads((tiny_run / "system_info.json").read_text())["argv"]
-    assert f"Command: `python {' '.join(argv)}`" in card  # the process that trained it
+    assert f"Command: `{shlex.join(['python', *argv])}`" in card  # the process that trained
     assert 'qfleet.load_policy(snapshot_download("someone/cartpole-dqn"))' in card
     assert (folder / "replay.mp4").stat().st_size > 0
     assert set(load_file(str(folder / "model.safetensors"))) == \

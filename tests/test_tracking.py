@@ -14,7 +14,7 @@ import pytest
 from _wandb_offline import read_offline_run
 
 from qfleet import rundir
-from qfleet.config import ConfigError, load_config, to_dict, to_toml
+from qfleet.config import Config, ConfigError, load_config, to_dict, to_toml
 from qfleet.experiment import resume, train
 from qfleet.tracking import flat_config
 
@@ -80,6 +80,34 @@ def _wandb_run(wandb_dir: str, run_id: str) -> list[Path]:
     return sorted(Path(wandb_dir).glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb"))
 
 
+def _check_wandb(wandb_file: Path, cfg: Config, run_dir: Path) -> None:
+    logged = read_offline_run(wandb_file)
+    assert (logged.project, logged.tags, logged.exit_code) == \
+        ("qfleet-tests", ["ci", "cartpole"], 0)
+    assert logged.config == json.loads(json.dumps(to_dict(cfg)))
+    evals, trains = records(run_dir, "eval"), records(run_dir, "train")
+    assert [(h["env_steps"], h["eval/return_mean"]) for h in logged.history
+            if "eval/return_mean" in h] == \
+        [(r["env_steps"], pytest.approx(r["eval_return_mean"])) for r in evals]
+    assert sum(r["loss"] is not None for r in trains) >= 2
+    assert [h["env_steps"] for h in logged.history if "train/loss" in h] == \
+        [r["env_steps"] for r in trains if r["loss"] is not None]
+
+
+def _check_mlflow(client: Any, run_id: str, cfg: Config, run_dir: Path) -> None:
+    import mlflow.artifacts
+
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params == flat_config(cfg)
+    history = client.get_metric_history(run_id, "eval/return_mean")
+    assert [(m.step, m.value) for m in history] == \
+        [(r["env_steps"], pytest.approx(r["eval_return_mean"]))
+         for r in records(run_dir, "eval")]
+    assert mlflow.artifacts.load_text(f"{run.info.artifact_uri}/config.toml") == to_toml(cfg)
+    info = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/system_info.json")
+    assert info == json.loads((run_dir / "system_info.json").read_text())
+
+
 def test_wandb_offline_and_mlflow_get_the_metrics_stream_and_config(
         tmp_path: Path, trackers: dict[str, str]) -> None:
     from mlflow.tracking import MlflowClient
@@ -94,31 +122,10 @@ def test_wandb_offline_and_mlflow_get_the_metrics_stream_and_config(
     ids = json.loads((run_dir / "tracking.json").read_text())
     evals = records(run_dir, "eval")
     assert len(evals) >= 2 and set(ids) == {"wandb", "mlflow"}
-
     (wandb_file,) = _wandb_run(trackers["wandb_dir"], ids["wandb"])
-    logged = read_offline_run(wandb_file)
-    assert (logged.project, logged.tags, logged.exit_code) == \
-        ("qfleet-tests", ["ci", "cartpole"], 0)
-    assert logged.config == json.loads(json.dumps(to_dict(cfg)))
-    assert [(h["env_steps"], h["eval/return_mean"]) for h in logged.history
-            if "eval/return_mean" in h] == \
-        [(r["env_steps"], pytest.approx(r["eval_return_mean"])) for r in evals]
-    trains = records(run_dir, "train")
-    assert sum(r["loss"] is not None for r in trains) >= 2
-    assert [h["env_steps"] for h in logged.history if "train/loss" in h] == \
-        [r["env_steps"] for r in trains if r["loss"] is not None]
-
+    _check_wandb(wandb_file, cfg, run_dir)
     client = MlflowClient(tracking_uri=trackers["mlflow_uri"])
-    run = client.get_run(ids["mlflow"])
-    assert run.info.status == "FINISHED" and run.data.params == flat_config(cfg)
-    history = client.get_metric_history(ids["mlflow"], "eval/return_mean")
-    assert [(m.step, m.value) for m in history] == \
-        [(r["env_steps"], pytest.approx(r["eval_return_mean"])) for r in evals]
-    import mlflow.artifacts
-
-    assert mlflow.artifacts.load_text(f"{run.info.artifact_uri}/config.toml") == to_toml(cfg)
-    info = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/system_info.json")
-    assert info == json.loads((run_dir / "system_info.json").read_text())
+    _check_mlflow(client, ids["mlflow"], cfg, run_dir)
 
     # A resumed run continues both tracker runs.
     more = load_config(run_dir / "config.toml", ["train.total_env_steps=1500"])
