@@ -438,6 +438,7 @@ def _check_counters(ckpt: Path, meta: dict[str, Any]) -> None:
 def _checked(cfg: Config, env_fn: Callable[..., Any] | None) -> Config:
     """``cfg`` validated as it is now (a field set after load_config is checked too), with
     ``env_fn`` in it: env.id then names the function (module:name when it imports back)."""
+    env_fn = env_fn or cfg.env.fn  # set on the EnvConfig by hand: recorded the same way
     if env_fn is not None:
         env_id, by_name = env_fn_ref(env_fn)
         cfg = dataclasses.replace(cfg, env=dataclasses.replace(
