@@ -153,3 +153,20 @@ def test_progress_is_clamped_to_zero_and_one() -> None:
     assert replay.beta == pytest.approx(1.0)
     replay.set_progress(-2.0)
     assert replay.beta == pytest.approx(0.4)
+
+
+def test_defaults_one_row_and_updates_for_slots_never_written() -> None:
+    replay = make(capacity=10)  # alpha 0.6, eps 1e-6, beta0 0.4, no annealing
+    with pytest.raises(RuntimeError, match="cannot sample from an empty replay"):
+        replay.sample(2)
+    replay.add(chunk(1), priorities_N=np.array([1.0]))
+    assert replay.tree.priorities_N[0] == pytest.approx((1.0 + 1e-6) ** 0.6, rel=1e-12)
+    batch = replay.sample(3)  # one row is enough to sample from
+    assert batch.indices_B.tolist() == [0, 0, 0] and replay.beta == pytest.approx(0.4)
+    replay.add(chunk(50, start=1))
+    assert replay.beta == pytest.approx(0.4)
+    fresh = make(capacity=10)
+    fresh.add(chunk(1))
+    fresh.update_priorities(np.array([1, 2]), np.array([5.0, 5.0]))  # never written there
+    assert fresh.tree.priorities_N[1:].tolist() == [0.0] * 9
+    assert fresh.sample(4).indices_B.tolist() == [0] * 4

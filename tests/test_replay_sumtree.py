@@ -185,3 +185,22 @@ def test_rejects_bad_priorities_and_slots() -> None:
     with pytest.raises(IndexError):
         tree.update(np.array([4]), np.array([1.0]))
     assert tree.total == 0.0
+
+
+@pytest.mark.parametrize("capacity, min_top", [(1, 16384), (5, 1), (100, 4), (300, 16384)])
+def test_set_all_rebuilds_both_trees_like_updates_would(capacity: int, min_top: int) -> None:
+    """set_all (a restored checkpoint) against the naive reference: sums, search and the
+    positive min that IS weights divide by (the min-tree below its roots included)."""
+    rng = np.random.default_rng(capacity)
+    ref_N = rng.integers(0, 5, capacity).astype(np.float64)  # zeros are skipped by min
+    ref_N[-1] = 7.0
+    tree = SumMinTree(capacity, top=2, min_top=min_top)
+    tree.update(np.arange(capacity), np.full(capacity, 0.5))  # stale values to overwrite
+    tree.set_all(ref_N)
+    check_against(tree, ref_N, rng)
+    for _ in range(3):  # and it keeps agreeing under updates after the restore
+        idx_B = rng.integers(0, capacity, 4)
+        prio_B = rng.integers(1, 9, 4).astype(np.float64)
+        tree.update(idx_B, prio_B)
+        naive_apply(ref_N, idx_B, prio_B)
+        check_against(tree, ref_N, rng)
