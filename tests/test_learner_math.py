@@ -18,7 +18,7 @@ from torch import nn
 from qfleet.config import AlgoConfig, LearnerConfig
 from qfleet.replay import Batch, Transitions
 from qfleet.roles import DQNLearner
-from qfleet.roles.learner import make_optimizer
+from qfleet.roles.learner import make_optimizer, to_torch
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -222,3 +222,33 @@ def test_make_optimizer_uses_the_configured_hyperparameters() -> None:
     assert isinstance(rms, torch.optim.RMSprop)
     group = rms.param_groups[0]
     assert (group["lr"], group["eps"], group["alpha"]) == (7e-4, 1e-3, 0.99)
+
+
+def test_one_update_is_a_clipped_double_dqn_step_by_hand() -> None:
+    """update() against the step written out: double-DQN loss (online picks, target
+    evaluates), gradient clipped to max_grad_norm 0.5 (it bites), one Adam step; the stats
+    are that loss, |td| and mean Q."""
+    from qfleet.losses import dqn_loss
+
+    learner = _learner(net="mlp", max_grad_norm=0.5, target_update_every=100)
+    with torch.no_grad():  # online and target disagree on the best next action
+        gen = torch.Generator().manual_seed(5)
+        for p in learner.online.parameters():
+            p.add_(torch.randn(p.shape, generator=gen))
+    ref = copy.deepcopy(learner.online)
+    ref_opt = make_optimizer(list(ref.parameters()), learner.cfg)
+    ref_opt.load_state_dict(copy.deepcopy(learner.opt.state_dict()))
+    batch = _batch(8, seed=21)
+    stats = learner.update(batch)
+    data = to_torch(batch, torch.device("cpu"))
+    out = dqn_loss(ref, learner.target, data, double=True, huber=True)
+    plain = dqn_loss(ref, learner.target, data, double=False, huber=True)
+    assert not torch.equal(out.td_B, plain.td_B), "double and max targets must differ here"
+    ref_opt.zero_grad()
+    out.loss.backward()
+    assert float(nn.utils.clip_grad_norm_(ref.parameters(), 0.5)) > 0.5
+    ref_opt.step()
+    torch.testing.assert_close(_flat(learner.online), _flat(ref), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats.loss, out.loss.detach())
+    torch.testing.assert_close(stats.td_abs_B, out.td_B.abs())
+    torch.testing.assert_close(stats.q_mean, out.q_mean)
