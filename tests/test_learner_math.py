@@ -231,6 +231,7 @@ def test_one_update_is_a_clipped_double_dqn_step_by_hand() -> None:
     from qfleet.losses import dqn_loss
 
     learner = _learner(net="mlp", max_grad_norm=0.5, target_update_every=100)
+    learner.update(_batch(8, seed=20))  # Adam has moments: the gradient's scale matters
     with torch.no_grad():  # online and target disagree on the best next action
         gen = torch.Generator().manual_seed(5)
         for p in learner.online.parameters():
