@@ -48,7 +48,8 @@ def test_processes_actors_write_the_same_rows_and_initial_priorities_as_inline()
     reference = inline_apex_shards(_cfg("runtime.backend='inline'", *APEX_NO_LEARNING), 6)
     with processes_runner(*APEX_NO_LEARNING) as proc:
         shards = proc.replay.shards  # type: ignore[attr-defined]
-        run_until(proc, lambda *_: all(len(shards[k]) >= len(s) for k, s in reference.items()))
+        run_until(proc, lambda *_: all(len(shards[k]) >= len(s) for k, s in reference.items()),
+                  90.0)
         assert proc.learner.version == 0
         assert_same_apex_rows(reference, shards)
 

@@ -276,7 +276,11 @@ def test_workers_own_replays_go_into_the_checkpoint_and_come_back(cluster: RayCl
 
     cfg = _cfg("cartpole-gorila-async", "learner.learning_starts=200")
     with ray_grad_runner(cfg) as runner:
-        run_until(runner, lambda r, _: r.updates >= 5, 45.0)
+        def both_filled(r: RayGradientRunner, reps: list[RoundReport]) -> bool:
+            steps = [sum(x.steps_by_actor.get(w, 0) for x in reps) for w in (0, 1)]
+            return r.updates >= 5 and min(steps) >= 300  # past learning_starts, each
+
+        run_until(runner, both_filled, 60.0)
         tensors, meta, replay = runner.state(with_replay=True)
         parts = [with_prefix(replay, f"worker{i}.") for i in range(2)]
         collected = [int(p["worker.collected"][0]) for p in parts]

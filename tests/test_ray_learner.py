@@ -106,9 +106,10 @@ def test_async_gradients_go_through_the_aggregator_actor(
     _, gpu_node, _ = gpu_cluster
     with _remote("cartpole-gorila-async", "auto") as runner:
         assert runner.info["node_id"] == gpu_node
-        reports = run_until(runner, lambda r, _: r.updates >= 100, 60.0)
+        # Both workers' gradients arrive (on a loaded machine one may start seconds later).
+        reports = run_until(runner, lambda r, reps: r.updates >= 100 and {
+            w for x in reps for w in x.steps_by_actor} == {0, 1}, 90.0)
         assert sum(r.grads_applied for r in reports) >= 100
-        assert {w for r in reports for w in r.steps_by_actor} == {0, 1}
 
 
 def test_more_gpus_than_the_cluster_has_is_a_clear_error(

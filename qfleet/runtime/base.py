@@ -156,6 +156,33 @@ class LearnerSide:
     def replay_size(self) -> int:
         return len(self.replay)
 
+    def step(self) -> RoundReport:
+        """One round where actors run on their own (processes, Ray): take the chunks that
+        arrived, train at most one round's updates, publish. Backpressure: while the
+        learner owes more than a round it takes no chunks, so actors wait (for slots or
+        calls) instead of outrunning the schedule's replay ratio."""
+        report, per_round = RoundReport(), self.program.schedule.updates_per_round
+        owed = self.updates_owed()
+        if owed <= per_round:
+            self._drain(report, wait=owed == 0)
+        self._tend(report)
+        stats = self.train(min(self.updates_owed(), per_round))
+        report.add_updates(stats)
+        if stats:
+            self._publish()
+        return report
+
+    def _drain(self, report: RoundReport, wait: bool) -> None:
+        """Put every chunk that has arrived into replay (waiting briefly if ``wait``)."""
+        raise NotImplementedError
+
+    def _tend(self, report: RoundReport) -> None:
+        """Once a round whatever the backpressure: notice lost workers, say what happened."""
+
+    def _publish(self) -> None:
+        """Make the learner's parameters the ones actors pull next."""
+        raise NotImplementedError
+
     def updates_owed(self) -> int:
         sched = self.program.schedule
         if sched.on_policy:  # a rollout queue: train on every full batch in it

@@ -38,13 +38,12 @@ from qfleet.algos.program import GradientProgram
 from qfleet.roles import Fetch, gradient_step
 from qfleet.roles.gradients import Aggregator, Gradient, GradientWorker
 from qfleet.runtime.base import RoundReport
-from qfleet.runtime.errors import WorkerError
+from qfleet.runtime.errors import WorkerError, count_restart
 from qfleet.runtime.global_side import GlobalSide
 from qfleet.runtime.processes import (
     ErrorMsg,
     arrived,
     context,
-    count_restart,
     death_cause,
     leave_signals_to_main,
     stop_processes,

@@ -29,7 +29,7 @@ import torch
 from qfleet.algos.program import ActorLearnerProgram
 from qfleet.roles import ActorLoop, Chunk
 from qfleet.runtime.base import LearnerSide, RoundReport
-from qfleet.runtime.errors import MAX_RESTARTS, WorkerError
+from qfleet.runtime.errors import WorkerError, count_restart
 from qfleet.runtime.shm import ChunkSlots, Context, SharedParams, main_alive
 
 SLOTS_PER_ACTOR = 4
@@ -120,16 +120,6 @@ def arrived(out_q: Any, wait: bool, role: str, until: float = float("inf")) -> I
         yield msg
 
 
-def count_restart(restarts: list[int], i: int, role: str, cause: str,
-                  report: RoundReport) -> None:
-    """Count a restart of worker slot ``i``; past MAX_RESTARTS a crash loop is an error."""
-    restarts[i] += 1
-    if restarts[i] > MAX_RESTARTS:
-        raise WorkerError(f"{role} {i} died {restarts[i]} times (last: {cause}); giving up")
-    report.actor_restarts += 1
-    report.notes.append(f"{role} {i} died ({cause}); restarted with fresh seeds")
-
-
 def stop_processes(processes: list[BaseProcess], stop: Event) -> None:
     """Ask workers to stop, give them SHUTDOWN_S together, then kill what is left."""
     stop.set()
@@ -163,7 +153,7 @@ class ProcessesRunner(LearnerSide):
         super().__init__(program)
         self.ctx = context(start_method)
         self.params = SharedParams(self.learner.online, self.ctx)
-        self.params.publish(self.learner.online, self.learner.version)
+        self._publish()
         self.out_q: Any = self.ctx.Queue()
         self.stop = self.ctx.Event()
         self.slots: dict[tuple[int, int], ChunkSlots] = {}
@@ -182,22 +172,10 @@ class ProcessesRunner(LearnerSide):
         process.start()
         return _Worker(index, incarnation, process, slots)
 
-    def step(self) -> RoundReport:
-        report, per_round = RoundReport(), self.program.schedule.updates_per_round
-        owed = self.updates_owed()
-        # Backpressure: while the learner owes more than a round, it leaves chunks in the
-        # slots, so actors wait instead of outrunning the schedule's replay ratio.
-        if owed <= per_round:
-            self._drain(report, wait=owed == 0)
-        self._check_health(report)
-        stats = self.train(min(self.updates_owed(), per_round))
-        report.add_updates(stats)
-        if stats:
-            self.params.publish(self.learner.online, self.learner.version)
-        return report
+    def _publish(self) -> None:
+        self.params.publish(self.learner.online, self.learner.version)
 
     def _drain(self, report: RoundReport, wait: bool) -> None:
-        """Move every chunk that has arrived into replay (waiting briefly if asked)."""
         for msg in arrived(self.out_q, wait, "actor"):
             self._receive(msg, report)
 
@@ -211,7 +189,8 @@ class ProcessesRunner(LearnerSide):
         self.write(msg.actor, chunk, report)  # copies into the replay shard
         slots.free.put(msg.slot)
 
-    def _check_health(self, report: RoundReport) -> None:
+    def _tend(self, report: RoundReport) -> None:
+        """Restart every actor process that died (a worker's own error raises first)."""
         for i, worker in enumerate(self.workers):
             if worker.process.is_alive():
                 continue
@@ -228,7 +207,7 @@ class ProcessesRunner(LearnerSide):
     def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
                 replay: dict[str, Any]) -> None:
         super().restore(tensors, meta, replay)
-        self.params.publish(self.learner.online, self.learner.version)
+        self._publish()
         # Running actors pull the restored parameters; restart them with fresh incarnations
         # so a resumed run does not replay the seeds of the first one.
         for i, state in enumerate(meta.get("actors", [])[: len(self.workers)]):

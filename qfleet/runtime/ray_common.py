@@ -90,9 +90,13 @@ class Slot:
     probe: ray.ObjectRef | None = None
     probe_at: float = 0.0  # monotonic time of the next probe
 
-    def lost(self) -> None:
+    def lose(self, err: Exception, new_host: Callable[[int], Any]) -> None:
+        """The actor's process or node is gone: wait for Ray's restart, or replace the actor
+        if Ray will not restart it; the next incarnation gets fresh seeds."""
         self.incarnation += 1
         self.recovering, self.probe, self.probe_at = True, None, 0.0
+        if isinstance(err, ActorDiedError):
+            self.replace(new_host)
 
     def start_probe(self, call: Callable[[Any], ray.ObjectRef]) -> None:
         if self.recovering and self.probe is None and time.monotonic() >= self.probe_at:

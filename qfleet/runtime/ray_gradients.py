@@ -38,7 +38,6 @@ import numpy as np
 import ray
 import torch
 from ray.exceptions import (
-    ActorDiedError,
     GetTimeoutError,
     ObjectLostError,
     RayActorError,
@@ -315,9 +314,7 @@ class RayGradientRunner(GlobalSide):
         replace the actor if Ray will not restart it); its group may go on without it."""
         count_restart(self.restarts, slot.index, "worker",
                       f"{type(err).__name__}: {first_line(err)}", report)
-        slot.lost()
-        if isinstance(err, ActorDiedError):
-            slot.replace(self._new_host)
+        slot.lose(err, self._new_host)
         slot.joined = self.program.wait_for_restart
         if slot.index in self.group:
             self.group = []

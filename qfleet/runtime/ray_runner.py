@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import ray
 import torch
-from ray.exceptions import ActorDiedError, ObjectLostError, RayActorError, RayTaskError
+from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -38,7 +38,7 @@ from qfleet.config import ConfigError
 from qfleet.replay import Transitions
 from qfleet.roles import Actor, ActorLoop, Chunk, ParamSnapshot
 from qfleet.runtime.base import LearnerSide, RayOptions, RoundReport
-from qfleet.runtime.errors import MAX_RESTARTS, WorkerError
+from qfleet.runtime.errors import WorkerError, count_restart
 from qfleet.runtime.ray_common import LOCAL_SYSTEM_CONFIG as LOCAL_SYSTEM_CONFIG
 from qfleet.runtime.ray_common import (
     POLL_S,
@@ -215,22 +215,12 @@ class RayRunner(LearnerSide):
                                              [self.params_ref])
             slot.calls[ref] = slot.incarnation
 
-    def step(self) -> RoundReport:
-        report, per_round = RoundReport(), self.program.schedule.updates_per_round
-        report.notes, self.notes = self.notes, []
-        owed = self.updates_owed()
-        # Backpressure: while the learner owes more than a round it takes no chunks and
-        # queues no new calls, so actors idle instead of outrunning the replay ratio.
-        if owed <= per_round:
-            self._drain(report, wait=owed == 0)
-        stats = self.train(min(self.updates_owed(), per_round))
-        report.add_updates(stats)
-        if stats:
-            self._publish()
-        return report
+    def _tend(self, report: RoundReport) -> None:
+        report.notes, self.notes = self.notes + report.notes, []  # e.g. the dashboard
 
     def _drain(self, report: RoundReport, wait: bool) -> None:
-        """Write every chunk that has arrived into replay (waiting briefly if asked)."""
+        """Take every reply that has arrived (waiting briefly if asked); a held-back
+        learner queues no new calls, so idle actors wait."""
         owner = {ref: slot for slot in self.slots
                  for ref in [*slot.calls, *([slot.probe] if slot.probe else [])]}
         refs = list(owner)
@@ -271,17 +261,9 @@ class RayRunner(LearnerSide):
     def _lost(self, slot: _Slot, err: Exception, report: RoundReport) -> None:
         """The actor's process or node is gone: count it, wait for Ray's restart (or replace
         the actor if Ray will not restart it) and go on with fresh seeds."""
-        i = slot.index
-        self.restarts[i] += 1
-        if self.restarts[i] > MAX_RESTARTS:
-            raise WorkerError(f"actor {i} was lost {self.restarts[i]} times; giving up "
-                              f"(last: {type(err).__name__}: {err})")
-        slot.lost()
-        if isinstance(err, ActorDiedError):
-            slot.replace(self._new_host)
-        report.actor_restarts += 1
-        report.notes.append(f"actor {i} lost ({type(err).__name__}: {first_line(err)}); "
-                            "restarting it with fresh seeds")
+        count_restart(self.restarts, slot.index, "actor",
+                      f"{type(err).__name__}: {first_line(err)}", report)
+        slot.lose(err, self._new_host)
 
     def describe(self) -> str:
         text = super().describe()
