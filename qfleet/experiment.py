@@ -13,7 +13,6 @@ import re
 import signal
 import threading
 import time
-import tomllib
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -27,12 +26,13 @@ import torch
 from qfleet import checkpoint, rundir
 from qfleet.algos import build_program
 from qfleet.callbacks import CallbackList
-from qfleet.config import Config, ConfigError, from_dict, replay_kind_of, to_toml, validate
-from qfleet.envs import ENV_FN, env_fn_needed, env_fn_ref
+from qfleet.config import Config, ConfigError, to_toml, validate
+from qfleet.envs import env_fn_ref
 from qfleet.evaluate import EvalInterrupted, evaluate
 from qfleet.memory import check_fits
-from qfleet.metrics import MetricsWriter
+from qfleet.metrics import MetricsWriter, summarize_window
 from qfleet.progress import ProgressLine
+from qfleet.resumable import check_counters, check_resumable, saved_config
 from qfleet.runtime import RoundReport, WorkerError, make_runner, ray_options
 from qfleet.sysinfo import write_system_info
 from qfleet.tracking import check_installed
@@ -77,31 +77,6 @@ class _StopFlag:
         if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
-
-
-def summarize_window(win: list[RoundReport], dt: float, num_actors: int,
-                     batch_size: int) -> dict[str, Any]:
-    """Rates and means over the rounds since the last log line."""
-    steps, updates = sum(r.env_steps for r in win), sum(r.updates for r in win)
-    losses, applied = sum(r.loss_count for r in win), sum(r.grads_applied for r in win)
-    epsilons = [r.epsilon for r in win if r.epsilon is not None]
-    stats: dict[str, Any] = {
-        "env_steps_per_s": steps / dt, "updates_per_s": updates / dt,
-        "episodes": sum(len(r.episode_returns) for r in win),
-        "replay_ratio": losses * batch_size / steps if steps else None,  # samples / insert
-        "epsilon": epsilons[-1] if epsilons else None,
-        "loss": sum(r.loss_sum for r in win) / losses if losses else None,
-        "q_mean": sum(r.q_sum for r in win) / losses if losses else None,
-        # learner version minus the version that chose a chunk's actions, per chunk
-        "param_lag": sum(r.param_lag_sum for r in win) / max(1, sum(r.chunks for r in win)),
-    }
-    if applied or any(r.grads_dropped for r in win):  # gradient schemes
-        stats["staleness"] = sum(r.staleness_sum for r in win) / applied if applied else None
-        stats["grads_dropped"] = sum(r.grads_dropped for r in win)
-    if num_actors > 1:
-        by_actor = [sum(r.steps_by_actor.get(i, 0) for r in win) for i in range(num_actors)]
-        stats["env_steps_per_s_by_actor"] = [n / dt for n in by_actor]
-    return stats
 
 
 def _install_handlers(stop: _StopFlag) -> dict[int, Any]:
@@ -176,7 +151,7 @@ class Experiment:
         ConfigError if this run's config changes a field fixed at the start."""
         tensors, meta, replay = checkpoint.load(ckpt)
         check_resumable(saved_config(ckpt, meta, self.cfg.env.fn), self.cfg)
-        _check_counters(ckpt, meta)
+        check_counters(ckpt, meta)
         try:
             self.runner.restore(tensors, meta, replay)
             self.wall_offset = meta["wall_s"]
@@ -385,56 +360,6 @@ def _holds_a_run(path: Path) -> str:
             "--overwrite replaces it with this config, or choose another --run-dir")
 
 
-# Fields a resumed run cannot change: they shape the networks, the optimizer state, the
-# replay or the roles.
-FIXED_ON_RESUME = ("env.id", "env.frame_stack", "algo.name", "algo.n_step", "algo.gamma",
-                   "net.torso", "net.hidden", "net.dueling", "net.activation",
-                   "net.shared_torso", "actors.count", "replay.kind", "replay.capacity",
-                   "replay.shards", "replay.storage", "replay.scope", "runtime.backend",
-                   "algo.a3c_mode", "learner.optimizer")
-
-
-# Fields whose "auto" resolves per scheme: compared resolved, so "auto" and what it means
-# are the same value.
-RESOLVED: dict[str, Callable[[Config], Any]] = {"replay.kind": replay_kind_of}
-
-
-def check_resumable(saved: Config, cfg: Config) -> None:
-    for key in FIXED_ON_RESUME:
-        section, name = key.split(".")
-        old, new = getattr(getattr(saved, section), name), getattr(getattr(cfg, section), name)
-        if key in RESOLVED:
-            old, new = RESOLVED[key](saved), RESOLVED[key](cfg)
-        if old != new:
-            raise ConfigError(f"{key} = {new!r}: cannot change on resume "
-                              f"(the checkpoint has {old!r})")
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-# The counters every checkpoint holds, and what each must be (the runners check the rest).
-COUNTER_RULES: dict[str, Callable[[Any], bool]] = {
-    "env_steps": _count, "updates": _count, "actor_restarts": _count, "wall_s": _number,
-    "eval_s": _number, "best_eval": _number,
-    "recent_returns": lambda v: isinstance(v, list) and all(map(_number, v)),
-    "next": lambda v: isinstance(v, list) and len(v) == 3 and all(map(_count, v)),
-    "solved": lambda v: v is None or (isinstance(v, list) and len(v) == 2
-                                      and all(map(_number, v)))}
-
-
-def _check_counters(ckpt: Path, meta: dict[str, Any]) -> None:
-    for key, ok in COUNTER_RULES.items():
-        if key not in meta or not ok(meta[key]):
-            raise checkpoint.CheckpointError(f"{ckpt}: state.json has no valid {key!r} "
-                                             f"({meta.get(key, 'missing')!r})")
-
-
 def _checked(cfg: Config, env_fn: Callable[..., Any] | None) -> Config:
     """``cfg`` validated as it is now (a field set after load_config is checked too), with
     ``env_fn`` in it: env.id then names the function (module:name when it imports back)."""
@@ -447,24 +372,6 @@ def _checked(cfg: Config, env_fn: Callable[..., Any] | None) -> Config:
         validate(cfg)
     check_installed(cfg)
     return cfg
-
-
-def saved_config(ckpt: Path, meta: dict[str, Any],
-                 env_fn: Callable[..., Any] | None = None) -> Config:
-    """The config a checkpoint was written with (CheckpointError if it is unreadable;
-    ConfigError if its env came from a function ``env_fn`` must give again)."""
-    try:
-        text = meta["config"]
-        if not isinstance(text, str):
-            raise TypeError(f"config is {type(text).__name__}, not TOML text")
-        data = tomllib.loads(text)
-        env_id = data["env"].get("id", "") if isinstance(data.get("env"), dict) else ""
-        if env_fn is not None or not str(env_id).startswith(ENV_FN):
-            return from_dict(data, env_fn)
-    except (KeyError, TypeError, tomllib.TOMLDecodeError, ConfigError) as err:
-        raise checkpoint.CheckpointError(f"{ckpt}: state.json holds no valid config "
-                                         f"({type(err).__name__}: {err})") from None
-    raise env_fn_needed(env_id)  # a sound config, whose env only that function builds
 
 
 def resume(run_dir: str | Path, cfg: Config | None = None, *, callbacks: Iterable[Any] = (),

@@ -7,9 +7,14 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from qfleet.config import Config, ConfigError, QfleetWarning, to_toml
+
+if TYPE_CHECKING:
+    from qfleet.runtime import RoundReport
 
 
 class MetricsWriter:
@@ -69,6 +74,33 @@ def dashboard_scalars(event: str, record: dict[str, Any]) -> dict[str, float]:
             out |= {f"{event}/{base}/actor_{i}": v for i, v in enumerate(value)
                     if isinstance(v, (int, float)) and not isinstance(v, bool)}
     return out
+
+
+def summarize_window(win: list[RoundReport], dt: float, num_actors: int,
+                     batch_size: int) -> dict[str, Any]:
+    """Rates and means over the rounds since the last log line."""
+    steps, updates = sum(r.env_steps for r in win), sum(r.updates for r in win)
+    losses, applied = sum(r.loss_count for r in win), sum(r.grads_applied for r in win)
+    epsilons = [r.epsilon for r in win if r.epsilon is not None]
+    lengths = [n for r in win for n in r.episode_lengths]
+    stats: dict[str, Any] = {
+        "env_steps_per_s": steps / dt, "updates_per_s": updates / dt,
+        "episodes": sum(len(r.episode_returns) for r in win),
+        "length_mean": float(np.mean(lengths)) if lengths else None,
+        "replay_ratio": losses * batch_size / steps if steps else None,  # samples / insert
+        "epsilon": epsilons[-1] if epsilons else None,
+        "loss": sum(r.loss_sum for r in win) / losses if losses else None,
+        "q_mean": sum(r.q_sum for r in win) / losses if losses else None,
+        # learner version minus the version that chose a chunk's actions, per chunk
+        "param_lag": sum(r.param_lag_sum for r in win) / max(1, sum(r.chunks for r in win)),
+    }
+    if applied or any(r.grads_dropped for r in win):  # gradient schemes
+        stats["staleness"] = sum(r.staleness_sum for r in win) / applied if applied else None
+        stats["grads_dropped"] = sum(r.grads_dropped for r in win)
+    if num_actors > 1:
+        by_actor = [sum(r.steps_by_actor.get(i, 0) for r in win) for i in range(num_actors)]
+        stats["env_steps_per_s_by_actor"] = [n / dt for n in by_actor]
+    return stats
 
 
 def _ends_with_newline(path: Path) -> bool:

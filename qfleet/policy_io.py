@@ -117,7 +117,7 @@ def _device(name: str) -> str:
 
 
 def _load_net(ckpt: Path, env_fn: EnvFn | None = None) -> tuple[nn.Module, Config]:
-    from qfleet.experiment import saved_config
+    from qfleet.resumable import saved_config
 
     tensors, meta, _ = checkpoint.load(ckpt)
     cfg = saved_config(ckpt, meta, env_fn)

@@ -57,6 +57,7 @@ class Gradient:
     epsilon: float | None = None
     applied_at: int = -1  # Hogwild: the global version right after the worker applied it
     rows: int = 0  # transitions in the batch behind grads_P (0 = unknown: equal weights)
+    episode_lengths: list[int] = field(default_factory=list)
 
 
 class GradientWorker:
@@ -98,7 +99,7 @@ class GradientWorker:
     def work(self) -> Gradient:
         chunk = self.actor.collect(self.chunk_steps)
         out = Gradient(self.index, self.actor.version, chunk.env_steps, chunk.episode_returns,
-                       epsilon=chunk.epsilon)
+                       epsilon=chunk.epsilon, episode_lengths=chunk.episode_lengths)
         if self.replay is None:  # on-policy: the chunk is the batch
             batch = Batch(chunk.transitions, np.arange(len(chunk.transitions)), None)
         else:

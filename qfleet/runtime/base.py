@@ -39,6 +39,7 @@ class RoundReport:
     env_steps: int = 0
     updates: int = 0
     episode_returns: list[float] = field(default_factory=list)
+    episode_lengths: list[int] = field(default_factory=list)
     steps_by_actor: dict[int, int] = field(default_factory=dict)
     returns_by_actor: dict[int, list[float]] = field(default_factory=dict)
     loss_sum: float = 0.0
@@ -57,6 +58,7 @@ class RoundReport:
         self.env_steps += chunk.env_steps
         self.steps_by_actor[actor] = self.steps_by_actor.get(actor, 0) + chunk.env_steps
         self.episode_returns += chunk.episode_returns
+        self.episode_lengths += chunk.episode_lengths
         self.returns_by_actor.setdefault(actor, []).extend(chunk.episode_returns)
         self.param_lag_sum += learner_version - chunk.param_version
         self.chunks += 1

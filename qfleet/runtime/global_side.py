@@ -61,6 +61,7 @@ class GlobalSide:
         report.steps_by_actor[grad.worker] = report.steps_by_actor.get(grad.worker, 0) + \
             grad.env_steps
         report.episode_returns += grad.episode_returns
+        report.episode_lengths += grad.episode_lengths
         report.returns_by_actor.setdefault(grad.worker, []).extend(grad.episode_returns)
         if grad.worker == 0 and grad.epsilon is not None:
             report.epsilon = grad.epsilon

@@ -75,6 +75,7 @@ class GradMsg:
     epsilon: float | None
     applied_at: int
     rows: int
+    lengths: list[int]
 
 
 @dataclass(frozen=True)
@@ -182,7 +183,7 @@ def _send(sh: _Shared, worker: GradientWorker, grad: Gradient, link: Link,
         link.grads[slot].copy_(grad.grads_P)
     return GradMsg(worker.index, worker.actor.incarnation, slot, grad.base_version,
                    grad.env_steps, grad.episode_returns, grad.loss, grad.q_mean, grad.epsilon,
-                   grad.applied_at, grad.rows)
+                   grad.applied_at, grad.rows, grad.episode_lengths)
 
 
 def _take(free: Any, sh: _Shared, saver: _Saver) -> int | None:
@@ -291,7 +292,8 @@ class ProcessesGradientRunner(GlobalSide):
             return  # from an incarnation long gone
         grads_P = None if msg.slot < 0 else link.grads[msg.slot].clone()
         grad = Gradient(msg.worker, msg.base_version, msg.env_steps, msg.returns, grads_P,
-                        msg.loss, msg.q_mean, msg.epsilon, msg.applied_at, msg.rows)
+                        msg.loss, msg.q_mean, msg.epsilon, msg.applied_at, msg.rows,
+                        msg.lengths)
         worker = self.workers[msg.worker]
         if grads_P is not None and not worker.joined and worker.incarnation == msg.incarnation:
             if msg.base_version != self.aggregator.version:
