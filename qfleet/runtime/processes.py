@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import queue
 import signal
-import sys
 import time
 import traceback
 from collections.abc import Iterator
@@ -27,6 +26,7 @@ from typing import Any, cast
 import torch
 
 from qfleet.algos.program import ActorLearnerProgram
+from qfleet.config import resolve_start_method
 from qfleet.roles import ActorLoop, Chunk
 from qfleet.runtime.base import LearnerSide, RoundReport
 from qfleet.runtime.errors import WorkerError, count_restart
@@ -141,11 +141,7 @@ class _Worker:
 
 
 def context(start_method: str) -> Context:
-    """runtime.start_method: 'auto' forks on Linux and spawns elsewhere (macOS cannot fork
-    safely once system frameworks are loaded, as torch's docs warn)."""
-    if start_method == "auto":
-        start_method = "fork" if sys.platform.startswith("linux") else "spawn"
-    return cast(Context, get_context(start_method))
+    return cast(Context, get_context(resolve_start_method(start_method)))
 
 
 class ProcessesRunner(LearnerSide):
