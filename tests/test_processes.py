@@ -104,8 +104,14 @@ def _both_deliver(run_dir: Path) -> bool:
 def _children(pid: int) -> list[str]:
     """Worker processes of ``pid`` (not spawn's resource tracker, which is no worker)."""
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
-    return [c for c in out.stdout.split() if "resource_tracker" not in
-            Path(f"/proc/{c}/cmdline").read_text(errors="replace")]
+    return [c for c in out.stdout.split() if "resource_tracker" not in _cmdline(c)]
+
+
+def _cmdline(pid: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
+    except OSError:  # it ended meanwhile
+        return ""
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])

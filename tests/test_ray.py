@@ -125,6 +125,7 @@ def ray_cluster(workers: int = 2, head: dict[str, Any] | None = None,
     names every Ray process that was running, for a leak check."""
     old_path = os.environ.get("PYTHONPATH")  # nodes' workers import tests/ray_envs.py
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS_DIR), old_path]))
+    before = set(_descendants(os.getpid()))  # not Ray's: e.g. multiprocessing's tracker
     handle = RayCluster(Cluster(initialize_head=True, head_node_args={**HEAD, **(head or {})}))
     try:
         handle.workers = [handle.cluster.add_node(**{**WORKER, **(worker or {})})
@@ -133,7 +134,8 @@ def ray_cluster(workers: int = 2, head: dict[str, Any] | None = None,
         ray.init(address=handle.cluster.address)
         yield handle
     finally:
-        handle.procs = _descendants(os.getpid())
+        handle.procs = {pid: cmd for pid, cmd in _descendants(os.getpid()).items()
+                        if pid not in before and "multiprocessing.resource_tracker" not in cmd}
         ray.shutdown()
         handle.cluster.shutdown()
         if old_path is None:
