@@ -88,6 +88,24 @@ def test_killed_actor_is_restarted_and_delivered_data_stays() -> None:
                   and r.env_steps > steps + 100)
 
 
+def test_restore_restarts_actors_as_new_incarnations_and_voids_their_old_chunks() -> None:
+    """A resumed run must not replay the first run's seeds: every actor comes back as the
+    next incarnation of the one saved, and chunks of the old ones are never read."""
+    with processes_runner() as runner:
+        run_until(runner, lambda r, _: len(r.replay) >= 100)
+        tensors, meta, replay = runner.state(with_replay=True)
+        assert meta["actors"] == [{"incarnation": 0}, {"incarnation": 0}]
+        meta["actors"] = [{"incarnation": 3}, {"incarnation": 5}]
+        old = [w.process for w in runner.workers]
+        runner.restore(tensors, meta, replay)
+        assert [w.incarnation for w in runner.workers] == [4, 6]
+        assert not any(p.is_alive() for p in old)
+        assert set(runner.slots) == {(0, 4), (1, 6)}
+        steps = runner.env_steps
+        reports = run_until(runner, lambda r, _: r.env_steps > steps + 100)
+        assert {a for r in reports for a in r.steps_by_actor} <= {0, 1}
+
+
 def test_worker_exception_reports_its_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
     with processes_runner("env.id='faulty_envs:ExplodingEnv'") as runner, \
             pytest.raises(WorkerError, match="boom from inside the env"):

@@ -253,6 +253,20 @@ def test_ray_actors_train_on_versions_that_trail_the_learner(cluster: RayCluster
     assert {a for r in reports for a in r.steps_by_actor} == {0, 1}
 
 
+def test_restore_gives_each_actor_the_next_incarnation(cluster: RayCluster) -> None:
+    with ray_runner() as runner:
+        run_until(runner, lambda r, _: len(r.replay) >= 100, 45.0)
+        tensors, meta, replay = runner.state(with_replay=True)
+        assert [a["incarnation"] for a in meta["actors"]] == [0, 0]
+        meta["actors"] = [{"incarnation": 2}, {"incarnation": 7}]
+        runner.restore(tensors, meta, replay)
+        assert [s.incarnation for s in runner.slots] == [3, 8]
+        steps = runner.env_steps
+        run_until(runner, lambda r, _: r.env_steps > steps + 100, 45.0)
+        assert runner.state(with_replay=False)[1]["actors"] == [{"incarnation": 3},
+                                                                {"incarnation": 8}]
+
+
 def test_actor_exception_stops_the_run_with_the_remote_traceback(cluster: RayCluster) -> None:
     with ray_runner("env.id='ray_envs:ExplodingInRayActor'") as runner, \
             pytest.raises(WorkerError, match="boom from inside the env") as err:

@@ -229,7 +229,8 @@ class LearnerSide:
         tensors["torch_rng"] = torch.get_rng_state()
         meta = {"env_steps": self.env_steps, "updates": learner.version,
                 "forgiven": self.forgiven, "refill_until": self.refill_until,
-                "optimizer": opt_meta, "replay_rng": self.replay.rng.bit_generator.state}
+                "optimizer": opt_meta, "replay_rng": self.replay.rng.bit_generator.state,
+                "actors": self._actor_states()}
         return tensors, meta, self.replay.state_dict() if with_replay else {}
 
     def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
@@ -248,4 +249,23 @@ class LearnerSide:
             self.replay.load_state_dict(replay)
         else:  # not saved (checkpoint.replay = false): collect afresh before training again
             self.refill_until = self.env_steps + self.program.schedule.learning_starts
+        self._publish()
+        self._restart_actors(meta.get("actors", []))
+
+    def _actor_states(self) -> list[dict[str, Any]]:
+        """What a checkpoint keeps of each actor: its incarnation. A resumed run restarts
+        every actor as the next one, so it does not replay the first run's seeds, and
+        chunks collected before the restore are void."""
+        return [{"incarnation": k} for k in self._incarnations()]
+
+    def _restart_actors(self, saved: list[dict[str, Any]]) -> None:
+        for i, state in enumerate(saved[: len(self._incarnations())]):
+            self._reincarnate(i, state["incarnation"] + 1)
+
+    def _incarnations(self) -> list[int]:
+        raise NotImplementedError
+
+    def _reincarnate(self, i: int, incarnation: int) -> None:
+        """Replace actor ``i`` by a fresh one numbered ``incarnation``."""
+        raise NotImplementedError
 

@@ -100,7 +100,8 @@ class GlobalSide:
         opt_tensors, opt_meta = flatten_optimizer(agg.opt.state_dict())
         tensors |= opt_tensors
         tensors["torch_rng"] = torch.get_rng_state()
-        meta = {"env_steps": self.env_steps, "updates": agg.version, "optimizer": opt_meta}
+        meta = {"env_steps": self.env_steps, "updates": agg.version, "optimizer": opt_meta,
+                "workers": self._worker_states()}
         replay: dict[str, np.ndarray] = {}
         if self.shared_replay is not None:
             meta["replay_rng"] = self.shared_replay.rng.bit_generator.state
@@ -110,6 +111,14 @@ class GlobalSide:
             for i, arrays in self.local_replays().items():
                 replay |= {f"worker{i}.{k}": v for k, v in arrays.items()}
         return tensors, meta, replay
+
+    def _worker_states(self) -> list[dict[str, Any]]:
+        """What a checkpoint keeps of each worker: its incarnation (a resumed run restarts
+        each as the next one, with fresh seeds)."""
+        return [{"incarnation": k} for k in self._incarnations()]
+
+    def _incarnations(self) -> list[int]:
+        raise NotImplementedError
 
     def local_replays(self) -> dict[int, dict[str, np.ndarray]]:
         """Each live worker's own replay arrays (GradientWorker.replay_state), by index."""

@@ -38,13 +38,13 @@ from qfleet.algos.program import GradientProgram
 from qfleet.roles import Fetch, gradient_step
 from qfleet.roles.gradients import Aggregator, Gradient, GradientWorker
 from qfleet.runtime.base import RoundReport
-from qfleet.runtime.errors import WorkerError, count_restart
+from qfleet.runtime.errors import WorkerError
 from qfleet.runtime.global_side import GlobalSide
 from qfleet.runtime.processes import (
     ErrorMsg,
     arrived,
     context,
-    death_cause,
+    dead_workers,
     leave_signals_to_main,
     stop_processes,
 )
@@ -321,13 +321,9 @@ class ProcessesGradientRunner(GlobalSide):
             link.free.put(slot)
 
     def _check_health(self, report: RoundReport) -> None:
-        for i, worker in enumerate(self.workers):
-            if worker.process.is_alive():
-                continue
-            self._drain(report, wait=False)  # an ErrorMsg explaining the death comes first
-            count_restart(self.restarts, i, "worker", death_cause(worker.process), report)
+        for i in dead_workers(self.workers, self._drain, self.restarts, "worker", report):
             self.in_gate.pop(i, None)
-            self.workers[i] = self._spawn(i, worker.incarnation + 1,
+            self.workers[i] = self._spawn(i, self.workers[i].incarnation + 1,
                                           joined=self.program.wait_for_restart)
             version = self.aggregator.version
             self.flush(i, self.live, report)  # its group may go on without it
@@ -343,8 +339,10 @@ class ProcessesGradientRunner(GlobalSide):
             with self.sh.pause.paused(lambda i: self.workers[i].process.is_alive()):
                 tensors, meta, replay = super().state(with_replay)
                 tensors = {k: v.clone() for k, v in tensors.items()}
-        meta["workers"] = [{"incarnation": w.incarnation} for w in self.workers]
         return tensors, meta, replay
+
+    def _incarnations(self) -> list[int]:
+        return [w.incarnation for w in self.workers]
 
     def local_replays(self) -> dict[int, dict[str, np.ndarray]]:
         """Ask every worker to write its own replay, wait for the answers (serving nothing

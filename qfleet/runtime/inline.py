@@ -48,22 +48,17 @@ class InlineRunner(LearnerSide):
 
     # ------------------------------------------------------------ checkpoint state
 
-    def state(self, with_replay: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any],
-                                                dict[str, np.ndarray]]:
-        tensors, meta, replay = super().state(with_replay)
-        meta["actors"] = [{"env_steps": a.env_steps, "resets": a.resets,
-                           "rng": a.rng.bit_generator.state} for a in self.actors]
-        return tensors, meta, replay
+    def _actor_states(self) -> list[dict[str, Any]]:
+        """Inline actors continue exactly: the same seeds' streams, not new incarnations."""
+        return [{"env_steps": a.env_steps, "resets": a.resets, "rng": a.rng.bit_generator.state}
+                for a in self.actors]
 
-    def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
-                replay: dict[str, np.ndarray]) -> None:
-        super().restore(tensors, meta, replay)
-        for actor, state in zip(self.actors, meta["actors"], strict=True):
+    def _restart_actors(self, saved: list[dict[str, Any]]) -> None:
+        for loop, state in zip(self.loops, saved, strict=True):
+            actor = loop.actor
             actor.env_steps, actor.resets = state["env_steps"], state["resets"]
             actor.rng.bit_generator.state = state["rng"]
             actor.reset_envs()  # env internals cannot be saved: start fresh episodes
-        self._publish()
-        for loop in self.loops:
             loop.pull_next()
 
     def close(self) -> None:
@@ -100,12 +95,9 @@ class InlineGradientRunner(GlobalSide):
             self._publish()
         return report
 
-    def state(self, with_replay: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any],
-                                                dict[str, np.ndarray]]:
-        tensors, meta, replay = super().state(with_replay)
-        meta["workers"] = [{"env_steps": w.actor.env_steps, "incarnation": w.actor.incarnation}
-                           for w in self.workers]
-        return tensors, meta, replay
+    def _worker_states(self) -> list[dict[str, Any]]:
+        return [{"env_steps": w.actor.env_steps, "incarnation": w.actor.incarnation}
+                for w in self.workers]
 
     def local_replays(self) -> dict[int, dict[str, np.ndarray]]:
         return {i: w.replay_state() for i, w in enumerate(self.workers)}

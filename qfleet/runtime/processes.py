@@ -16,12 +16,12 @@ import queue
 import signal
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing import get_context
 from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import torch
 
@@ -120,6 +120,21 @@ def arrived(out_q: Any, wait: bool, role: str, until: float = float("inf")) -> I
         yield msg
 
 
+class _HasProcess(Protocol):
+    process: BaseProcess
+
+
+def dead_workers(workers: Sequence[_HasProcess], drain: Callable[[RoundReport, bool], None],
+                 restarts: list[int], role: str, report: RoundReport) -> Iterator[int]:
+    """The index of each worker process that died, counted as a restart. The queue is
+    drained first: a worker's own error (an ErrorMsg) explains its death and raises."""
+    for i, worker in enumerate(workers):
+        if not worker.process.is_alive():
+            drain(report, False)
+            count_restart(restarts, i, role, death_cause(worker.process), report)
+            yield i
+
+
 def stop_processes(processes: list[BaseProcess], stop: Event) -> None:
     """Ask workers to stop, give them SHUTDOWN_S together, then kill what is left."""
     stop.set()
@@ -187,35 +202,19 @@ class ProcessesRunner(LearnerSide):
 
     def _tend(self, report: RoundReport) -> None:
         """Restart every actor process that died (a worker's own error raises first)."""
-        for i, worker in enumerate(self.workers):
-            if worker.process.is_alive():
-                continue
-            self._drain(report, wait=False)  # an ErrorMsg explaining the death comes first
-            count_restart(self.restarts, i, "actor", death_cause(worker.process), report)
-            self.workers[i] = self._spawn(worker.index, worker.incarnation + 1)
+        for i in dead_workers(self.workers, self._drain, self.restarts, "actor", report):
+            self.workers[i] = self._spawn(i, self.workers[i].incarnation + 1)
 
-    def state(self, with_replay: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any],
-                                                dict[str, Any]]:
-        tensors, meta, replay = super().state(with_replay)
-        meta["actors"] = [{"incarnation": w.incarnation} for w in self.workers]
-        return tensors, meta, replay
+    def _incarnations(self) -> list[int]:
+        return [w.incarnation for w in self.workers]
 
-    def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
-                replay: dict[str, Any]) -> None:
-        super().restore(tensors, meta, replay)
-        self._publish()
-        # Running actors pull the restored parameters; restart them with fresh incarnations
-        # so a resumed run does not replay the seeds of the first one.
-        for i, state in enumerate(meta.get("actors", [])[: len(self.workers)]):
-            self._replace(i, state["incarnation"] + 1)
-        for key in [k for k in self.slots if k[1] != self.workers[k[0]].incarnation]:
-            self.slots.pop(key).close()  # chunks collected before the restore are void
-
-    def _replace(self, i: int, incarnation: int) -> None:
+    def _reincarnate(self, i: int, incarnation: int) -> None:
         worker = self.workers[i]
         worker.process.kill()
         worker.process.join(timeout=SHUTDOWN_S)
         self.workers[i] = self._spawn(worker.index, incarnation)
+        for key in [k for k in self.slots if k[0] == i and k[1] != incarnation]:
+            self.slots.pop(key).close()  # chunks collected before the restore are void
 
     def close(self) -> None:
         stop_processes([w.process for w in self.workers], self.stop)

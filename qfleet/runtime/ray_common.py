@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
-from ray.exceptions import ActorDiedError, RayActorError, RayError
+from ray.exceptions import ActorDiedError, ObjectLostError, RayActorError, RayError, RayTaskError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import (
     NodeAffinitySchedulingStrategy,
@@ -19,6 +19,7 @@ from ray.util.scheduling_strategies import (
 )
 
 from qfleet.config import ConfigError
+from qfleet.runtime.errors import WorkerError
 
 POLL_S = 0.05  # how long the driver waits for results when there is nothing else to do
 PLACEMENT_TIMEOUT_S = 120.0
@@ -97,6 +98,22 @@ class Slot:
         self.recovering, self.probe, self.probe_at = True, None, 0.0
         if isinstance(err, ActorDiedError):
             self.replace(new_host)
+
+    def result(self, ref: ray.ObjectRef, tag: int, role: str,
+               on_lost: Callable[[Exception], None]) -> Any:
+        """A call's result, or None when the actor was lost (``on_lost`` runs once per
+        incarnation: ``tag`` is the incarnation that made the call). The actor's own code
+        raising is a bug: it stops the run with the actor's traceback."""
+        try:
+            result = ray.get(ref)
+        except RayTaskError as err:
+            raise WorkerError(f"{role} {self.index} (incarnation {tag}) failed:\n{err}") \
+                from None
+        except (RayActorError, ObjectLostError) as err:
+            if tag == self.incarnation:  # else the loss this call reports is counted
+                on_lost(err)
+            return None
+        return result
 
     def start_probe(self, call: Callable[[Any], ray.ObjectRef]) -> None:
         if self.recovering and self.probe is None and time.monotonic() >= self.probe_at:

@@ -41,26 +41,15 @@ from ray.exceptions import (
     GetTimeoutError,
     ObjectLostError,
     RayActorError,
-    RayTaskError,
 )
 from ray.util.placement_group import PlacementGroup
 
 from qfleet.algos.program import GradientProgram
 from qfleet.roles.gradients import Gradient
+from qfleet.runtime import ray_common as rc
 from qfleet.runtime.base import RayOptions, RoundReport
-from qfleet.runtime.errors import WorkerError
+from qfleet.runtime.errors import count_restart
 from qfleet.runtime.global_side import GlobalSide
-from qfleet.runtime.processes import count_restart
-from qfleet.runtime.ray_common import (
-    POLL_S,
-    Slot,
-    connect,
-    first_line,
-    in_bundle,
-    place_bundles,
-    teardown,
-    this_node,
-)
 from qfleet.runtime.ray_grad_hosts import COUNTERS, GradHost, HostSpec, ReplayHost, Sent
 
 COLLECTIVE_TIMEOUT_S = 30.0  # a collective or rendezvous waiting longer has lost a member
@@ -73,7 +62,7 @@ RemoteReplayHost = ray.remote(ReplayHost)
 
 
 @dataclass
-class _Slot(Slot):
+class _Slot(rc.Slot):
     calls: dict[ray.ObjectRef, int] = field(default_factory=dict)  # async: ref -> incarnation
     joined: bool = True  # in the gate's live set (a replacement joins with its first gradient)
 
@@ -96,7 +85,7 @@ class RayGradientRunner(GlobalSide):
         # The shared replay lives in a ReplayHost actor, not in this process.
         super().__init__(dataclasses.replace(program, make_shared_replay=None))
         self.program = program
-        self.started_ray, dashboard = connect(opts.address, program.num_workers)
+        self.started_ray, dashboard = rc.connect(opts.address, program.num_workers)
         self.notes = [f"ray: dashboard at http://{dashboard}"] if dashboard else []
         if program.hogwild:
             self.notes.append(HOGWILD_NOTE)
@@ -116,7 +105,7 @@ class RayGradientRunner(GlobalSide):
                                  program.sync_every, collective_timeout_s,
                                  "" if self.replay_host is None else self.replay_name,
                                  prioritized)
-            self.pg = place_bundles(program.num_workers, "gradient workers", opts.group_name)
+            self.pg = rc.place_bundles(program.num_workers, "gradient workers", opts.group_name)
             self._publish()
             self.slots = [_Slot(i, 0, self._new_host(i)) for i in range(program.num_workers)]
         except BaseException:
@@ -130,11 +119,11 @@ class RayGradientRunner(GlobalSide):
         if self.program.make_shared_replay is None:
             return None
         return RemoteReplayHost.options(num_cpus=0, name=self.replay_name,
-                                        scheduling_strategy=this_node()) \
+                                        scheduling_strategy=rc.this_node()) \
             .remote(self.program.make_shared_replay)
 
     def _new_host(self, index: int) -> Any:
-        return in_bundle(RemoteGradHost, self.pg, index, self.spec, index)
+        return rc.in_bundle(RemoteGradHost, self.pg, index, self.spec, index)
 
     def worker_info(self) -> list[dict[str, Any]]:
         """Each worker's node and process-group membership (asks the workers)."""
@@ -164,12 +153,12 @@ class RayGradientRunner(GlobalSide):
     def _async_drain(self, report: RoundReport) -> None:
         owner = {ref: slot for slot in self.slots for ref in slot.calls}
         if owner:
-            ray.wait(list(owner), num_returns=1, timeout=POLL_S)
+            ray.wait(list(owner), num_returns=1, timeout=rc.POLL_S)
             ready, _ = ray.wait(list(owner), num_returns=len(owner), timeout=0)
         else:  # every worker is between probes (or not started yet): do not spin
             ready = []
             if any(s.recovering for s in self.slots):
-                time.sleep(POLL_S)
+                time.sleep(rc.POLL_S)
         for ref in ready:
             slot = owner[ref]
             sent = self._get(slot, ref, slot.calls.pop(ref), report)
@@ -205,10 +194,10 @@ class RayGradientRunner(GlobalSide):
         if not self.round:
             self._start_round(report)
         if not self.round:
-            time.sleep(POLL_S)  # waiting for a replacement: do not spin
+            time.sleep(rc.POLL_S)  # waiting for a replacement: do not spin
             return
         waiting = [ref for ref, call in self.round.items() if not call.done]
-        ready, _ = ray.wait(waiting, num_returns=len(waiting), timeout=POLL_S)
+        ready, _ = ray.wait(waiting, num_returns=len(waiting), timeout=rc.POLL_S)
         for ref in ready:
             call = self.round[ref]
             call.result = self._get(call.slot, ref, call.incarnation, report)
@@ -298,22 +287,15 @@ class RayGradientRunner(GlobalSide):
     def _get(self, slot: _Slot, ref: ray.ObjectRef, tag: int,
              report: RoundReport) -> Sent | str | None:
         """A call's result; None if the actor was lost (counted once per incarnation)."""
-        try:
-            result: Sent | str = ray.get(ref)
-        except RayTaskError as err:  # the worker's own code raised: a bug, stop the run
-            raise WorkerError(f"worker {slot.index} (incarnation {tag}) failed:\n{err}") \
-                from None
-        except (RayActorError, ObjectLostError) as err:
-            if tag == slot.incarnation:  # else the loss this call reports is counted
-                self._lost(slot, err, report)
-            return None
-        return result if tag == slot.incarnation else None
+        result: Sent | str | None = slot.result(
+            ref, tag, "worker", lambda err: self._lost(slot, err, report))
+        return result if tag == slot.incarnation else None  # an old incarnation's is void
 
     def _lost(self, slot: _Slot, err: Exception, report: RoundReport) -> None:
         """The worker's process or node is gone: count it, wait for Ray's restart (or
         replace the actor if Ray will not restart it); its group may go on without it."""
         count_restart(self.restarts, slot.index, "worker",
-                      f"{type(err).__name__}: {first_line(err)}", report)
+                      f"{type(err).__name__}: {rc.first_line(err)}", report)
         slot.lose(err, self._new_host)
         slot.joined = self.program.wait_for_restart
         if slot.index in self.group:
@@ -345,10 +327,12 @@ class RayGradientRunner(GlobalSide):
     def state(self, with_replay: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any],
                                                 dict[str, np.ndarray]]:
         tensors, meta, replay = super().state(with_replay)
-        meta["workers"] = [{"incarnation": s.incarnation} for s in self.slots]
         if self.replay_host is not None:
             meta["replay_rng"], replay = ray.get(self.replay_host.state.remote(with_replay))
         return tensors, meta, replay
+
+    def _incarnations(self) -> list[int]:
+        return [s.incarnation for s in self.slots]
 
     def local_replays(self) -> dict[int, dict[str, np.ndarray]]:
         """Each live worker's own replay, asked after the calls it has in flight."""
@@ -383,6 +367,6 @@ class RayGradientRunner(GlobalSide):
         slots: list[_Slot] = self.__dict__.pop("slots", [])
         host = self.__dict__.pop("replay_host", None)
         pg: PlacementGroup | None = self.__dict__.pop("pg", None)
-        teardown([s.handle for s in slots] + ([] if host is None else [host]), pg,
+        rc.teardown([s.handle for s in slots] + ([] if host is None else [host]), pg,
                  self.started_ray)
         self.started_ray = False

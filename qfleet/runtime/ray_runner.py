@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import ray
 import torch
-from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
+from ray.exceptions import ObjectLostError, RayActorError
 from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -38,7 +38,7 @@ from qfleet.config import ConfigError
 from qfleet.replay import Transitions
 from qfleet.roles import Actor, ActorLoop, Chunk, ParamSnapshot
 from qfleet.runtime.base import LearnerSide, RayOptions, RoundReport
-from qfleet.runtime.errors import WorkerError, count_restart
+from qfleet.runtime.errors import count_restart
 from qfleet.runtime.ray_common import LOCAL_SYSTEM_CONFIG as LOCAL_SYSTEM_CONFIG
 from qfleet.runtime.ray_common import (
     POLL_S,
@@ -239,14 +239,9 @@ class RayRunner(LearnerSide):
             self._fill(slot)
 
     def _take(self, slot: _Slot, ref: ray.ObjectRef, tag: int, report: RoundReport) -> None:
-        try:
-            delivery: Delivery = ray.get(ref)
-        except RayTaskError as err:  # the actor's own code raised: a bug, stop the run
-            raise WorkerError(f"actor {slot.index} (incarnation {tag}) failed:\n{err}") \
-                from None
-        except (RayActorError, ObjectLostError) as err:
-            if tag == slot.incarnation:  # else the loss this call reports is counted
-                self._lost(slot, err, report)
+        delivery: Delivery | None = slot.result(
+            ref, tag, "actor", lambda err: self._lost(slot, err, report))
+        if delivery is None:
             return
         if isinstance(self.replay, RemoteReplay):  # the rows are in the actor's shard
             if delivery.shard_lost:
@@ -274,23 +269,15 @@ class RayRunner(LearnerSide):
 
     # ------------------------------------------------------------ checkpoint state
 
-    def state(self, with_replay: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any],
-                                                dict[str, Any]]:
-        tensors, meta, replay = super().state(with_replay)
-        meta["actors"] = [{"incarnation": s.incarnation} for s in self.slots]
-        return tensors, meta, replay
+    def _incarnations(self) -> list[int]:
+        return [s.incarnation for s in self.slots]
 
-    def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
-                replay: dict[str, Any]) -> None:
-        super().restore(tensors, meta, replay)
-        self._publish()
-        # Fresh incarnations, so a resumed run does not replay the seeds of the first one;
-        # chunks already in flight belong to the old run and are dropped.
-        for slot, saved in zip(self.slots, meta.get("actors", []), strict=False):
-            slot.incarnation = saved["incarnation"] + 1
-            slot.calls.clear()
-            if not slot.recovering:
-                self._fill(slot)
+    def _reincarnate(self, i: int, incarnation: int) -> None:
+        slot = self.slots[i]  # its calls in flight belong to the old run: dropped
+        slot.incarnation = incarnation
+        slot.calls.clear()
+        if not slot.recovering:
+            self._fill(slot)
 
     def close(self) -> None:
         slots: list[_Slot] = self.__dict__.pop("slots", [])
