@@ -40,7 +40,8 @@ mutants: $(STAMP)  ## mutation score per core module, and every surviving mutant
 	$(BIN)/python -m pip install -q -e ".[mutants]" "$(TORCH_PIN)"
 	rm -rf mutants
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/mutmut run --max-children $(MUTANT_CHILDREN)
-	$(BIN)/python tools/mutation_scores.py --list
+	$(BIN)/python tools/mutation_scores.py
+	$(BIN)/python tools/mutation_survivors.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache mutants
