@@ -92,10 +92,7 @@ def test_actor_loop_pulls_once_sync_every_env_steps_passed_and_after_pull_next()
 
 
 def test_gradient_step_asks_for_parameters_newer_than_the_workers() -> None:
-    cfg = qfleet.load_config("cartpole-gorila-sync", ["env.num_envs=1", "net.hidden=[8]",
-                                                      "runtime.backend='inline'",
-                                                      "log.progress=false"])
-    worker = gradient_program(cfg).make_worker(0, 0, None)
+    worker = _gorila_worker()
     asked: list[int] = []
 
     def fetch(version: int) -> None:
