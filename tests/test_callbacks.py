@@ -82,10 +82,10 @@ def test_hooks_see_the_metrics_stream_and_checkpoints_in_the_main_process(
 def test_on_eval_true_stops_the_run_cleanly(preset: str, sets: list[str],
                                             tmp_path: Path) -> None:
     rec = Recorder(stop_at_eval=1)
-    result = qfleet.train(load_config(preset, [*SMALL, *sets]), tmp_path / "run",
-                          callbacks=[rec])
+    cfg = load_config(preset, [*SMALL, *sets, "train.total_env_steps=20000"])
+    result = qfleet.train(cfg, tmp_path / "run", callbacks=[rec])
     first_eval = next(p for hook, p in rec.calls if hook == "eval")
-    assert result.env_steps == first_eval["env_steps"] < 1500
+    assert result.env_steps == first_eval["env_steps"] < 20000
     saved = json.loads((tmp_path / "run" / "result.json").read_text())
     assert saved["env_steps"] == result.env_steps
     assert checkpoint.load_meta(checkpoint.find(tmp_path / "run"))["env_steps"] == \
@@ -161,12 +161,16 @@ def test_hooks_run_in_the_driver_on_ray(tmp_path: Path) -> None:
     import ray
 
     rec = Recorder(stop_at_eval=2)
-    cfg = load_config("cartpole-apex", [*SMALL, "runtime.backend=ray", "actors.count=2"])
+    # Ray's env-step count moves in whole chunks from two actors, so the second eval can land
+    # well past 2 x eval_every: a total far beyond it makes "stopped by the hook" the only way
+    # the run can end there.
+    cfg = load_config("cartpole-apex", [*SMALL, "runtime.backend=ray", "actors.count=2",
+                                        "train.total_env_steps=20000"])
     try:
         result = qfleet.train(cfg, tmp_path / "run", callbacks=[rec])
     finally:
         ray.shutdown()
     assert rec.where == {(os.getpid(), threading.main_thread().name)}
     evals = [p for hook, p in rec.calls if hook == "eval"]
-    assert len(evals) == 2 and result.env_steps == evals[-1]["env_steps"] < 1500
+    assert len(evals) == 2 and result.env_steps == evals[-1]["env_steps"] < 20000
     assert [p for hook, p in rec.calls if hook == "metrics"] == lines(tmp_path / "run")
