@@ -1,6 +1,6 @@
-"""Gradient schemes (issue 6) on the processes backend, with real worker processes:
-agreement with inline, async staleness, groups, Hogwild A3C, shared and sharded replay,
-the A3C queue variant, faults and Ctrl-C. Every runner is closed, also on failure, and no
+"""Gradient schemes (issue 6) on the processes backend, with real worker processes: async
+staleness, groups, Hogwild A3C, shared and sharded replay, the A3C queue variant, faults and
+Ctrl-C (agreement with inline is in test_agreement). Every runner is closed, also on failure, and no
 worker process may outlive it; every wait is bounded by a deadline."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from _runners import closing, gradient_program, one_torch_thread, run_until, workers_gone
+from _runners import closing, gradient_program, run_until, workers_gone
 
 import qfleet
 from qfleet import checkpoint
@@ -31,7 +31,6 @@ from qfleet.metrics import read_metrics
 from qfleet.replay import PrioritizedReplay, ShardedReplay
 from qfleet.roles.ac_learner import ACLearner
 from qfleet.runtime import (
-    InlineGradientRunner,
     ProcessesGradientRunner,
     ProcessesRunner,
     RoundReport,
@@ -61,75 +60,6 @@ def _flat(module: torch.nn.Module) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- sync: processes == inline
-
-
-def test_processes_sync_gorila_equals_inline_sync_exactly() -> None:
-    """Sync workers' data does not depend on timing (each waits for the step that used its
-    gradient, then pulls it), so after the same number of global updates the processes
-    run and the inline run hold the very same global model, bit for bit, and every
-    worker has seen the same episodes. The processes runner may take several updates per
-    ``step()``: the inline run (exactly one update per round once learning starts) is
-    stepped to the version the processes run reached."""
-    cfg = _cfg("cartpole-gorila-sync", "learner.target_update_every=8")
-    with one_torch_thread():  # as the worker processes compute; so does the inline reference
-        with grad_runner(cfg) as proc:
-            reports = run_until(proc, lambda r, _: r.updates >= 40, 40.0)
-            version = proc.updates
-            proc_model = proc.aggregator.model.state_dict()
-            proc_model = {k: v.clone() for k, v in proc_model.items()}
-            proc_returns = {w: [x for r in reports for x in r.returns_by_actor.get(w, [])]
-                            for w in (0, 1)}
-        assert sum(r.updates for r in reports) == version
-        assert sum(r.grads_applied for r in reports) == 2 * version  # two per sync step
-        assert sum(r.staleness_sum for r in reports) == 0
-        assert sum(r.grads_dropped for r in reports) == 0
-
-        program = gradient_program(qfleet.load_config("cartpole-gorila-sync", [
-            *SMALL, "learner.target_update_every=8", "runtime.backend='inline'"]))
-        with closing(InlineGradientRunner(program)) as inline:
-            inline_returns: dict[int, list[float]] = {0: [], 1: []}
-            while inline.updates < version:
-                report = inline.step()
-                assert report.updates <= 1
-                for w in (0, 1):
-                    inline_returns[w] += report.returns_by_actor.get(w, [])
-            assert inline.updates == version
-            inline_model = inline.aggregator.model.state_dict()
-            assert proc_model.keys() == inline_model.keys()
-            for key in proc_model:
-                assert torch.equal(proc_model[key], inline_model[key]), key
-    for w in (0, 1):  # the same episodes, in the same order (one side may be a bit ahead)
-        n = min(len(proc_returns[w]), len(inline_returns[w]))
-        assert n > 0 and proc_returns[w][:n] == inline_returns[w][:n]
-
-
-def test_processes_a2c_equals_inline_a2c_exactly() -> None:
-    """A2C is sync and on-policy: each worker's rollout depends on its seeds and the
-    global model it pulled after the previous step, never on timing, so after the same
-    number of global steps the processes run and the inline run hold the very same model
-    and RMSprop state, bit for bit (rollouts of different lengths weighted by their rows
-    on both sides)."""
-    cfg = _cfg("cartpole-a2c")
-    with grad_runner(cfg) as proc:
-        reports = run_until(proc, lambda r, _: r.updates >= 25, 40.0)
-        version = proc.updates
-        proc_model = {k: v.clone() for k, v in proc.aggregator.model.state_dict().items()}
-        proc_opt = copy.deepcopy(proc.aggregator.opt.state_dict()["state"])
-    assert sum(r.grads_applied for r in reports) == 2 * version
-    program = gradient_program(_cfg("cartpole-a2c", "runtime.backend='inline'"))
-    with closing(InlineGradientRunner(program)) as inline:
-        while inline.updates < version:
-            assert inline.step().updates == 1
-        inline_model = inline.aggregator.model.state_dict()
-        inline_opt = inline.aggregator.opt.state_dict()["state"]
-        assert proc_model.keys() == inline_model.keys()
-        for key in proc_model:
-            assert torch.equal(proc_model[key], inline_model[key]), key
-        assert proc_opt.keys() == inline_opt.keys()
-        for pid, values in proc_opt.items():
-            for name, value in values.items():
-                assert torch.equal(torch.as_tensor(value),
-                                   torch.as_tensor(inline_opt[pid][name])), (pid, name)
 
 
 # ---------------------------------------------------------------- async and grouped

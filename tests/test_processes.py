@@ -1,4 +1,5 @@
-"""The processes backend with real worker processes: agreement with inline, faults, shutdown."""
+"""The processes backend with real worker processes: faults, restores, signals, shutdown
+(agreement with inline is in test_agreement)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,7 @@ from pathlib import Path
 
 import pytest
 from _runners import (
-    APEX_NO_LEARNING,
-    assert_apex_replay,
-    assert_same_apex_rows,
     closing,
-    inline_apex_shards,
     run_until,
     workers_gone,
 )
@@ -25,7 +22,7 @@ from _runners import (
 import qfleet
 from qfleet import checkpoint
 from qfleet.algos import build_program
-from qfleet.runtime import InlineRunner, ProcessesRunner, WorkerError
+from qfleet.runtime import ProcessesRunner, WorkerError
 
 SMALL = ["actors.count=2", "env.num_envs=2", "actors.chunk_size=8", "learner.learning_starts=64",
          "learner.train_every=32", "learner.updates_per_round=4", "learner.batch_size=16",
@@ -39,35 +36,6 @@ def _cfg(*extra: str) -> qfleet.Config:
 
 def processes_runner(*extra: str) -> AbstractContextManager[ProcessesRunner]:
     return closing(ProcessesRunner(build_program(_cfg(*extra))), workers_gone)
-
-
-def test_processes_actors_write_the_same_rows_and_initial_priorities_as_inline() -> None:
-    """Learning off, so each actor acts with the initial parameters: actor i of the
-    processes run writes exactly the rows, in the same order and with the same initial
-    priorities (its |n-step TD| with its own network), as actor i of the inline run."""
-    reference = inline_apex_shards(_cfg("runtime.backend='inline'", *APEX_NO_LEARNING), 6)
-    with processes_runner(*APEX_NO_LEARNING) as proc:
-        shards = proc.replay.shards  # type: ignore[attr-defined]
-        run_until(proc, lambda *_: all(len(shards[k]) >= len(s) for k, s in reference.items()),
-                  90.0)
-        assert proc.learner.version == 0
-        assert_same_apex_rows(reference, shards)
-
-
-def test_processes_actors_train_on_versions_that_trail_the_learner() -> None:
-    with closing(InlineRunner(build_program(_cfg("runtime.backend='inline'")))) as inline:
-        for _ in range(12):
-            inline.step()
-    with processes_runner() as proc:
-        reports = run_until(proc, lambda r, _: r.learner.version >= 40 and len(r.replay) > 300)
-    for runner in (inline, proc):
-        assert_apex_replay(runner)
-    # Parameters flow: chunks come from versions that trail the learner, never lead it, and
-    # actors do pick up new versions (a lag that only grew would mean they never loaded).
-    lags = [r.param_lag_sum / r.chunks for r in reports if r.chunks]
-    assert lags and min(lags) >= 0 and max(lags) < proc.learner.version
-    assert proc.params.version.value == proc.learner.version
-    assert {a for r in reports for a in r.steps_by_actor} == {0, 1}
 
 
 def test_killed_actor_is_restarted_and_delivered_data_stays() -> None:

@@ -20,11 +20,7 @@ from typing import Any
 
 import pytest
 from _runners import (
-    APEX_NO_LEARNING,
-    assert_apex_replay,
-    assert_same_apex_rows,
     closing,
-    inline_apex_shards,
     run_until,
 )
 
@@ -33,7 +29,6 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 import qfleet  # noqa: E402
 from qfleet.algos import build_program  # noqa: E402
-from qfleet.algos.program import ActorLearnerProgram  # noqa: E402
 from qfleet.config import ConfigError  # noqa: E402
 from qfleet.runtime import InlineRunner, RoundReport, WorkerError, make_runner  # noqa: E402
 from qfleet.runtime.ray_runner import RayRunner  # noqa: E402
@@ -217,40 +212,6 @@ def test_apex_spreads_actors_over_nodes_and_trains(cluster: RayCluster) -> None:
         assert {a for r in reports for a in r.steps_by_actor} == {0, 1}
         assert all(n > 0 for n in _shard_sizes(runner).values())
         assert not any(r.actor_restarts for r in reports)
-
-
-def test_ray_actors_write_the_same_rows_and_initial_priorities_as_inline(
-        cluster: RayCluster) -> None:
-    """Learning off, so each actor acts with the initial parameters: the Ray actor i
-    writes exactly the rows, in order and with the initial priorities, of inline actor i
-    (the replay in the driver; shard actors are compared in test_ray_replay)."""
-    reference = inline_apex_shards(_cfg("runtime.backend='inline'", *APEX_NO_LEARNING), 6)
-    with ray_runner(*APEX_NO_LEARNING) as on_ray:
-        shards = on_ray.replay.shards  # type: ignore[attr-defined]
-        run_until(on_ray, lambda *_: all(len(shards[k]) >= len(s)
-                                         for k, s in reference.items()), 45.0)
-        assert on_ray.learner.version == 0
-        assert_same_apex_rows(reference, shards)
-
-
-def test_ray_actors_train_on_versions_that_trail_the_learner(cluster: RayCluster) -> None:
-    program = build_program(_cfg("runtime.backend='inline'"))
-    assert isinstance(program, ActorLearnerProgram)
-    with closing(InlineRunner(program)) as inline:
-        for _ in range(12):
-            inline.step()
-    with ray_runner() as on_ray:
-        # Until both shards hold data too: Ray starts actor processes one after the other.
-        reports = run_until(on_ray, lambda r, _: r.learner.version >= 40 and len(r.replay) > 300
-                            and all(n > 0 for n in _shard_sizes(r).values()), 45.0)
-    for runner in (inline, on_ray):
-        assert_apex_replay(runner)
-    # Parameters flow: chunks come from versions that trail the learner, never lead it, and
-    # actors do pick up new versions (a lag that only grew would mean they never loaded).
-    lags = [r.param_lag_sum / r.chunks for r in reports if r.chunks]
-    assert lags and min(lags) >= 0 and max(lags) < on_ray.learner.version
-    assert on_ray.params_version == on_ray.learner.version
-    assert {a for r in reports for a in r.steps_by_actor} == {0, 1}
 
 
 def test_restore_gives_each_actor_the_next_incarnation(cluster: RayCluster) -> None:

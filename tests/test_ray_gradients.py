@@ -16,7 +16,7 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from _runners import closing, gradient_program, one_torch_thread, run_until  # noqa: E402
+from _runners import closing, gradient_program, run_until  # noqa: E402
 from test_ray import WORKER, RayCluster, actors_die  # noqa: E402
 
 import qfleet  # noqa: E402
@@ -68,58 +68,6 @@ def test_gorila_sync_spreads_workers_and_averages_with_a_gloo_all_reduce(
     assert _total(reports, "staleness_sum") == 0 and _total(reports, "grads_dropped") == 0
     assert {w for r in reports for w in r.steps_by_actor} == {0, 1}
     assert not _total(reports, "actor_restarts")
-
-
-def test_ray_sync_agrees_with_inline_sync(cluster: RayCluster) -> None:
-    """The same data (seeds per worker), the same one step per round: after N global
-    updates both hold the same global model. The all_reduce sums in its own order, which
-    for W > 2 may differ in the last bits from the inline mean (with W = 2 a + b = b + a, so
-    in practice it is bit-identical); hence allclose with a tight tolerance."""
-    cfg = _cfg("cartpole-gorila-sync", "learner.target_update_every=8")
-    with ray_grad_runner(cfg) as on_ray:
-        reports = run_until(on_ray, lambda r, _: r.updates >= 40, 45.0)
-        version = on_ray.updates
-        ray_model = {k: v.clone() for k, v in on_ray.aggregator.model.state_dict().items()}
-    ray_returns = {w: [x for r in reports for x in r.returns_by_actor.get(w, [])] for w in (0, 1)}
-    with one_torch_thread():  # as each Ray worker computes
-        program = gradient_program(_cfg("cartpole-gorila-sync", "learner.target_update_every=8",
-                                        "runtime.backend='inline'"))
-        with closing(InlineGradientRunner(program)) as inline:
-            inline_returns: dict[int, list[float]] = {0: [], 1: []}
-            while inline.updates < version:
-                report = inline.step()
-                for w in (0, 1):
-                    inline_returns[w] += report.returns_by_actor.get(w, [])
-            inline_model = inline.aggregator.model.state_dict()
-    assert inline.updates == version == 40
-    assert ray_model.keys() == inline_model.keys()
-    for key in ray_model:
-        assert torch.allclose(ray_model[key], inline_model[key], rtol=1e-5, atol=1e-7), key
-    for w in (0, 1):  # the same episodes, in the same order
-        n = min(len(ray_returns[w]), len(inline_returns[w]))
-        assert n > 0 and ray_returns[w][:n] == inline_returns[w][:n]
-
-
-def test_ray_a2c_agrees_with_inline_a2c(cluster: RayCluster) -> None:
-    """A2C is sync and on-policy: the rollouts depend on the seeds and the pulled global
-    model only, so after the same number of steps the Ray run (gradients summed by the
-    all_reduce) and the inline run hold the same model. Rollouts that end an episode hold
-    extra rows (n-step tails), so this needs the all_reduce to weight each gradient by its
-    rows as the gate does (it averaged them equally before, and drifted off)."""
-    with ray_grad_runner(_cfg("cartpole-a2c")) as on_ray:
-        run_until(on_ray, lambda r, _: r.updates >= 25, 45.0)
-        version = on_ray.updates
-        ray_model = {k: v.clone() for k, v in on_ray.aggregator.model.state_dict().items()}
-    with one_torch_thread():
-        program = gradient_program(_cfg("cartpole-a2c", "runtime.backend='inline'"))
-        with closing(InlineGradientRunner(program)) as inline:
-            while inline.updates < version:
-                inline.step()
-            inline_model = inline.aggregator.model.state_dict()
-    assert inline.updates == version >= 25
-    assert ray_model.keys() == inline_model.keys()
-    for key in ray_model:
-        assert torch.allclose(ray_model[key], inline_model[key], rtol=1e-5, atol=1e-7), key
 
 
 def test_sync_worker_exception_stops_the_run_with_its_traceback(cluster: RayCluster) -> None:
