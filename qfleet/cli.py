@@ -52,10 +52,36 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = _config_from(args, args.config)
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg, Path(args.config).stem)
+    if args.seeds:
+        return _train_seeds(args, run_dir)
     args.resolved_run_dir = run_dir
     out, _ = _consoles()
     out.print(f"[bold]qfleet[/] training {_escape(args.config)} -> {_escape(run_dir)}")
     _print_result(train(cfg, run_dir, overwrite=args.overwrite))
+    return 0
+
+
+def _train_seeds(args: argparse.Namespace, base: Path) -> int:
+    """One run per seed, one after the other, in ``base/seed-N``; then their spread."""
+    from qfleet.experiment import train
+
+    out, _ = _consoles()
+    returns: list[float] = []
+    cfgs = [_config_from(argparse.Namespace(**{**vars(args), "seed": seed}), args.config)
+            for seed in args.seeds]  # every seed's config is valid before the first run
+    for k, (seed, cfg) in enumerate(zip(args.seeds, cfgs, strict=True)):
+        args.resolved_run_dir = run_dir = base / f"seed-{seed}"
+        out.print(f"[bold]qfleet[/] training {_escape(args.config)} seed {seed} "
+                  f"({k + 1}/{len(args.seeds)}) -> {_escape(run_dir)}")
+        result = train(cfg, run_dir, overwrite=args.overwrite)
+        _print_result(result)
+        returns.append(result.eval_return_mean)
+    import numpy as np
+
+    out.print(f"[bold green]seeds {', '.join(map(str, args.seeds))}[/]: final eval return "
+              f"{np.mean(returns):.1f} ± {np.std(returns):.1f} over seeds (each: "
+              f"{', '.join(f'{r:.1f}' for r in returns)}); draw them with "
+              f"`qfleet plot {_escape(base)}`", highlight=False)
     return 0
 
 
@@ -165,7 +191,9 @@ def cmd_push(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     from qfleet.plots import plot_runs
 
-    out = plot_runs([Path(p) for p in args.run_dirs], Path(args.output))
+    x_axes = ("steps", "wall") if args.x == "both" else (args.x,)
+    out = plot_runs([Path(p) for p in args.run_dirs], Path(args.output), args.metric, x_axes,
+                    args.smooth)
     _consoles()[0].print(f"plot written to {_escape(out)}")
     return 0
 
@@ -185,7 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", default="cartpole-dqn", help="preset name or path.toml")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a field")
     p.add_argument("--run-dir", help="where to write the run (default runs/<name>-<time>)")
-    p.add_argument("--seed", type=int, help="shorthand for --set seed=N")
+    seeds = p.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, help="shorthand for --set seed=N")
+    seeds.add_argument("--seeds", type=_seed_list, metavar="N,N,...",
+                       help="one run per seed, one after the other, in RUN_DIR/seed-N")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a run already in --run-dir (its checkpoints are deleted)")
 
@@ -209,10 +240,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_policy_commands(add)
 
-    p = add("plot", cmd_plot, "draw learning curves of one or more runs")
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p = add("plot", cmd_plot, "draw learning curves of one or more runs (runs that differ "
+            "only by seed as a mean with a band)")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                   help="run directories, or a folder of seed-N runs (train --seeds)")
     p.add_argument("-o", "--output", default="curves.png",
                    help="image file (its suffix picks the format), or a folder for curves.png")
+    p.add_argument("--metric", default="eval_return_mean",
+                   help="the field to draw (default: the greedy eval return), e.g. "
+                        "return_mean, loss, env_steps_per_s")
+    p.add_argument("--x", choices=("steps", "wall", "both"), default="both",
+                   help="x axis: env steps, wall time, or both side by side")
+    p.add_argument("--smooth", type=_positive, default=1, metavar="N",
+                   help="moving average over the last N points")
     return parser
 
 
@@ -252,6 +292,17 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value}: must be >= 1")
     return value
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: must be whole numbers separated by commas, e.g. 0,1,2") from None
+    if len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: seeds must be distinct and >= 0")
+    return seeds
 
 
 def main(argv: Sequence[str] | None = None) -> int:
