@@ -1,4 +1,5 @@
-"""The ``qfleet`` command line: train, presets, config, eval, resume, plot, export, push."""
+"""The ``qfleet`` command line: train, presets, config, eval, resume, plot, compare, export,
+push."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from qfleet.cli_args import Version, positive, seed_list
 
 # Only the standard library at import time: a Ctrl-C while torch loads lands in main()'s
 # handler, and `qfleet --help` answers at once.
@@ -198,9 +201,25 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from qfleet import compare
+
+    console = _consoles()[0]
+    report, head, rows = compare.run(args, lambda line: console.print(_escape(line),
+                                                                      highlight=False))
+    view = Table(*head)
+    for row in rows:
+        view.add_row(*map(_escape, row))
+    console.print(view)
+    console.print(f"report: {_escape(report)}", highlight=False)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qfleet", description=__doc__)
-    parser.add_argument("--version", action=_Version, help="print the version and exit")
+    parser.add_argument("--version", action=Version, help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, func: Callable[[argparse.Namespace], int], help: str) -> \
@@ -215,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="where to write the run (default runs/<name>-<time>)")
     seeds = p.add_mutually_exclusive_group()
     seeds.add_argument("--seed", type=int, help="shorthand for --set seed=N")
-    seeds.add_argument("--seeds", type=_seed_list, metavar="N,N,...",
+    seeds.add_argument("--seeds", type=seed_list, metavar="N,N,...",
                        help="one run per seed, one after the other, in RUN_DIR/seed-N")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a run already in --run-dir (its checkpoints are deleted)")
@@ -230,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("eval", cmd_eval, "evaluate a run's latest checkpoint greedily")
     p.add_argument("path", help="run directory or checkpoint directory")
-    p.add_argument("--episodes", type=_positive, default=20)
+    p.add_argument("--episodes", type=positive, default=20)
     p.add_argument("--video", metavar="DIR", help="record episodes (needs rgb_array rendering)")
 
     p = add("resume", cmd_resume, "continue a run from its latest checkpoint")
@@ -239,6 +258,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a field, e.g. train.total_env_steps=100000")
 
     _add_policy_commands(add)
+
+    p = add("compare", cmd_compare, "train several configs on one budget and seeds, then "
+            "write a side-by-side report (report.html, PNGs)")
+    p.add_argument("sources", nargs="+", metavar="SOURCE",
+                   help="preset, path.toml, or a trained run dir (or seeds folder) to reuse")
+    p.add_argument("--seeds", type=positive, default=2, metavar="N",
+                   help="seeds 0..N-1 for every config (default 2)")
+    p.add_argument("--budget-steps", type=positive, metavar="N",
+                   help="train.total_env_steps for every config (default: each its own)")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override a field in every config")
+    p.add_argument("--threshold", type=float,
+                   help="return for the time-to-threshold columns (default: the configs' "
+                        "common train.target_return)")
+    p.add_argument("-o", "--output", help="report folder (default compare-<time>)")
 
     p = add("plot", cmd_plot, "draw learning curves of one or more runs (runs that differ "
             "only by seed as a mean with a band)")
@@ -251,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "return_mean, loss, env_steps_per_s")
     p.add_argument("--x", choices=("steps", "wall", "both"), default="both",
                    help="x axis: env steps, wall time, or both side by side")
-    p.add_argument("--smooth", type=_positive, default=1, metavar="N",
+    p.add_argument("--smooth", type=positive, default=1, metavar="N",
                    help="moving average over the last N points")
     return parser
 
@@ -272,37 +306,6 @@ def _add_policy_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--no-upload", action="store_true", help="only prepare the folder")
     p.add_argument("--no-video", action="store_true", help="skip the replay video")
     p.add_argument("--private", action="store_true", help="create the repository private")
-
-
-class _Version(argparse.Action):
-    """``--version``, computed only when asked (it asks git for the checkout's commit)."""
-
-    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
-        super().__init__(option_strings, dest, nargs=0, **kwargs)
-
-    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
-        from qfleet.sysinfo import version_line
-
-        print(version_line())
-        parser.exit()
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value}: must be >= 1")
-    return value
-
-
-def _seed_list(text: str) -> list[int]:
-    try:
-        seeds = [int(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: must be whole numbers separated by commas, e.g. 0,1,2") from None
-    if len(set(seeds)) != len(seeds) or min(seeds) < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: seeds must be distinct and >= 0")
-    return seeds
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,108 @@
+"""``qfleet compare``: configs trained over the same seeds and budget (runs that finished are
+kept, cut-short ones resumed), trained run dirs reused as they are, and one self-contained
+report whose table is checked against the runs' own result.json and metrics."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from qfleet.metrics import read_metrics
+
+PNG = b"\x89PNG\r\n\x1a\n"
+TINY = ["learner.learning_starts=200", "train.eval_episodes=2", "train.eval_every=500",
+        "log.tensorboard=false", "log.progress=false", "net.hidden=[32]"]
+
+
+def _sets(sets: list[str]) -> list[str]:
+    return [a for s in sets for a in ("--set", s)]
+
+
+def _images(page: str) -> list[bytes]:
+    return [base64.b64decode(b) for b in re.findall(r'src="data:image/png;base64,([^"]+)"', page)]
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory: pytest.TempPathFactory,
+             run_cli: Callable[..., Any]) -> tuple[Path, Any]:
+    out = tmp_path_factory.mktemp("compare") / "out"
+    proc = run_cli("compare", "cartpole-dqn", "cartpole-per", "--seeds", "2",
+                   "--budget-steps", "1000", "-o", str(out), *_sets(TINY))
+    assert proc.returncode == 0, proc.stderr
+    return out, proc
+
+
+def test_every_config_runs_every_seed_on_the_budget(compared: tuple[Path, Any]) -> None:
+    out, proc = compared
+    for name in ("cartpole-dqn", "cartpole-per"):
+        for seed in (0, 1):
+            result = json.loads((out / "runs" / name / f"seed-{seed}" / "result.json")
+                                .read_text())
+            assert 1000 <= result["env_steps"] < 1100
+    assert proc.stdout.count("compare: ") == 4
+
+
+def test_the_report_holds_both_figures_and_the_runs_numbers(compared: tuple[Path, Any]) -> None:
+    out, _ = compared
+    page = (out / "report.html").read_text()
+    images = _images(page)
+    assert len(images) == 2 and all(i[:8] == PNG for i in images)
+    assert images[0] == (out / "return_vs_steps.png").read_bytes()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["threshold"] == 475.0  # the presets' common train.target_return
+    rows = {row[0]: dict(zip(summary["headers"], row, strict=True)) for row in summary["rows"]}
+    for name, row in rows.items():
+        runs = [out / "runs" / name / f"seed-{s}" for s in (0, 1)]
+        results = [json.loads((r / "result.json").read_text()) for r in runs]
+        finals = [r["eval_return_mean"] for r in results]
+        assert row["final return"] == f"{np.mean(finals):.1f} ± {np.std(finals):.1f}"
+        assert row["seeds"] == "2/2"
+        assert row["env steps/s"] == f"{np.mean([r['env_steps_per_s'] for r in results]):,.0f}"
+        reached = [any(e["eval_return_mean"] >= 475 for e in read_metrics(r)
+                       if e["event"] == "eval") for r in runs]
+        assert row["reached 475"] == f"{sum(reached)}/2"
+        assert f"<td>{row['final return']}</td>" in page
+
+
+def test_a_second_compare_trains_only_what_did_not_finish(
+        compared: tuple[Path, Any], run_cli: Callable[..., Any], tmp_path: Path) -> None:
+    out, _ = compared
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    cut = copy / "runs" / "cartpole-per" / "seed-1"
+    before = json.loads((cut / "result.json").read_text())
+    (cut / "result.json").unlink()  # as if Ctrl-C came after its last checkpoint
+    proc = run_cli("compare", "cartpole-dqn", "cartpole-per", "--seeds", "2",
+                   "--budget-steps", "1000", "-o", str(copy), *_sets(TINY))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("compare: ") == 1 and "cartpole-per seed 1 (1/1)" in proc.stdout
+    assert json.loads((cut / "result.json").read_text())["env_steps"] == before["env_steps"]
+
+
+def test_trained_run_dirs_are_compared_without_training(
+        compared: tuple[Path, Any], tiny_run: Path, run_cli: Callable[..., Any],
+        tmp_path: Path) -> None:
+    out, _ = compared
+    proc = run_cli("compare", str(out / "runs" / "cartpole-dqn"), str(tiny_run),
+                   "--threshold", "9", "-o", str(tmp_path / "again"))
+    assert proc.returncode == 0, proc.stderr
+    assert "compare: " not in proc.stdout
+    summary = json.loads((tmp_path / "again" / "summary.json").read_text())
+    assert summary["threshold"] == 9.0
+    assert [row[:2] for row in summary["rows"]] == [["cartpole-dqn", "2/2"],
+                                                    [tiny_run.name, "1/1"]]
+
+
+def test_a_bad_source_exits_2_before_training(run_cli: Callable[..., Any], tmp_path: Path,
+                                              clean_error: Callable[..., None]) -> None:
+    clean_error(run_cli("compare", "cartpole-dqn", "cartpole-dq", "-o", str(tmp_path / "o")),
+                "unknown preset 'cartpole-dq'")
+    assert not (tmp_path / "o").exists()
