@@ -1,5 +1,6 @@
 """Every transport agrees with inline, the reference: one test per property, parametrized over
-the backends that move data between processes (processes, and Ray on a real local cluster).
+the backends that move data between processes (processes with forked workers, processes with
+spawned ones, and Ray on a real local cluster).
 
 What must agree is what timing cannot change: the rows and initial priorities an actor writes
 while the parameters stay put, the versions actors train on (trailing the learner), and the
@@ -30,7 +31,7 @@ from _runners import (
 import qfleet
 from qfleet.algos import build_program
 from qfleet.algos.program import ActorLearnerProgram
-from qfleet.runtime import InlineGradientRunner, InlineRunner, make_runner
+from qfleet.runtime import InlineGradientRunner, InlineRunner, make_runner, ray_options
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # as workers compute; so does inline
 
@@ -46,10 +47,13 @@ DEADLINE_S = 60.0
 
 
 def _cfg(preset: str, sets: list[str], backend: str, *extra: str) -> qfleet.Config:
-    return qfleet.load_config(preset, [*sets, *QUIET, f"runtime.backend={backend}", *extra])
+    """``backend``: inline, processes (forked workers), spawn (processes, spawned) or ray."""
+    where = ["runtime.backend=processes", "runtime.start_method=spawn"] \
+        if backend == "spawn" else [f"runtime.backend={backend}"]
+    return qfleet.load_config(preset, [*sets, *QUIET, *where, *extra])
 
 
-@pytest.fixture(params=["processes", "ray"])
+@pytest.fixture(params=["processes", "spawn", "ray"])
 def backend(request: pytest.FixtureRequest) -> Iterator[str]:
     """The transport under test; Ray runs on the module's local cluster (conftest)."""
     if request.param == "ray":
@@ -61,7 +65,7 @@ def backend(request: pytest.FixtureRequest) -> Iterator[str]:
 
 def _gone(backend: str) -> Callable[[Any], Callable[[], None]]:
     """For ``closing``: what a closed runner of ``backend`` leaves behind must be gone."""
-    if backend == "processes":
+    if backend != "ray":
         return workers_gone
     from test_ray import actors_die  # imports ray: only for the ray parameter
 
@@ -70,7 +74,9 @@ def _gone(backend: str) -> Callable[[Any], Callable[[], None]]:
 
 
 def _runner(backend: str, cfg: qfleet.Config) -> AbstractContextManager[Any]:
-    return closing(make_runner(backend, build_program(cfg)), _gone(backend))
+    runner = make_runner(cfg.runtime.backend, build_program(cfg), ray_options(cfg),
+                         cfg.runtime.start_method)
+    return closing(runner, _gone(backend))
 
 
 def _published_version(runner: Any) -> int:
@@ -139,11 +145,12 @@ def _inline_to(preset: str, sets: list[str], version: int) -> tuple[Any, dict[in
 
 def _assert_same_model(backend: str, ours: dict[str, torch.Tensor],
                        reference: dict[str, torch.Tensor]) -> None:
-    """Bit for bit on processes (the same mean in the same order). Ray's all_reduce sums in
-    its own order, which for W > 2 may differ in the last bits from the inline mean."""
+    """Bit for bit on processes, forked or spawned (the same mean in the same order). Ray's
+    all_reduce sums in its own order, which for W > 2 may differ in the last bits from the
+    inline mean."""
     assert ours.keys() == reference.keys()
     for key, value in ours.items():
-        if backend == "processes":
+        if backend != "ray":
             assert torch.equal(value, reference[key]), key
         else:
             assert torch.allclose(value, reference[key], rtol=1e-5, atol=1e-7), key

@@ -44,6 +44,19 @@ def _close(*workers: GradientWorker) -> None:
         worker.close()
 
 
+def _record_samples(replay: Any) -> list[Batch]:
+    """Every batch ``replay.sample`` returns from now on, in order."""
+    drawn: list[Batch] = []
+    sample = replay.sample
+
+    def spy(batch_size: int, beta: float | None = None) -> Batch:
+        drawn.append(sample(batch_size, beta))
+        return drawn[-1]
+
+    replay.sample = spy
+    return drawn
+
+
 # ---------------------------------------------------------------- GradientWorker
 
 
@@ -56,14 +69,7 @@ def test_a_prioritized_worker_writes_its_batch_s_td_errors_back_as_priorities() 
     try:
         replay = worker.replay
         assert isinstance(replay, PrioritizedReplay)
-        drawn: list[Batch] = []
-        sample = replay.sample
-
-        def spy(batch_size: int, beta: float | None = None) -> Batch:
-            drawn.append(sample(batch_size, beta))
-            return drawn[-1]
-
-        replay.sample = spy  # type: ignore[method-assign]
+        drawn = _record_samples(replay)
         while worker.work().grads_P is None:
             pass
         assert len(drawn) == 1
@@ -106,14 +112,7 @@ def test_a_sharded_prioritized_worker_writes_priorities_to_its_own_rows() -> Non
     assert isinstance(shared, ShardedReplay)
     worker = program.make_worker(1, 0, shared)
     try:
-        drawn: list[Batch] = []
-        sample = shared.sample
-
-        def spy(batch_size: int, beta: float | None = None) -> Batch:
-            drawn.append(sample(batch_size, beta))
-            return drawn[-1]
-
-        shared.sample = spy  # type: ignore[method-assign]
+        drawn = _record_samples(shared)
         while worker.work().grads_P is None:
             pass
         batch = drawn[-1]

@@ -1,6 +1,7 @@
 """The processes backend with workers started by ``spawn`` (and ``forkserver``), not fork:
 programs pickle, shared memory travels as handles, and the results are the ones fork and
-inline give (runtime.start_method; macOS and Python 3.14 default away from fork)."""
+inline give (runtime.start_method; macOS and Python 3.14 default away from fork). Spawned
+workers' agreement with inline is in test_agreement."""
 
 from __future__ import annotations
 
@@ -11,11 +12,8 @@ import numpy as np
 import pytest
 import torch
 from _runners import (
-    APEX_NO_LEARNING,
-    assert_same_apex_rows,
     closing,
     gradient_program,
-    inline_apex_shards,
     run_until,
     workers_gone,
 )
@@ -24,7 +22,6 @@ import qfleet
 from qfleet.algos import build_program
 from qfleet.replay import ShardedReplay
 from qfleet.runtime import (
-    InlineGradientRunner,
     ProcessesGradientRunner,
     ProcessesRunner,
     WorkerError,
@@ -51,30 +48,6 @@ def _grad(preset: str, *extra: str) -> qfleet.Config:
 
 def _flat(module: torch.nn.Module) -> torch.Tensor:
     return torch.cat([v.detach().reshape(-1).clone() for v in module.state_dict().values()])
-
-
-def test_spawned_actors_write_the_rows_inline_writes() -> None:
-    reference = inline_apex_shards(_apex("runtime.backend='inline'", *APEX_NO_LEARNING), 6)
-    runner = ProcessesRunner(build_program(_apex(*APEX_NO_LEARNING)),  # type: ignore[arg-type]
-                             "spawn")
-    with closing(runner, workers_gone):
-        shards = runner.replay.shards  # type: ignore[attr-defined]
-        run_until(runner, lambda *_: all(len(shards[k]) >= len(s)
-                                         for k, s in reference.items()), 90.0)
-        assert_same_apex_rows(reference, shards)
-
-
-def test_spawned_sync_gorila_equals_inline_sync_exactly() -> None:
-    cfg = _grad("cartpole-gorila-sync", "learner.target_update_every=8")
-    with closing(ProcessesGradientRunner(gradient_program(cfg), "spawn"), workers_gone) as proc:
-        run_until(proc, lambda r, _: r.updates >= 20, 90.0)
-        version = proc.updates
-        model = {k: v.clone() for k, v in proc.aggregator.model.state_dict().items()}
-    with closing(InlineGradientRunner(gradient_program(cfg))) as inline:
-        while inline.updates < version:
-            inline.step()
-        for key, value in inline.aggregator.model.state_dict().items():
-            assert torch.equal(model[key], value), key
 
 
 def test_spawned_hogwild_workers_move_the_shared_model() -> None:
