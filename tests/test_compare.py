@@ -1,6 +1,7 @@
 """``qfleet compare``: configs trained over the same seeds and budget (runs that finished are
 kept, cut-short ones resumed), trained run dirs reused as they are, and one self-contained
-report whose table is checked against the runs' own result.json and metrics."""
+report whose table is checked against the runs' own result.json and metrics. The tests that
+train are in the slow lane."""
 
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ def compared(tmp_path_factory: pytest.TempPathFactory,
     return out, proc
 
 
+@pytest.mark.slow
 def test_every_config_runs_every_seed_on_the_budget(compared: tuple[Path, Any]) -> None:
     out, proc = compared
     for name in ("cartpole-dqn", "cartpole-per"):
@@ -50,6 +52,7 @@ def test_every_config_runs_every_seed_on_the_budget(compared: tuple[Path, Any]) 
     assert proc.stdout.count("compare: ") == 4
 
 
+@pytest.mark.slow
 def test_the_report_holds_both_figures_and_the_runs_numbers(compared: tuple[Path, Any]) -> None:
     out, _ = compared
     page = (out / "report.html").read_text()
@@ -72,6 +75,7 @@ def test_the_report_holds_both_figures_and_the_runs_numbers(compared: tuple[Path
         assert f"<td>{row['final return']}</td>" in page
 
 
+@pytest.mark.slow
 def test_a_second_compare_trains_only_what_did_not_finish(
         compared: tuple[Path, Any], run_cli: Callable[..., Any], tmp_path: Path) -> None:
     out, _ = compared
@@ -87,6 +91,7 @@ def test_a_second_compare_trains_only_what_did_not_finish(
     assert json.loads((cut / "result.json").read_text())["env_steps"] == before["env_steps"]
 
 
+@pytest.mark.slow
 def test_trained_run_dirs_are_compared_without_training(
         compared: tuple[Path, Any], tiny_run: Path, run_cli: Callable[..., Any],
         tmp_path: Path) -> None:

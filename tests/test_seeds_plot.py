@@ -46,6 +46,7 @@ def seeds_dir(tmp_path_factory: pytest.TempPathFactory,
     return base, proc.stdout
 
 
+@pytest.mark.slow
 def test_train_seeds_writes_one_run_per_seed_and_their_spread(
         seeds_dir: tuple[Path, str]) -> None:
     base, stdout = seeds_dir
@@ -60,6 +61,7 @@ def test_train_seeds_writes_one_run_per_seed_and_their_spread(
     assert read_metrics(base / "seed-3") != read_metrics(base / "seed-1")
 
 
+@pytest.mark.slow
 def test_runs_that_differ_only_by_seed_are_one_curve(seeds_dir: tuple[Path, str],
                                                      tiny_run: Path) -> None:
     base, _ = seeds_dir
@@ -71,6 +73,7 @@ def test_runs_that_differ_only_by_seed_are_one_curve(seeds_dir: tuple[Path, str]
         (tiny_run.name, [tiny_run])]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [["--smooth", "2"], ["--metric", "loss", "--x", "steps"],
                                    ["--x", "wall"]], ids=["smooth", "loss-steps", "wall"])
 def test_plot_of_a_seeds_folder_writes_a_png(seeds_dir: tuple[Path, str], extra: list[str],
@@ -83,6 +86,7 @@ def test_plot_of_a_seeds_folder_writes_a_png(seeds_dir: tuple[Path, str], extra:
     assert out.read_bytes()[:8] == PNG and out.stat().st_size > 5000
 
 
+@pytest.mark.slow
 def test_an_unknown_metric_names_the_ones_there_are(seeds_dir: tuple[Path, str],
                                                     run_cli: Callable[..., Any],
                                                     clean_error: Callable[..., None],
