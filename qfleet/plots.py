@@ -1,6 +1,6 @@
 """Learning curves: a metric vs env steps and vs wall time, runs overlaid. Runs that differ
 only by their seed (``qfleet train --seeds``) are one curve: the mean over seeds with a
-band of ± one standard deviation; a single run's greedy eval carries its episodes' std."""
+band of ± one standard deviation (a seed that stopped early holds its last value); a single run's greedy eval carries its episodes' std."""
 
 from __future__ import annotations
 
@@ -123,13 +123,14 @@ def smooth(y: np.ndarray, window: int) -> np.ndarray:
 
 
 def mean_band(xs: list[np.ndarray], ys: list[np.ndarray]) -> tuple[np.ndarray, ...]:
-    """Mean and std over runs, each interpolated onto the x values that every run covers
-    (from the latest first point to the earliest last point)."""
+    """Mean and std over runs, each interpolated onto every run's x values from the latest
+    first point on. A run that ended early (it reached train.target_return, say) holds its
+    last value to the end of the longest one."""
     order = [np.argsort(x, kind="stable") for x in xs]  # a resumed run may step back
     xs, ys = [x[o] for x, o in zip(xs, order, strict=True)], \
         [y[o] for y, o in zip(ys, order, strict=True)]
-    lo, hi = max(x[0] for x in xs), min(x[-1] for x in xs)
-    grid = np.unique(np.concatenate([x[(x >= lo) & (x <= hi)] for x in xs]))
+    lo = max(x[0] for x in xs)
+    grid = np.unique(np.concatenate([x[x >= lo] for x in xs]))
     stacked = np.stack([np.interp(grid, x, y) for x, y in zip(xs, ys, strict=True)])
     return grid, stacked.mean(axis=0), stacked.std(axis=0)
 

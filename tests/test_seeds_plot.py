@@ -26,15 +26,15 @@ def test_smooth_is_a_trailing_mean_over_the_window() -> None:
     np.testing.assert_array_equal(smooth(y, 1), y)
 
 
-def test_mean_band_over_the_steps_every_run_covers() -> None:
+def test_mean_band_from_the_latest_start_with_ended_runs_held() -> None:
     """Run a: y = x at 0, 10, 20; run b: 1, 2, 3 at 5, 15, 25 (given out of order, as a
-    resumed run may log). Both cover 5..20; at 5, 10, 15, 20 a is 5, 10, 15, 20 and b
-    (interpolated) 1, 1.5, 2, 2.5."""
+    resumed run may log). From b's start at 5: a is 5, 10, 15, 20 and then holds 20 at 25
+    (it ended, e.g. solved); b is 1, 1.5, 2, 2.5, 3 (interpolated)."""
     grid, mean, std = mean_band([np.array([0.0, 10.0, 20.0]), np.array([15.0, 5.0, 25.0])],
                                 [np.array([0.0, 10.0, 20.0]), np.array([2.0, 1.0, 3.0])])
-    np.testing.assert_array_equal(grid, [5.0, 10.0, 15.0, 20.0])
-    np.testing.assert_allclose(mean, [3.0, 5.75, 8.5, 11.25])
-    np.testing.assert_allclose(std, [2.0, 4.25, 6.5, 8.75])
+    np.testing.assert_array_equal(grid, [5.0, 10.0, 15.0, 20.0, 25.0])
+    np.testing.assert_allclose(mean, [3.0, 5.75, 8.5, 11.25, 11.5])
+    np.testing.assert_allclose(std, [2.0, 4.25, 6.5, 8.75, 8.5])
 
 
 @pytest.fixture(scope="module")
