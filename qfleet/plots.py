@@ -1,6 +1,7 @@
 """Learning curves: a metric vs env steps and vs wall time, runs overlaid. Runs that differ
-only by their seed (``qfleet train --seeds``) are one curve: the mean over seeds with a
-band of ± one standard deviation (a seed that stopped early holds its last value); a single run's greedy eval carries its episodes' std."""
+only by their seed (``qfleet train --seeds``) are one curve: the mean over seeds with a band
+of ± one standard deviation (a seed that stopped early holds its last value); a single run's
+greedy eval carries its episodes' std."""
 
 from __future__ import annotations
 
