@@ -53,7 +53,8 @@ def run(args: argparse.Namespace, say: Callable[[str], None]) -> tuple[Path, lis
     entries = plan(args.sources, list(range(args.seeds)), sets, out)
     train_missing(entries, say)
     threshold = args.threshold if args.threshold is not None else common_threshold(entries)
-    return write_report(entries, out, threshold), headers(threshold), table(entries, threshold)
+    rows = table(entries, threshold)
+    return write_report(entries, out, threshold, rows), headers(threshold), rows
 
 
 def plan(sources: list[str], seeds: list[int], overrides: list[str], out: Path) -> list[Entry]:
@@ -154,9 +155,10 @@ def table(entries: list[Entry], threshold: float | None) -> list[list[str]]:
     return [_cells(summarize(e, threshold), threshold) for e in entries]
 
 
-def write_report(entries: list[Entry], out: Path, threshold: float | None) -> Path:
+def write_report(entries: list[Entry], out: Path, threshold: float | None,
+                 rows: list[list[str]]) -> Path:
     """out/report.html (figures embedded: it opens from disk, alone), the figures as PNGs,
-    and the table as summary.json."""
+    and the table (``rows``, from ``table``) as summary.json."""
     out.mkdir(parents=True, exist_ok=True)
     runs = [r for e in entries for r in e.runs if (r / "metrics.jsonl").is_file()]
     if not runs:
@@ -164,7 +166,6 @@ def write_report(entries: list[Entry], out: Path, threshold: float | None) -> Pa
     figures = [(plot_runs(runs, out / f"return_vs_{x}.png", x_axes=(x,)), caption)
                for x, caption in (("steps", "greedy eval return vs environment steps"),
                                   ("wall", "greedy eval return vs wall time"))]
-    rows = table(entries, threshold)
     (out / "summary.json").write_text(json.dumps(
         {"threshold": threshold, "headers": headers(threshold), "rows": rows}, indent=2))
     page = _html(figures, headers(threshold), rows, threshold)
