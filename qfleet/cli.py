@@ -67,13 +67,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _train_seeds(args: argparse.Namespace, base: Path) -> int:
     """One run per seed, one after the other, in ``base/seed-N``; then their spread."""
     from qfleet.experiment import train
+    from qfleet.rundir import seed_dir
 
     out, _ = _consoles()
     returns: list[float] = []
     cfgs = [_config_from(argparse.Namespace(**{**vars(args), "seed": seed}), args.config)
             for seed in args.seeds]  # every seed's config is valid before the first run
     for k, (seed, cfg) in enumerate(zip(args.seeds, cfgs, strict=True)):
-        args.resolved_run_dir = run_dir = base / f"seed-{seed}"
+        args.resolved_run_dir = run_dir = seed_dir(base, seed)
         out.print(f"[bold]qfleet[/] training {_escape(args.config)} seed {seed} "
                   f"({k + 1}/{len(args.seeds)}) -> {_escape(run_dir)}")
         result = train(cfg, run_dir, overwrite=args.overwrite)

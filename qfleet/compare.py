@@ -25,6 +25,7 @@ import numpy as np
 from qfleet.config import Config, ConfigError, load_config
 from qfleet.metrics import read_metrics
 from qfleet.plots import expand, plot_runs
+from qfleet.rundir import seed_dir
 
 
 @dataclass
@@ -37,9 +38,9 @@ class Entry:
 
 
 def is_run_source(source: str) -> bool:
+    """A trained run, or a folder of seed-N runs (what ``expand`` opens)."""
     path = Path(source)
-    return path.is_dir() and ((path / "metrics.jsonl").is_file() or
-                              any((p / "metrics.jsonl").is_file() for p in path.glob("seed-*")))
+    return path.is_dir() and any((p / "metrics.jsonl").is_file() for p in expand([path]))
 
 
 def run(args: argparse.Namespace, say: Callable[[str], None]) -> tuple[Path, list[str],
@@ -62,15 +63,16 @@ def plan(sources: list[str], seeds: list[int], overrides: list[str], out: Path) 
     per seed under ``out/runs``."""
     entries: list[Entry] = []
     for source in sources:
-        name = Path(source).name if is_run_source(source) else Path(source).stem
-        taken = {e.name for e in entries}
-        name = next(f"{name}-{k}" for k in range(1, len(taken) + 2)
-                    if f"{name}-{k}" not in taken) if name in taken else name
-        if is_run_source(source):
+        given = is_run_source(source)
+        name = stem = Path(source).name if given else Path(source).stem
+        k = 1
+        while name in {e.name for e in entries}:  # the same preset twice: name-1, name-2
+            name, k = f"{stem}-{k}", k + 1
+        if given:
             entries.append(Entry(name, expand([Path(source)])))
             continue
         cfgs = [load_config(source, [*overrides, f"seed={seed}"]) for seed in seeds]
-        entries.append(Entry(name, [out / "runs" / name / f"seed-{s}" for s in seeds], cfgs))
+        entries.append(Entry(name, [seed_dir(out / "runs" / name, s) for s in seeds], cfgs))
     return entries
 
 
@@ -79,8 +81,9 @@ def train_missing(entries: list[Entry], say: Callable[[str], None]) -> None:
     from qfleet import checkpoint
     from qfleet.experiment import resume, train
 
-    todo = [(e, run, cfg) for e in entries for run, cfg in zip(e.runs, e.configs, strict=False)
-            if e.configs and not (run / "result.json").is_file()]
+    todo = [(e, run, cfg) for e in entries  # entries given as runs have no configs
+            for run, cfg in zip(e.runs, e.configs, strict=False)
+            if not (run / "result.json").is_file()]
     for k, (entry, run, cfg) in enumerate(todo, start=1):
         say(f"compare: {entry.name} seed {cfg.seed} ({k}/{len(todo)}) -> {run}")
         if checkpoint.candidates(run):
@@ -137,10 +140,8 @@ def _cells(row: dict[str, Any], threshold: float | None) -> list[str]:
     cells = [row["name"], f"{row['finished']}/{row['seeds']}",
              "–" if final is None else f"{final[0]:.1f} ± {final[1]:.1f}"]
     if threshold is not None:
-        hit = row["to_threshold"]
-        cells += [f"{row['reached']}/{row['seeds']}",
-                  "–" if hit is None else f"{hit[0]:,.0f}",
-                  "–" if hit is None else f"{hit[1]:.1f}"]
+        steps, secs = row["to_threshold"] or (None, None)
+        cells += [f"{row['reached']}/{row['seeds']}", num(steps, ",.0f"), num(secs, ".1f")]
     return [*cells, num(row["steps_per_s"], ",.0f"), num(row["updates_per_s"], ",.1f")]
 
 

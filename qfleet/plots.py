@@ -5,7 +5,6 @@ greedy eval carries its episodes' std."""
 
 from __future__ import annotations
 
-import re
 import tomllib
 import warnings
 from dataclasses import dataclass
@@ -21,11 +20,11 @@ from matplotlib.axes import Axes
 
 from qfleet.config import ConfigError, QfleetWarning
 from qfleet.metrics import read_metrics
+from qfleet.rundir import SEED_DIR
 
 DEFAULT_NAME = "curves.png"
 DEFAULT_METRIC = "eval_return_mean"
 X_FIELDS = {"steps": ("env_steps", "environment steps"), "wall": ("wall_s", "wall time (s)")}
-SEED_DIR = re.compile(r"seed-(\d+)")
 
 Records = list[dict[str, Any]]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,9 +18,16 @@ from pathlib import Path
 from qfleet.config import ConfigError
 
 LOCK_NAME = ".lock"
+SEED_DIR = re.compile(r"seed-(\d+)")  # one run of several seeds: BASE/seed-N
 # What a run writes; --overwrite removes exactly these, never other files of the user's.
 RUN_FILES = ("metrics.jsonl", "config.toml", "result.json", "checkpoints", "tb",
              "system_info.json", "tracking.json")
+
+
+def seed_dir(base: Path, seed: int) -> Path:
+    """Where the run of ``seed`` goes among several seeds of one config (train --seeds,
+    compare); plots read the same name back through SEED_DIR."""
+    return base / f"seed-{seed}"
 
 
 class RunDirBusy(ConfigError):
