@@ -278,7 +278,7 @@ def test_killed_sync_worker_is_restarted_and_updates_go_on(on_loss: str) -> None
         # the global model goes on, and the replacement (after refilling its local replay)
         # sends gradients again and takes part in the sync steps
         later = run_until(runner, lambda r, reps: r.updates >= before + 20 and any(
-            x.steps_by_actor.get(0) for x in reps) and runner.workers[0].joined, 30.0)
+            x.steps_by_actor.get(0) for x in reps) and 0 in runner.live, 30.0)
         joined_at = runner.updates
         more = run_until(runner, lambda r, _: r.updates >= joined_at + 20, 30.0)
         assert sum(r.updates for r in later + more) == runner.updates - before
@@ -306,7 +306,7 @@ def test_a_replacement_workers_first_sync_gradient_is_computed_on_fresh_paramete
         assert victim.pid is not None
         os.kill(victim.pid, signal.SIGKILL)
         reports = run_until(runner, lambda r, reps: any(x.actor_restarts for x in reps) and
-                             r.workers[0].joined, 30.0)
+                             0 in r.live, 30.0)
         reports += run_until(runner, lambda r, _: r.updates >= 60, 30.0)
     assert sum(r.grads_dropped for r in reports) == 0
     assert sum(r.staleness_sum for r in reports) == 0

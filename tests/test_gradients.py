@@ -284,7 +284,7 @@ def test_sync_gorila_step_equals_one_step_on_the_concatenated_batch() -> None:
             assert agg.version == version, "sync must wait for the second worker"
             runner.receive(grads[1], runner.live, report)
             assert agg.version == version + 1 and report.updates == 1
-            runner._publish()
+            runner._snapshot()
             steps += 1
 
             out = dqn_loss(ref["online"], ref["target"], _cat(*batches),

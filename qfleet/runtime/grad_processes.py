@@ -202,7 +202,6 @@ class _Worker:
     incarnation: int
     process: BaseProcess
     link: Link
-    joined: bool = True  # sent a gradient (or is expected to: every worker at the start)
 
 
 class ProcessesGradientRunner(GlobalSide):
@@ -226,7 +225,6 @@ class ProcessesGradientRunner(GlobalSide):
         self.deferred: list[Any] = []  # messages that came while a checkpoint waited
         self.restarts = [0] * program.num_workers
         self.links: dict[tuple[int, int], Link] = {}
-        self.in_gate: dict[int, tuple[Link, int]] = {}  # worker -> slot its gradient holds
         self.workers: list[_Worker] = []
         self.workers = [self._spawn(i, 0) for i in range(program.num_workers)]
 
@@ -241,7 +239,7 @@ class ProcessesGradientRunner(GlobalSide):
             p.max_chunk_rows, p.batch_size, p.record, self.ctx)
         return Link(torch.zeros(slots, size).share_memory_(), free, replay)
 
-    def _spawn(self, index: int, incarnation: int, joined: bool = True) -> _Worker:
+    def _spawn(self, index: int, incarnation: int) -> _Worker:
         link = self._new_link()
         self.links[(index, incarnation)] = link
         old = self.links.pop((index, incarnation - 2), None)  # no message can still name it
@@ -254,11 +252,7 @@ class ProcessesGradientRunner(GlobalSide):
                                                       self.restored_replay(index),
                                                       self.sh.save_request.value))
         process.start()
-        return _Worker(index, incarnation, process, link, joined)
-
-    @property
-    def live(self) -> set[int]:
-        return {w.index for w in self.workers if w.joined}
+        return _Worker(index, incarnation, process, link)
 
     def step(self) -> RoundReport:
         report = RoundReport()
@@ -294,40 +288,21 @@ class ProcessesGradientRunner(GlobalSide):
         grad = Gradient(msg.worker, msg.base_version, msg.env_steps, msg.returns, grads_P,
                         msg.loss, msg.q_mean, msg.epsilon, msg.applied_at, msg.rows,
                         msg.lengths)
-        worker = self.workers[msg.worker]
-        if grads_P is not None and not worker.joined and worker.incarnation == msg.incarnation:
-            if msg.base_version != self.aggregator.version:
-                # Computed while its group stepped without it: not averaged in; the slot
-                # goes back, the worker pulls the newest parameters and computes again.
-                grad.grads_P = grads_P = None
-                link.free.put(msg.slot)
-            else:
-                worker.joined = True  # a replacement joins its group with a fresh gradient
-        if grads_P is not None:
-            self.in_gate[msg.worker] = (link, msg.slot)
-        version = self.aggregator.version
-        self.receive(grad, self.live, report)
-        self._after_steps(version)
+        current = self.workers[msg.worker].incarnation == msg.incarnation
+        self.take(grad, current, (link, msg.slot), report)
 
-    def _after_steps(self, version_before: int) -> None:
-        """Publish new parameters first, then hand back the slots of consumed gradients:
-        a synchronous worker waits on its slot, so it pulls the new version."""
-        if self.program.hogwild:
-            return
-        if self.aggregator.version != version_before:
+    def _publish(self) -> None:
+        if not self.program.hogwild:  # Hogwild workers read the shared model itself
             self.params.publish(self.aggregator.model, self.aggregator.version)
-        for w in [w for w in self.in_gate if w not in self.gate.pending]:
-            link, slot = self.in_gate.pop(w)
-            link.free.put(slot)
+
+    def _release(self, token: tuple[Link, int]) -> None:
+        link, slot = token
+        link.free.put(slot)
 
     def _check_health(self, report: RoundReport) -> None:
         for i in dead_workers(self.workers, self._drain, self.restarts, "worker", report):
-            self.in_gate.pop(i, None)
-            self.workers[i] = self._spawn(i, self.workers[i].incarnation + 1,
-                                          joined=self.program.wait_for_restart)
-            version = self.aggregator.version
-            self.flush(i, self.live, report)  # its group may go on without it
-            self._after_steps(version)
+            self.workers[i] = self._spawn(i, self.workers[i].incarnation + 1)
+            self.lost(i, report)
 
     # ------------------------------------------------------------ checkpoint state
 
@@ -377,8 +352,7 @@ class ProcessesGradientRunner(GlobalSide):
             self.server.size.value = len(self.server.replay)
         self.params.publish(self.aggregator.model, self.aggregator.version)
         self.sh.stop.clear()
-        self.in_gate.clear()
-        self.gate.pending.clear()
+        self._forget_workers()
         self.workers = [self._spawn(i, state["incarnation"] + 1)
                         for i, state in enumerate(meta["workers"])]
         for key in [k for k in self.links if k[1] != self.workers[k[0]].incarnation]:

@@ -76,11 +76,11 @@ class InlineGradientRunner(GlobalSide):
         super().__init__(program)
         self.workers = [program.make_worker(i, 0, self.shared_replay)
                         for i in range(program.num_workers)]
-        self.live = range(program.num_workers)
-        self._publish()
+        self._snapshot()
 
-    def _publish(self) -> None:
-        """A snapshot at the end of each round: what every worker pulls in the next."""
+    def _snapshot(self) -> None:
+        """A snapshot at the end of each round (not at each step, as ``_publish`` would):
+        what every worker pulls in the next."""
         self.published = self.aggregator.snapshot()
 
     def _fetch(self, version: int) -> ParamSnapshot | None:
@@ -89,10 +89,10 @@ class InlineGradientRunner(GlobalSide):
     def step(self) -> RoundReport:
         report = RoundReport()
         for worker in self.workers:
-            grad = gradient_step(worker, self._fetch, self.program.sync_every)
-            self.receive(grad, self.live, report)
+            self.take(gradient_step(worker, self._fetch, self.program.sync_every), True,
+                      None, report)
         if self.aggregator.version != self.published.version:
-            self._publish()
+            self._snapshot()
         return report
 
     def _worker_states(self) -> list[dict[str, Any]]:
@@ -113,7 +113,7 @@ class InlineGradientRunner(GlobalSide):
             worker.actor.env_steps = state["env_steps"]
             worker.load_replay_state(self.restored_replay(i))
             self.workers[i] = worker
-        self._publish()
+        self._snapshot()
 
     def close(self) -> None:
         for worker in self.workers:

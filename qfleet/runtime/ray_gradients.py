@@ -64,7 +64,6 @@ RemoteReplayHost = ray.remote(ReplayHost)
 @dataclass
 class _Slot(rc.Slot):
     calls: dict[ray.ObjectRef, int] = field(default_factory=dict)  # async: ref -> incarnation
-    joined: bool = True  # in the gate's live set (a replacement joins with its first gradient)
 
 
 @dataclass
@@ -106,7 +105,7 @@ class RayGradientRunner(GlobalSide):
                                  "" if self.replay_host is None else self.replay_name,
                                  prioritized)
             self.pg = rc.place_bundles(program.num_workers, "gradient workers", opts.group_name)
-            self._publish()
+            self._put_params()
             self.slots = [_Slot(i, 0, self._new_host(i)) for i in range(program.num_workers)]
         except BaseException:
             self.close()  # nothing half-started is left on the cluster (or Ray running)
@@ -130,11 +129,8 @@ class RayGradientRunner(GlobalSide):
         return list(ray.get([s.handle.info.remote() for s in self.slots],
                             timeout=CALL_TIMEOUT_S))
 
-    @property
-    def live(self) -> set[int]:
-        return {s.index for s in self.slots if s.joined}
-
-    def _publish(self) -> None:
+    def _put_params(self) -> None:
+        """Publish lazily: one object per version, put before the next calls go out."""
         self.params_version = self.aggregator.version
         self.params_ref = ray.put(self.aggregator.snapshot())
 
@@ -165,7 +161,7 @@ class RayGradientRunner(GlobalSide):
             if isinstance(sent, Sent):
                 self._deliver(slot, sent, report)
         if self.aggregator.version != self.params_version:
-            self._publish()  # before new calls, so they carry the newest parameters
+            self._put_params()  # before new calls, so they carry the newest parameters
         for slot in self.slots:
             self._fill(slot)
 
@@ -185,8 +181,7 @@ class RayGradientRunner(GlobalSide):
         for k, grad in enumerate(sent.works):
             if k == len(sent.works) - 1 and sent.grads_P is not None:
                 grad.grads_P = torch.from_numpy(sent.grads_P.copy())  # out of the store
-                slot.joined = True
-            self.receive(grad, self.live, report)
+            self.take(grad, True, slot.index, report)  # the token: nothing to give back
 
     # ------------------------------------------------------------ sync: the collective
 
@@ -280,7 +275,7 @@ class RayGradientRunner(GlobalSide):
             mean_P = torch.from_numpy(vec[:size].copy()) / rows
             self.aggregator.apply([mean_P], [1.0])
             report.updates += 1
-            self._publish()
+            self._put_params()
 
     # ------------------------------------------------------------ faults
 
@@ -297,11 +292,10 @@ class RayGradientRunner(GlobalSide):
         count_restart(self.restarts, slot.index, "worker",
                       f"{type(err).__name__}: {rc.first_line(err)}", report)
         slot.lose(err, self._new_host)
-        slot.joined = self.program.wait_for_restart
         if slot.index in self.group:
             self.group = []
-        if not self.collective:
-            self.flush(slot.index, self.live, report)
+        if not self.collective:  # the collective's group is ``self.group``, not the gate's
+            self.lost(slot.index, report)
 
     def _check_probes(self) -> None:
         """Probe restarting actors without blocking; one that answers is back."""
@@ -353,15 +347,14 @@ class RayGradientRunner(GlobalSide):
         super().restore(tensors, meta, replay)
         if self.replay_host is not None:
             ray.get(self.replay_host.restore.remote(meta["replay_rng"], replay))
-        self.gate.pending.clear()
+        self._forget_workers()
         self.round, self.round_members = {}, None
         for i, (slot, saved) in enumerate(zip(self.slots, meta.get("workers", []), strict=False)):
             slot.incarnation = saved["incarnation"] + 1
             slot.calls.clear()
-            slot.joined = True
             if part := self.restored_replay(i):
                 slot.handle.load_replay_state.remote(slot.incarnation, ray.put(part))
-        self._publish()
+        self._put_params()
 
     def close(self) -> None:
         slots: list[_Slot] = self.__dict__.pop("slots", [])
