@@ -162,6 +162,10 @@ class RuntimeConfig:
                            help="ray: 'driver' trains in the qfleet process; 'actor' in a Ray "
                            "actor that asks for a GPU when learner.device is cuda (or auto "
                            "and the cluster has one)")
+    stall_timeout_s: float = _f(120.0, lo=0, help="seconds with no env step and no update, "
+                                "or with nothing from one worker, before the run stops with "
+                                "an error naming what stalled and where it is stuck; 0 = "
+                                "never")
 
 
 @dataclass

@@ -6,18 +6,17 @@ checkpoints. It reads top to bottom: build, (restore), step until done, finish.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import re
 import signal
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -36,6 +35,7 @@ from qfleet.resumable import check_counters, check_resumable, saved_config
 from qfleet.runtime import RoundReport, WorkerError, make_runner, ray_options
 from qfleet.sysinfo import write_system_info
 from qfleet.tracking import check_installed
+from qfleet.watchdog import Stalled, StallWatch, StopFlag, install_handlers, workers_of
 
 
 @dataclass
@@ -66,26 +66,6 @@ class Diverged(RuntimeError):
     """The loss or the parameters stopped being finite; nothing from then on is saved."""
 
 
-class _StopFlag:
-    """First Ctrl-C/SIGTERM asks the loop to stop after the current round (a safe point to
-    checkpoint); a second one interrupts at once."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-
-    def __call__(self, signum: int, frame: FrameType | None) -> None:
-        if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
-
-
-def _install_handlers(stop: _StopFlag) -> dict[int, Any]:
-    """Route SIGINT/SIGTERM to ``stop``; only the main thread may set handlers."""
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    return {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-
-
 def default_run_dir(cfg: Config, name: str | None = None) -> Path:
     stem = name or f"{cfg.env.id.split('/')[-1].split(':')[-1].lower()}-{cfg.algo.name}"
     stem = re.sub(r"[^\w.-]+", "-", stem).strip("-.")  # an env_fn's "<lambda>" names no folder
@@ -113,7 +93,7 @@ class Experiment:
                 self.own_lock.release(failed=True)
             raise
         self.notes: list[str] = []  # printed when the run starts (what resume decided)
-        self.stop = _StopFlag()
+        self.stop = StopFlag()
         self.wall_offset = 0.0
         self.episodes: deque[float] = deque(maxlen=20)
         self.episodes_by_actor: dict[int, deque[float]] = {}
@@ -197,20 +177,36 @@ class Experiment:
                                      self.runner.env_steps)
         for note in [*self.notes, self.runner.describe()]:
             self.progress.print(note)
-        handlers = _install_handlers(self.stop)
+        handlers = install_handlers(self.stop)
+        watch = StallWatch(cfg.runtime.stall_timeout_s, *workers_of(self.runner.program))
         try:
-            while self.runner.env_steps < cfg.train.total_env_steps and not self._target_hit():
-                self._after_round(self.runner.step())
-                self._stop_if_asked()
+            with watch.guarded():
+                while self.runner.env_steps < cfg.train.total_env_steps and \
+                        not self._target_hit():
+                    self._round(watch)
             return self._finish()
-        except WorkerError as err:  # the run cannot go on: say where it can resume from
-            raise WorkerError(f"{err}\n{self._resume_hint()}") from None
+        except (WorkerError, Stalled) as err:  # the run cannot go on: say where it can resume
+            raise type(err)(f"{err}\n{self._resume_hint()}") from None
         finally:
             for signum, handler in handlers.items():
                 signal.signal(signum, handler)
             self.progress.close()
             self.metrics.close()
             self.close()
+
+    def _round(self, watch: StallWatch) -> None:
+        t0 = time.perf_counter()
+        watch.arm(True)
+        report = self.runner.step()
+        watch.arm(False)
+        self._after_round(report)
+        self._stop_if_asked()
+        silent = watch.after_round(report, time.perf_counter() - t0)
+        if silent:
+            where = self.runner.dump_stacks(silent)
+            with contextlib.suppress(Exception):  # a stuck worker may hold a checkpoint up
+                self.save_checkpoint()
+            raise Stalled(f"{watch.message(silent)}; {where}")
 
     def _stop_if_asked(self) -> None:
         if self.stop.signum is not None:

@@ -8,6 +8,7 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
+from gymnasium.envs.classic_control import CartPoleEnv
 
 MAIN_PID = os.getpid()  # the test process; forked workers inherit the value
 
@@ -29,7 +30,7 @@ class ExplodingEnv(gym.Env[np.ndarray, int]):
         return np.zeros(4, np.float32), 0.0, False, False, {}
 
 
-class SlowStartCartPole(gym.envs.classic_control.CartPoleEnv):
+class SlowStartCartPole(CartPoleEnv):
     """CartPole, whose first reset inside a worker takes 1 s: a test can look at what the
     main process holds right after the workers started, before any of them acts."""
 
@@ -39,3 +40,14 @@ class SlowStartCartPole(gym.envs.classic_control.CartPoleEnv):
             self._slept = True
             time.sleep(1.0)
         return super().reset(seed=seed, options=options)
+
+
+class BlockingCartPole(CartPoleEnv):
+    """CartPole whose step blocks for an hour once this instance took 200 steps: a worker
+    (or an inline run) stuck in its env, for the stall watchdog's tests."""
+
+    def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        self._steps = getattr(self, "_steps", 0) + 1
+        if self._steps > 200:
+            time.sleep(3600.0)
+        return super().step(action)

@@ -111,6 +111,11 @@ class Runner(Protocol):
 
     def state(self, with_replay: bool) -> tuple[Tensors, Meta, Arrays]: ...
 
+    def dump_stacks(self, workers: list[int]) -> str:
+        """Have these workers (actors or gradient workers) print where they are (the
+        stall watchdog); says where the stacks went."""
+        ...
+
     def restore(self, tensors: Tensors, meta: Meta, replay: Arrays) -> None: ...
 
     def close(self) -> None: ...
@@ -153,6 +158,9 @@ class LearnerSide:
 
     def freeze(self) -> None:
         """Stop anything that writes the parameters outside ``step()`` (nothing here)."""
+
+    def dump_stacks(self, actors: list[int]) -> str:
+        return "actors in this process never stall without its round stalling"
 
     @property
     def replay_size(self) -> int:

@@ -56,6 +56,9 @@ class GlobalSide:
         """Stop anything that writes the global model outside ``step()`` (nothing here;
         Hogwild workers do, and their backend overrides this)."""
 
+    def dump_stacks(self, workers: list[int]) -> str:
+        return "workers in this process never stall without its round stalling"
+
     def describe(self) -> str:
         if self.shared_replay is not None:
             return "shared " + describe_replay(self.shared_replay)

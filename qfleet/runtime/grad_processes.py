@@ -46,6 +46,7 @@ from qfleet.runtime.processes import (
     context,
     dead_workers,
     leave_signals_to_main,
+    signal_stacks,
     stop_processes,
 )
 from qfleet.runtime.replay_rpc import (
@@ -318,6 +319,9 @@ class ProcessesGradientRunner(GlobalSide):
 
     def _incarnations(self) -> list[int]:
         return [w.incarnation for w in self.workers]
+
+    def dump_stacks(self, workers: list[int]) -> str:
+        return signal_stacks(self.workers, workers, "worker")
 
     def local_replays(self) -> dict[int, dict[str, np.ndarray]]:
         """Ask every worker to write its own replay, wait for the answers (serving nothing

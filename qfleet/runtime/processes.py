@@ -12,6 +12,8 @@ already delivered stays); a worker that raises stops the run with its traceback.
 
 from __future__ import annotations
 
+import faulthandler
+import os
 import queue
 import signal
 import time
@@ -35,6 +37,7 @@ from qfleet.runtime.shm import ChunkSlots, Context, SharedParams, main_alive
 SLOTS_PER_ACTOR = 4
 POLL_S = 0.05  # how long the learner waits for data when it is ahead of the actors
 SHUTDOWN_S = 10.0
+STACKS_S = 0.5  # for a stalled worker to print its stacks
 @dataclass(frozen=True)
 class ChunkMsg:
     actor: int
@@ -59,9 +62,11 @@ class ErrorMsg:
 def leave_signals_to_main() -> None:
     """Ctrl-C or SIGTERM sent to the whole process group (a terminal, `timeout`, a batch
     scheduler) is the main process's to handle: it checkpoints, then stops the workers.
-    A worker that died of it too would be restarted and reported as a crash."""
+    A worker that died of it too would be restarted and reported as a crash. SIGUSR1
+    prints the worker's stacks (for the stall watchdog: ``signal_stacks``)."""
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 
 def _actor_main(program: ActorLearnerProgram, index: int, incarnation: int,
@@ -133,6 +138,16 @@ def dead_workers(workers: Sequence[_HasProcess], drain: Callable[[RoundReport, b
             drain(report, False)
             count_restart(restarts, i, role, death_cause(worker.process), report)
             yield i
+
+
+def signal_stacks(workers: Sequence[_HasProcess], indices: list[int], role: str) -> str:
+    """Have each worker in ``indices`` print its stacks to stderr (SIGUSR1, faulthandler)."""
+    for i in indices:  # one at a time, so their lines do not interleave
+        pid = workers[i].process.pid
+        if pid is not None and workers[i].process.is_alive():
+            os.kill(pid, signal.SIGUSR1)
+            time.sleep(STACKS_S)  # it writes on its own: before the error line, not after
+    return f"each {role}'s stack (faulthandler, on stderr) is printed above"
 
 
 def stop_processes(processes: list[BaseProcess], stop: Event) -> None:
@@ -207,6 +222,9 @@ class ProcessesRunner(LearnerSide):
 
     def _incarnations(self) -> list[int]:
         return [w.incarnation for w in self.workers]
+
+    def dump_stacks(self, actors: list[int]) -> str:
+        return signal_stacks(self.workers, actors, "actor")
 
     def _reincarnate(self, i: int, incarnation: int) -> None:
         worker = self.workers[i]

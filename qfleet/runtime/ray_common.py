@@ -4,14 +4,23 @@ restartable Ray actor (probed while Ray restarts it, replaced when Ray will not)
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import os
+import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.exceptions import ActorDiedError, ObjectLostError, RayActorError, RayError, RayTaskError
+from ray.exceptions import (
+    ActorDiedError,
+    GetTimeoutError,
+    ObjectLostError,
+    RayActorError,
+    RayError,
+    RayTaskError,
+)
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import (
     NodeAffinitySchedulingStrategy,
@@ -24,6 +33,7 @@ from qfleet.runtime.errors import WorkerError
 POLL_S = 0.05  # how long the driver waits for results when there is nothing else to do
 PLACEMENT_TIMEOUT_S = 120.0
 PROBE_S = 0.5  # between probes of an actor that Ray is restarting
+STACKS_S = 2.0  # for stalled actors to print their stacks and Ray to forward them
 # Ray starts workers at nice 15, so on a machine shared with anything else the actors get
 # a fraction of the CPU the processes backend's actors (nice 0) get. Ours are the workload.
 LOCAL_SYSTEM_CONFIG = {"worker_niceness": 0}
@@ -76,6 +86,17 @@ def this_node() -> NodeAffinitySchedulingStrategy:
     return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
 
 
+class Host:
+    """What every qfleet Ray actor that runs a worker can do besides its work: say where it
+    runs, and print its stacks on SIGUSR1 (to its log, which Ray forwards to the driver)."""
+
+    def __init__(self) -> None:
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+
+    def where(self) -> tuple[str, int]:
+        return ray.util.get_node_ip_address(), os.getpid()
+
+
 @dataclass
 class Slot:
     """One restartable Ray actor of a role (an actor, a gradient worker).
@@ -90,6 +111,10 @@ class Slot:
     recovering: bool = False
     probe: ray.ObjectRef | None = None
     probe_at: float = 0.0  # monotonic time of the next probe
+    located: ray.ObjectRef = field(init=False)  # the answer of the actor's ``where()``
+
+    def __post_init__(self) -> None:
+        self.located = self.handle.where.remote()
 
     def lose(self, err: Exception, new_host: Callable[[int], Any]) -> None:
         """The actor's process or node is gone: wait for Ray's restart, or replace the actor
@@ -132,11 +157,33 @@ class Slot:
                 self.replace(new_host)
             return
         self.recovering = False
+        self.located = self.handle.where.remote()  # a restarted actor is a new process
 
     def replace(self, new_host: Callable[[int], Any]) -> None:
         """A new Ray actor for the slot: Ray will not restart the old one."""
         ray.kill(self.handle, no_restart=True)
         self.handle = new_host(self.index)
+        self.located = self.handle.where.remote()
+
+
+def signal_stacks(slots: list[Slot], indices: list[int], role: str) -> str:
+    """Have each slot's actor in ``indices`` print its stacks (SIGUSR1) when it runs on this
+    machine; say where the others' are."""
+    here, away = ray.util.get_node_ip_address(), []
+    for i in indices:
+        try:
+            ip, pid = ray.get(slots[i].located, timeout=STACKS_S)
+        except (RayError, GetTimeoutError):
+            away.append(f"{role} {i}: not reachable")
+            continue
+        if ip != here:
+            away.append(f"{role} {i}: pid {pid} on {ip}, in that node's Ray worker log")
+            continue
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGUSR1)
+        time.sleep(STACKS_S)  # one at a time; Ray forwards worker logs every second or so
+    return f"each {role}'s stack (faulthandler, forwarded by Ray) is printed above" + \
+        "".join(f"; {line}" for line in away)
 
 
 def first_line(err: BaseException, limit: int = 100) -> str:

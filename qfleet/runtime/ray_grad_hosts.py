@@ -31,6 +31,7 @@ from qfleet.replay import Batch, Replay, Transitions
 from qfleet.replay import describe as describe_replay
 from qfleet.roles import ParamSnapshot, gradient_step
 from qfleet.roles.gradients import Gradient, GradientWorker
+from qfleet.runtime.ray_common import Host
 
 CALL_S = 0.02  # async: a call runs work() for at most this long while no gradient comes
 # after the gradient in a reduced vector: included, staleness sum, rows
@@ -72,11 +73,12 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:160]}"
 
 
-class GradHost:
+class GradHost(Host):
     """One gradient-worker slot in a Ray worker process. The GradientWorker is built on
     the first call and rebuilt whenever the driver's incarnation for the slot moves."""
 
     def __init__(self, spec: HostSpec, index: int) -> None:
+        super().__init__()
         torch.set_num_threads(1)
         self.spec, self.index = spec, index
         self.worker: GradientWorker | None = None

@@ -328,6 +328,9 @@ class RayGradientRunner(GlobalSide):
     def _incarnations(self) -> list[int]:
         return [s.incarnation for s in self.slots]
 
+    def dump_stacks(self, workers: list[int]) -> str:
+        return rc.signal_stacks(list(self.slots), workers, "worker")
+
     def local_replays(self) -> dict[int, dict[str, np.ndarray]]:
         """Each live worker's own replay, asked after the calls it has in flight."""
         refs = {i: s.handle.replay_state.remote(s.incarnation) for i, s in enumerate(self.slots)

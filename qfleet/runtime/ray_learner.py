@@ -85,6 +85,9 @@ class LearnerHost:
     def freeze(self) -> None:
         self.runner.freeze()
 
+    def dump_stacks(self, workers: list[int]) -> str:
+        return self.runner.dump_stacks(workers)
+
     def close(self) -> None:
         self.runner.close()
 
@@ -190,6 +193,9 @@ class RemoteRunner:
     def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
                 replay: dict[str, Any]) -> None:
         self.env_steps, self.updates = self._call("restore", tensors, meta, replay)
+
+    def dump_stacks(self, workers: list[int]) -> str:
+        return str(self._call("dump_stacks", workers, timeout=30.0))
 
     def freeze(self) -> None:
         self._call("freeze")

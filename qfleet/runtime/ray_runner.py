@@ -42,11 +42,13 @@ from qfleet.runtime.errors import count_restart
 from qfleet.runtime.ray_common import LOCAL_SYSTEM_CONFIG as LOCAL_SYSTEM_CONFIG
 from qfleet.runtime.ray_common import (
     POLL_S,
+    Host,
     Slot,
     connect,
     first_line,
     in_bundle,
     place_bundles,
+    signal_stacks,
     teardown,
     this_node,
 )
@@ -80,11 +82,12 @@ class Delivery:
     shard_lost: bool = False
 
 
-class ActorHost:
+class ActorHost(Host):
     """One actor slot in a Ray worker process. The Actor is built on the first call and
     rebuilt whenever the driver's incarnation for the slot moves (after a restart)."""
 
     def __init__(self, spec: ActorSpec, index: int) -> None:
+        super().__init__()
         torch.set_num_threads(1)
         self.spec, self.index = spec, index
         self.loop: ActorLoop | None = None
@@ -271,6 +274,9 @@ class RayRunner(LearnerSide):
 
     def _incarnations(self) -> list[int]:
         return [s.incarnation for s in self.slots]
+
+    def dump_stacks(self, actors: list[int]) -> str:
+        return signal_stacks(list(self.slots), actors, "actor")
 
     def _reincarnate(self, i: int, incarnation: int) -> None:
         slot = self.slots[i]  # its calls in flight belong to the old run: dropped
