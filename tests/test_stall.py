@@ -4,7 +4,9 @@ stalled, prints the stuck worker's stack, checkpoints what it can and exits 1 in
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -54,12 +56,22 @@ STALL_SETS = ["env.id=faulty_envs:BlockingCartPole", "train.eval_every=0",
               "train.total_env_steps=100000", "log.every=100"]
 
 
+def _left_running(marker: str) -> list[str]:
+    """Command lines of live processes that name ``marker`` (forked workers carry their
+    parent's command line, and with it the run dir)."""
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True)
+    return [line for line in ps.stdout.splitlines() if marker in line and "ps -eo" not in line]
+
+
 def _stalled_run(run_cli: Any, tmp_path: Path, preset: str, *sets: str,
                  timeout: float = 120) -> tuple[str, float]:
+    shm_before = set(os.listdir("/dev/shm"))
     t0 = time.monotonic()
     proc = run_cli("train", preset, "--run-dir", str(tmp_path / "run"),
                    sets=[*STALL_SETS, *sets], timeout=timeout)
     took = time.monotonic() - t0
+    assert not _left_running(str(tmp_path / "run")), "a worker outlived the stalled run"
+    assert set(os.listdir("/dev/shm")) <= shm_before, "shared memory left behind"
     out = " ".join((proc.stdout + proc.stderr).split())  # the console wraps long lines
     assert proc.returncode == 1, out[-3000:]
     assert "qfleet: error: stalled:" in out, out[-3000:]
