@@ -11,6 +11,8 @@ measurement can reach). For the cartpole-apex preset shapes it measures env step
 each for the same wall time after a warm-up, and prints (b)/(a) (goal >= 0.90) and
 (c)/(b) (goal >= 1.7x). CPU use of every process over the window is printed too: on a
 2-core machine the learner process copying chunks into replay competes with 2 actors.
+(a) again with the actor's time accounting off (a NullClock) gives what the accounting
+costs: on/off (goal >= 0.98).
 
 Then the transport alone: a forked child writes Atari-sized chunks (obs (4, 84, 84) uint8,
 --chunk-rows rows) into ChunkSlots and sends slot ids over a queue; this process views each
@@ -49,6 +51,7 @@ from _common import (
 import qfleet
 from qfleet.algos import ActorLearnerProgram, build_program
 from qfleet.replay import transition_spec
+from qfleet.roles.clock import NullClock
 from qfleet.runtime import ProcessesRunner
 from qfleet.runtime.shm import ChunkSlots
 
@@ -99,9 +102,11 @@ def actor_learner(cfg: qfleet.Config) -> ActorLearnerProgram:
     return program
 
 
-def in_process(cfg: qfleet.Config, warmup: float, seconds: float) -> Rate:
+def in_process(cfg: qfleet.Config, warmup: float, seconds: float, clock: bool = True) -> Rate:
     program = actor_learner(cfg)
     actor = program.make_actor(0, 0)
+    if not clock:  # the time accounting off, to measure what it costs
+        actor.clock = NullClock()
     chunk_steps = program.schedule.chunk_steps
     try:
         t_end = time.perf_counter() + warmup
@@ -115,7 +120,12 @@ def in_process(cfg: qfleet.Config, warmup: float, seconds: float) -> Rate:
         others = (busy_cores_s() - busy0) / (now - t0) - cpu
     finally:
         actor.close()
-    return Rate("(a) in-process actor", steps, now - t0, {"this process": cpu}, others=others)
+    name = "(a) in-process actor" + ("" if clock else ", time accounting off")
+    return Rate(name, steps, now - t0, {"this process": cpu}, others=others)
+
+
+def no_clock(cfg: qfleet.Config, warmup: float, seconds: float) -> Rate:
+    return in_process(cfg, warmup, seconds, clock=False)
 
 
 def through_processes(cfg: qfleet.Config, warmup: float, seconds: float) -> Rate:
@@ -256,8 +266,8 @@ def main() -> None:
           f"{os.cpu_count()} CPUs", flush=True)
     pooled: dict[str, Rate] = {}
     for _ in range(args.repeats):  # interleaved, so other users' jobs hit all three alike
-        for key, fn, actors in (("ref", in_process, 1), ("one", through_processes, 1),
-                                ("two", through_processes, 2)):
+        for key, fn, actors in (("ref", in_process, 1), ("off", no_clock, 1),
+                                ("one", through_processes, 1), ("two", through_processes, 2)):
             cfg = config(args.preset, args.num_envs, actors, args.chunk_size)
             got = fn(cfg, args.warmup, args.seconds)
             print(got.line(), flush=True)
@@ -265,8 +275,10 @@ def main() -> None:
     ref, one, two = pooled["ref"], pooled["one"], pooled["two"]
     if args.repeats > 1:
         print("pooled over the rounds:")
-        for got in (ref, one, two):
+        for got in (ref, pooled["off"], one, two):
             print(got.line())
+    print(f"time accounting on / off: {ref.per_s / pooled['off'].per_s:.3f} (goal >= 0.98: "
+          "it costs at most 2% of env steps/s)")
     print(f"1 process / in-process: {one.per_s / ref.per_s:.2f} (goal >= 0.90)")
     print(f"2 processes / 1 process: {two.per_s / one.per_s:.2f}x (goal >= 1.7x; "
           f"{os.cpu_count()} CPUs shared by 2 actors and the learner process, which "

@@ -1,5 +1,5 @@
-"""The ``qfleet`` command line: train, presets, config, eval, resume, plot, compare, export,
-push."""
+"""The ``qfleet`` command line: train, presets, config, eval, resume, export, push, compare,
+inspect, plot."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qfleet.cli_args import Version, positive, seed_list
+from qfleet.cli_insight import add_insight_commands
 
 # Only the standard library at import time: a Ctrl-C while torch loads lands in main()'s
 # handler, and `qfleet --help` answers at once.
@@ -110,7 +111,8 @@ def _print_result(result: Result) -> None:
         f"{result.eval_return_std:.1f} over {result.eval_episodes} episodes; "
         f"{result.env_steps:,} env steps, {result.updates:,} updates in {result.wall_s:.1f} s "
         f"({result.env_steps_per_s:.0f} steps/s){solved}\n"
-        f"run directory: {_escape(result.run_dir)}", highlight=False)
+        + (f"time: {result.verdict} (`qfleet inspect` for the split)\n" if result.verdict
+           else "") + f"run directory: {_escape(result.run_dir)}", highlight=False)
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
@@ -192,32 +194,6 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_plot(args: argparse.Namespace) -> int:
-    from qfleet.plots import plot_runs
-
-    x_axes = ("steps", "wall") if args.x == "both" else (args.x,)
-    out = plot_runs([Path(p) for p in args.run_dirs], Path(args.output), args.metric, x_axes,
-                    args.smooth)
-    _consoles()[0].print(f"plot written to {_escape(out)}")
-    return 0
-
-
-def cmd_compare(args: argparse.Namespace) -> int:
-    from rich.table import Table
-
-    from qfleet import compare
-
-    console = _consoles()[0]
-    report, head, rows = compare.run(args, lambda line: console.print(_escape(line),
-                                                                      highlight=False))
-    view = Table(*head)
-    for row in rows:
-        view.add_row(*map(_escape, row))
-    console.print(view)
-    console.print(f"report: {_escape(report)}", highlight=False)
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qfleet", description=__doc__)
     parser.add_argument("--version", action=Version, help="print the version and exit")
@@ -259,35 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a field, e.g. train.total_env_steps=100000")
 
     _add_policy_commands(add)
+    add_insight_commands(add)
 
-    p = add("compare", cmd_compare, "train several configs on one budget and seeds, then "
-            "write a side-by-side report (report.html, PNGs)")
-    p.add_argument("sources", nargs="+", metavar="SOURCE",
-                   help="preset, path.toml, or a trained run dir (or seeds folder) to reuse")
-    p.add_argument("--seeds", type=positive, default=2, metavar="N",
-                   help="seeds 0..N-1 for every config (default 2)")
-    p.add_argument("--budget-steps", type=positive, metavar="N",
-                   help="train.total_env_steps for every config (default: each its own)")
-    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
-                   help="override a field in every config")
-    p.add_argument("--threshold", type=float,
-                   help="return for the time-to-threshold columns (default: the configs' "
-                        "common train.target_return)")
-    p.add_argument("-o", "--output", help="report folder (default compare-<time>)")
-
-    p = add("plot", cmd_plot, "draw learning curves of one or more runs (runs that differ "
-            "only by seed as a mean with a band)")
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
-                   help="run directories, or a folder of seed-N runs (train --seeds)")
-    p.add_argument("-o", "--output", default="curves.png",
-                   help="image file (its suffix picks the format), or a folder for curves.png")
-    p.add_argument("--metric", default="eval_return_mean",
-                   help="the field to draw (default: the greedy eval return), e.g. "
-                        "return_mean, loss, env_steps_per_s")
-    p.add_argument("--x", choices=("steps", "wall", "both"), default="both",
-                   help="x axis: env steps, wall time, or both side by side")
-    p.add_argument("--smooth", type=positive, default=1, metavar="N",
-                   help="moving average over the last N points")
     return parser
 
 

@@ -15,7 +15,7 @@ import signal
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from qfleet import checkpoint, rundir
-from qfleet.algos import build_program
+from qfleet.algos import ActorLearnerProgram, build_program
 from qfleet.callbacks import CallbackList
 from qfleet.config import Config, ConfigError, to_toml, validate
 from qfleet.envs import env_fn_ref
@@ -31,26 +31,13 @@ from qfleet.evaluate import EvalInterrupted, evaluate
 from qfleet.memory import check_fits
 from qfleet.metrics import MetricsWriter, summarize_window
 from qfleet.progress import ProgressLine
+from qfleet.result import Result as Result
 from qfleet.resumable import check_counters, check_resumable, saved_config
 from qfleet.runtime import RoundReport, WorkerError, make_runner, ray_options
 from qfleet.sysinfo import write_system_info
+from qfleet.timesplit import add_times, fractions, split_record, verdict, window_times
 from qfleet.tracking import check_installed
 from qfleet.watchdog import Stalled, StallWatch, StopFlag, install_handlers, workers_of
-
-
-@dataclass
-class Result:
-    eval_return_mean: float
-    eval_return_std: float
-    eval_episodes: int
-    env_steps: int
-    updates: int
-    wall_s: float
-    env_steps_per_s: float
-    best_eval_return_mean: float
-    solved_at_env_steps: int | None  # first eval >= train.target_return, if one is set
-    solved_at_wall_s: float | None
-    run_dir: str
 
 
 class Interrupted(KeyboardInterrupt):
@@ -92,6 +79,8 @@ class Experiment:
             if self.own_lock is not None:
                 self.own_lock.release(failed=True)
             raise
+        self.replay_ratio_target = program.schedule.target_replay_ratio \
+            if isinstance(program, ActorLearnerProgram) else None
         self.notes: list[str] = []  # printed when the run starts (what resume decided)
         self.stop = StopFlag()
         self.wall_offset = 0.0
@@ -102,6 +91,7 @@ class Experiment:
         self.best_eval = -float("inf")
         self.eval_s = 0.0  # wall time spent in greedy evals, so rates can exclude it
         self.actor_restarts = 0
+        self.times: dict[str, float] = {}  # "role.activity" -> seconds, the whole run
         self.solved: tuple[int, float] | None = None
         t = cfg.train
         self.next_log, self.next_eval, self.next_ckpt = cfg.log.every, t.eval_every, \
@@ -118,7 +108,7 @@ class Experiment:
         tensors, meta, replay = self.runner.state(self.cfg.checkpoint.replay)
         meta |= {"config": to_toml(self.cfg), "wall_s": self.wall_s(),
                  "best_eval": self.best_eval, "solved": self.solved, "eval_s": self.eval_s,
-                 "actor_restarts": self.actor_restarts,
+                 "actor_restarts": self.actor_restarts, "time_s": self.times,
                  "recent_returns": list(self.episodes),
                  "next": [self.next_log, self.next_eval, self.next_ckpt]}
         path = checkpoint.save(self.run_dir / "checkpoints", self.runner.env_steps, tensors,
@@ -137,6 +127,7 @@ class Experiment:
             self.wall_offset = meta["wall_s"]
             self.best_eval, self.solved = meta["best_eval"], meta["solved"]
             self.eval_s, self.actor_restarts = meta["eval_s"], meta["actor_restarts"]
+            self.times = dict(meta.get("time_s", {}))  # older checkpoints: none measured
             self.episodes.clear()
             self.episodes.extend(meta["recent_returns"])
             self.next_log, self.next_eval, self.next_ckpt = meta["next"]
@@ -238,6 +229,7 @@ class Experiment:
         for note in report.notes:
             self.progress.print(note)
         self.episodes.extend(report.episode_returns)
+        add_times(self.times, report.times.items())
         for actor, returns in report.returns_by_actor.items():
             self.episodes_by_actor.setdefault(actor, deque(maxlen=20)).extend(returns)
         steps = self.runner.env_steps
@@ -265,7 +257,9 @@ class Experiment:
             **summarize_window(win, dt, self.runner.program.num_actors,
                                self.runner.program.batch_size),
             "replay_size": self.runner.replay_size, "actor_restarts": self.actor_restarts,
-            "lr": self.cfg.learner.lr}  # constant: no schedule changes it
+            "lr": self.cfg.learner.lr,  # constant: no schedule changes it
+            "replay_ratio_target": self.replay_ratio_target,
+            **split_record(window_times(win), self.times)}
         if self.runner.program.num_actors > 1:  # Ape-X actors explore differently: show each
             record["return_mean_by_actor"] = [
                 float(np.mean(d)) if (d := self.episodes_by_actor.get(i)) else None
@@ -318,7 +312,8 @@ class Experiment:
             best_eval_return_mean=self.best_eval,
             solved_at_env_steps=self.solved[0] if self.solved else None,
             solved_at_wall_s=self.solved[1] if self.solved else None,
-            run_dir=str(self.run_dir))
+            run_dir=str(self.run_dir), time_split=fractions(self.times), time_s=self.times,
+            verdict=verdict(fractions(self.times)))
         (self.run_dir / "result.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
         self.metrics.finished = True
         self.progress.print(f"checkpoint: {ckpt}")

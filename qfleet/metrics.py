@@ -69,11 +69,20 @@ def dashboard_scalars(event: str, record: dict[str, Any]) -> dict[str, float]:
             continue
         if isinstance(value, (int, float)):
             out[f"{event}/{name}"] = value
+        elif isinstance(value, dict):  # time_split, time_s: one scalar per role.activity
+            out |= {f"{event}/{name}/{k}": v for k, v in value.items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
         elif isinstance(value, list) and key.endswith("_by_actor"):
             base = name.removesuffix("_by_actor")
             out |= {f"{event}/{base}/actor_{i}": v for i, v in enumerate(value)
                     if isinstance(v, (int, float)) and not isinstance(v, bool)}
     return out
+
+
+def is_timing(key: str) -> bool:
+    """A field measured on the clock (seconds, rates, the time split and its verdict): two
+    identical seeded runs agree on every other field."""
+    return key.endswith(("_s", "_per_s_by_actor")) or key in ("time_split", "verdict")
 
 
 def summarize_window(win: list[RoundReport], dt: float, num_actors: int,

@@ -8,6 +8,8 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+from qfleet.timesplit import short
+
 
 def _fmt(stats: dict[str, Any]) -> str:
     parts = [f"{stats['env_steps']:>8,} steps", f"{stats['env_steps_per_s']:7.0f} steps/s"]
@@ -19,6 +21,8 @@ def _fmt(stats: dict[str, Any]) -> str:
         parts.append(f"eps {stats['epsilon']:.3f}")
     if stats.get("loss") is not None:
         parts.append(f"loss {stats['loss']:.4f}")
+    if stats.get("verdict"):
+        parts.append(short(stats["verdict"]))
     return "  ".join(parts)
 
 

@@ -51,3 +51,11 @@ class BlockingCartPole(CartPoleEnv):
         if self._steps > 200:
             time.sleep(3600.0)
         return super().step(action)
+
+
+class SlowCartPole(CartPoleEnv):
+    """CartPole whose every step takes 2 ms more: actors slower than any learner here."""
+
+    def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        time.sleep(0.002)
+        return super().step(action)

@@ -15,7 +15,7 @@ import torch
 from qfleet import checkpoint
 from qfleet.config import Config, ConfigError, load_config
 from qfleet.experiment import Experiment, resume, train
-from qfleet.metrics import read_metrics
+from qfleet.metrics import is_timing, read_metrics
 from qfleet.policy_io import load_policy
 from qfleet.replay.transitions import FIELDS
 
@@ -27,8 +27,8 @@ DET_SETS = ("train.total_env_steps=1600", "learner.learning_starts=256", "env.nu
 
 
 def without_timing(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Drop wall-clock fields (wall_s, eval_s) and per-second rates (..._per_s)."""
-    return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in records]
+    """Drop what the clock measured (seconds, rates, the time split)."""
+    return [{k: v for k, v in r.items() if not is_timing(k)} for r in records]
 
 
 def final_tensors(run_dir: Path) -> dict[str, torch.Tensor]:

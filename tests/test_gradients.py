@@ -26,7 +26,7 @@ from qfleet.algos import GradientProgram, build_program, scheme_row
 from qfleet.config import Config, ConfigError
 from qfleet.experiment import resume, train
 from qfleet.losses import TorchBatch, ac_loss, dqn_loss
-from qfleet.metrics import read_metrics
+from qfleet.metrics import is_timing, read_metrics
 from qfleet.nets import ActorCritic
 from qfleet.policies import sample_logits
 from qfleet.policy_io import load_policy
@@ -760,9 +760,7 @@ RUN_SETS = ("train.eval_every=400", "train.eval_episodes=2", "log.every=200",
 
 
 def _without_timing(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{k: v for k, v in r.items() if not k.endswith("_s") and k != "wall_s"
-             and not k.endswith("_per_s") and k != "env_steps_per_s_by_actor"}
-            for r in records]
+    return [{k: v for k, v in r.items() if not is_timing(k)} for r in records]
 
 
 def _final(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -29,6 +29,14 @@ class Schedule:
     prefetch: int = 1  # prioritized batches drawn before their priorities are written back
     on_policy: bool = False  # the replay is a queue: one update per batch_size rows in it
 
+    @property
+    def target_replay_ratio(self) -> float | None:
+        """Sampled / inserted transitions the schedule aims at (None: on-policy)."""
+        if self.on_policy:
+            return None
+        ratio = self.updates_per_round * self.batch_size / self.train_every
+        return min(ratio, self.max_replay_ratio) if self.max_replay_ratio > 0 else ratio
+
     def updates_owed(self, env_steps: int) -> int:
         """Total updates due after ``env_steps`` (the replay ratio, as a step function)."""
         if env_steps < self.learning_starts:

@@ -13,6 +13,7 @@ from qfleet.config import EnvConfig
 from qfleet.envs import box_space, make_vec_env, seeds_for
 from qfleet.policies import epsilon_greedy, sample_logits
 from qfleet.replay import NStepAccumulator, Transitions
+from qfleet.roles.clock import Clock
 from qfleet.roles.params import ParamSnapshot
 
 
@@ -25,6 +26,7 @@ class Chunk:
     param_version: int = 0  # the snapshot that chose these actions (parameter lag)
     epsilon: float | None = None  # exploration rate at the chunk's end; None = sampled
     priorities_N: np.ndarray | None = None  # the actor's own |td| (Ape-X initial priorities)
+    times: dict[str, float] = field(default_factory=dict)  # seconds by activity (Clock)
 
 
 PriorityFn = Callable[[nn.Module, Transitions], np.ndarray]
@@ -51,6 +53,7 @@ class Actor:
         self.env_steps = 0
         self.return_E = np.zeros(self.env.num_envs)
         self.length_E = np.zeros(self.env.num_envs, dtype=np.int64)
+        self.clock = Clock()  # env vs inference here; the worker loop adds its waits
         self.reset_envs()
 
     def reset_envs(self) -> None:
@@ -81,9 +84,13 @@ class Actor:
         parts: list[Transitions] = []
         returns: list[float] = []
         lengths: list[int] = []
+        clock = self.clock
         for _ in range(vector_steps):
+            clock.lap("other")
             action_E = self._act()
+            clock.lap("inference")
             next_obs_EO, reward_E, term_E, trunc_E, info = self.env.step(action_E)
+            clock.lap("env")
             done_E = term_E | trunc_E
             real_next_EO = next_obs_EO
             if done_E.any():  # SAME_STEP autoreset: the true last obs sits in final_obs
@@ -102,7 +109,9 @@ class Actor:
             self.obs_EO = next_obs_EO
             self.env_steps += self.env.num_envs
         data = Transitions.concat(parts)
+        clock.lap("other")
         priorities_N = None if self.priority_fn is None else self.priority_fn(self.net, data)
+        clock.lap("inference")
         return Chunk(data, vector_steps * self.env.num_envs, returns, lengths, self.version,
                      None if self.sample else self.epsilon(self.env_steps), priorities_N)
 

@@ -58,6 +58,7 @@ class Gradient:
     applied_at: int = -1  # Hogwild: the global version right after the worker applied it
     rows: int = 0  # transitions in the batch behind grads_P (0 = unknown: equal weights)
     episode_lengths: list[int] = field(default_factory=list)
+    times: dict[str, float] = field(default_factory=dict)  # seconds by activity (Clock)
 
 
 class GradientWorker:
@@ -106,6 +107,7 @@ class GradientWorker:
             self.replay.add(chunk.transitions, shard=self.index)
             self.collected += chunk.env_steps
             if self.collected < self.learning_starts or len(self.replay) < self.batch_size:
+                self.actor.clock.lap("learn")
                 return out
             batch = self.replay.sample(self.batch_size)
         loss = self._backward(batch)
@@ -113,6 +115,7 @@ class GradientWorker:
             self.replay.update_priorities(batch.indices_B, loss.td_B.abs().numpy())
         out.grads_P, out.rows = flat_grads(self.params), len(batch)
         out.loss, out.q_mean = float(loss.loss.detach()), float(loss.q_mean)
+        self.actor.clock.lap("learn")
         self.sent += 1
         self.sent_total += 1
         return out

@@ -30,19 +30,28 @@ class ActorLoop:
         self.since_pull = self.sync_every
 
     def step(self, fetch: Fetch) -> Chunk:
+        clock = self.actor.clock
+        clock.lap("waiting")  # since the last chunk: the backend took it (or held it up)
         if self.since_pull >= self.sync_every:
             snapshot = fetch(self.actor.version)
             if snapshot is not None:
                 self.actor.set_params(snapshot)
             self.since_pull = 0
+        clock.lap("params")
         chunk = self.actor.collect(self.chunk_steps)
         self.since_pull += chunk.env_steps
+        chunk.times = clock.take()
         return chunk
 
 
 def gradient_step(worker: GradientWorker, fetch: Fetch, sync_every: int) -> Gradient:
     """A gradient worker pulls after every ``sync_every`` gradients it sent (and before
     each work() until its first gradient), then works once."""
+    clock = worker.actor.clock
+    clock.lap("waiting")  # since the last gradient: the backend took it (or held it up)
     if worker.wants_params(sync_every):
         worker.pulled(fetch(worker.version))
-    return worker.work()
+    clock.lap("params")
+    grad = worker.work()
+    grad.times = clock.take()
+    return grad

@@ -17,6 +17,7 @@ from qfleet.checkpoint import flatten_optimizer, unflatten_optimizer, with_prefi
 from qfleet.replay import Replay
 from qfleet.replay import describe as describe_replay
 from qfleet.roles import Chunk, UpdateStats
+from qfleet.roles.clock import Clock
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,12 @@ class RoundReport:
     epsilon: float | None = None  # of actor 0, for the progress line
     actor_restarts: int = 0
     notes: list[str] = field(default_factory=list)  # events worth a line on the console
+    times: dict[str, float] = field(default_factory=dict)  # "role.activity" -> seconds
+
+    def add_times(self, role: str, times: dict[str, float]) -> None:
+        for activity, seconds in times.items():
+            key = f"{role}.{activity}"
+            self.times[key] = self.times.get(key, 0.0) + seconds
 
     def add_chunk(self, actor: int, chunk: Chunk, learner_version: int) -> None:
         self.env_steps += chunk.env_steps
@@ -62,6 +69,7 @@ class RoundReport:
         self.returns_by_actor.setdefault(actor, []).extend(chunk.episode_returns)
         self.param_lag_sum += learner_version - chunk.param_version
         self.chunks += 1
+        self.add_times("actor", chunk.times)
         if actor == 0:
             self.epsilon = chunk.epsilon
 
@@ -72,6 +80,8 @@ class RoundReport:
             self.updates += len(stats)
             self.loss_count += len(stats)
 
+
+OUTSIDE = "outside"  # a clock's time between rounds (logging, evals): no role's
 
 Tensors: TypeAlias = dict[str, torch.Tensor]
 Meta: TypeAlias = dict[str, Any]
@@ -133,6 +143,7 @@ class LearnerSide:
         # so a resumed run does not burst hundreds of updates on a few fresh transitions.
         self.forgiven = 0
         self.refill_until = 0
+        self.clock = Clock()  # the learner's own time split
 
     @property
     def updates(self) -> int:
@@ -145,7 +156,9 @@ class LearnerSide:
     def write(self, actor: int, chunk: Chunk, report: RoundReport) -> None:
         """Put one actor's chunk into the replay (its own shard, for Ape-X)."""
         shard = actor if self.program.shard_per_actor else None
+        self.clock.lap("wait")
         self.replay.add(chunk.transitions, chunk.priorities_N, shard=shard)
+        self.clock.lap("ingest")
         self.count(actor, chunk, report)
 
     def count(self, actor: int, chunk: Chunk, report: RoundReport) -> None:
@@ -172,15 +185,25 @@ class LearnerSide:
         learner owes more than a round it takes no chunks, so actors wait (for slots or
         calls) instead of outrunning the schedule's replay ratio."""
         report, per_round = RoundReport(), self.program.schedule.updates_per_round
+        self.clock.lap(OUTSIDE)
         owed = self.updates_owed()
         if owed <= per_round:
             self._drain(report, wait=owed == 0)
         self._tend(report)
+        self.clock.lap("wait")
         stats = self.train(min(self.updates_owed(), per_round))
         report.add_updates(stats)
         if stats:
             self._publish()
+        self.clock_out(report)
         return report
+
+    def clock_out(self, report: RoundReport) -> None:
+        """The learner's time split of this round into ``report``."""
+        self.clock.lap("publish")
+        times = self.clock.take()
+        times.pop(OUTSIDE, None)
+        report.add_times("learner", times)
 
     def _drain(self, report: RoundReport, wait: bool) -> None:
         """Put every chunk that has arrived into replay (waiting briefly if ``wait``)."""
@@ -206,8 +229,13 @@ class LearnerSide:
         if count == 0:
             return []
         batch_size = self.program.schedule.batch_size
+        clock = self.clock
         if not self.replay.prioritized:  # draws are independent: fetch the round at once
-            return self.learner.update_many(self.replay.sample(count * batch_size), count)
+            batch = self.replay.sample(count * batch_size)
+            clock.lap("sample")
+            uniform_stats = self.learner.update_many(batch, count)
+            clock.lap("update")
+            return uniform_stats
         # Prioritized: draw `prefetch` batches at once (an Ape-X learner's prefetch queue),
         # update on each, then write their priorities back. prefetch = 1 is strictly
         # sequential. Stratified draws come out sorted, so shuffle before slicing.
@@ -217,9 +245,12 @@ class LearnerSide:
             batch = self.replay.sample(group * batch_size)
             if group > 1:
                 batch = batch.take(self.replay.rng.permutation(len(batch)))
+            clock.lap("sample")
             group_stats = self.learner.update_many(batch, group)
+            clock.lap("update")
             td_abs = torch.cat([s.td_abs_B for s in group_stats]).cpu().numpy()
             self.replay.update_priorities(batch.indices_B, td_abs)
+            clock.lap("priorities")
             stats += group_stats
         return stats
 

@@ -23,8 +23,9 @@ import torch
 from qfleet.algos.program import GradientProgram
 from qfleet.checkpoint import flatten_optimizer, unflatten_optimizer, with_prefix
 from qfleet.replay import describe as describe_replay
+from qfleet.roles.clock import Clock
 from qfleet.roles.gradients import Gradient, GradientGate, Ready
-from qfleet.runtime.base import RoundReport
+from qfleet.runtime.base import OUTSIDE, RoundReport
 
 
 class GlobalSide:
@@ -38,6 +39,7 @@ class GlobalSide:
         self.env_steps = 0
         self.waiting: set[int] = set()  # replacements not yet in their group
         self.held: dict[int, Any] = {}  # worker -> the token of its gradient in the gate
+        self.clock = Clock()  # the aggregator's own time split
         self.saved_replays: dict[int, dict[str, np.ndarray]] = {}  # by worker, from restore
 
     @property
@@ -116,8 +118,20 @@ class GlobalSide:
         self.held.clear()
         self.waiting.clear()
 
+    def clock_in(self) -> None:
+        """At the start of a round: the time since the last one was no role's."""
+        self.clock.lap(OUTSIDE)
+
+    def clock_out(self, report: RoundReport) -> None:
+        """The aggregator's time split of this round into ``report``."""
+        self.clock.lap("wait")
+        times = self.clock.take()
+        times.pop(OUTSIDE, None)
+        report.add_times("aggregator", times)
+
     def receive(self, grad: Gradient, live: Collection[int], report: RoundReport) -> None:
         """Count a worker's message; take a global step if it completed its group."""
+        self.clock.lap("wait")
         self.env_steps += grad.env_steps
         report.env_steps += grad.env_steps
         report.steps_by_actor[grad.worker] = report.steps_by_actor.get(grad.worker, 0) + \
@@ -125,6 +139,7 @@ class GlobalSide:
         report.episode_returns += grad.episode_returns
         report.episode_lengths += grad.episode_lengths
         report.returns_by_actor.setdefault(grad.worker, []).extend(grad.episode_returns)
+        report.add_times("worker", grad.times)
         if grad.worker == 0 and grad.epsilon is not None:
             report.epsilon = grad.epsilon
         if grad.grads_P is None and grad.applied_at < 0:
@@ -149,6 +164,7 @@ class GlobalSide:
         if ready is not None:
             self.aggregator.apply(*ready)
             report.updates += 1
+        self.clock.lap("apply")
         report.grads_applied += self.gate.applied - before[0]
         report.grads_dropped += self.gate.dropped - before[1]
         report.staleness_sum += self.gate.staleness_sum - before[2]

@@ -77,6 +77,7 @@ class GradMsg:
     applied_at: int
     rows: int
     lengths: list[int]
+    times: dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -184,7 +185,7 @@ def _send(sh: _Shared, worker: GradientWorker, grad: Gradient, link: Link,
         link.grads[slot].copy_(grad.grads_P)
     return GradMsg(worker.index, worker.actor.incarnation, slot, grad.base_version,
                    grad.env_steps, grad.episode_returns, grad.loss, grad.q_mean, grad.epsilon,
-                   grad.applied_at, grad.rows, grad.episode_lengths)
+                   grad.applied_at, grad.rows, grad.episode_lengths, grad.times)
 
 
 def _take(free: Any, sh: _Shared, saver: _Saver) -> int | None:
@@ -257,8 +258,10 @@ class ProcessesGradientRunner(GlobalSide):
 
     def step(self) -> RoundReport:
         report = RoundReport()
+        self.clock_in()
         self._drain(report, wait=True)
         self._check_health(report)
+        self.clock_out(report)
         return report
 
     def _drain(self, report: RoundReport, wait: bool) -> None:
@@ -288,7 +291,7 @@ class ProcessesGradientRunner(GlobalSide):
         grads_P = None if msg.slot < 0 else link.grads[msg.slot].clone()
         grad = Gradient(msg.worker, msg.base_version, msg.env_steps, msg.returns, grads_P,
                         msg.loss, msg.q_mean, msg.epsilon, msg.applied_at, msg.rows,
-                        msg.lengths)
+                        msg.lengths, msg.times)
         current = self.workers[msg.worker].incarnation == msg.incarnation
         self.take(grad, current, (link, msg.slot), report)
 

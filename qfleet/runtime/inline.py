@@ -15,7 +15,7 @@ import torch
 
 from qfleet.algos.program import ActorLearnerProgram, GradientProgram
 from qfleet.roles import Actor, ActorLoop, ParamSnapshot, gradient_step
-from qfleet.runtime.base import LearnerSide, RoundReport
+from qfleet.runtime.base import OUTSIDE, LearnerSide, RoundReport
 from qfleet.runtime.global_side import GlobalSide
 
 
@@ -38,12 +38,16 @@ class InlineRunner(LearnerSide):
 
     def step(self) -> RoundReport:
         report = RoundReport()
+        self.clock.lap(OUTSIDE)
         for index, loop in enumerate(self.loops):
-            self.write(index, loop.step(self._fetch), report)
+            chunk = loop.step(self._fetch)
+            self.clock.lap("actors")  # in this process: the learner waits for each
+            self.write(index, chunk, report)
         stats = self.train(self.updates_owed())
         report.add_updates(stats)
         if stats:
             self._publish()
+        self.clock_out(report)
         return report
 
     # ------------------------------------------------------------ checkpoint state
@@ -88,11 +92,14 @@ class InlineGradientRunner(GlobalSide):
 
     def step(self) -> RoundReport:
         report = RoundReport()
+        self.clock.lap(OUTSIDE)
         for worker in self.workers:
-            self.take(gradient_step(worker, self._fetch, self.program.sync_every), True,
-                      None, report)
+            grad = gradient_step(worker, self._fetch, self.program.sync_every)
+            self.clock.lap("workers")  # in this process: the aggregator waits for each
+            self.take(grad, True, None, report)
         if self.aggregator.version != self.published.version:
             self._snapshot()
+        self.clock_out(report)
         return report
 
     def _worker_states(self) -> list[dict[str, Any]]:

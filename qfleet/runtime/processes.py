@@ -50,6 +50,7 @@ class ChunkMsg:
     param_version: int
     epsilon: float | None
     has_priorities: bool
+    times: dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ def _actor_main(program: ActorLearnerProgram, index: int, incarnation: int,
             out_q.put(ChunkMsg(index, incarnation, slot, rows, chunk.env_steps,
                                chunk.episode_returns, chunk.episode_lengths,
                                chunk.param_version, chunk.epsilon,
-                               chunk.priorities_N is not None))
+                               chunk.priorities_N is not None, chunk.times))
         loop.actor.close()
         out_q.cancel_join_thread()  # stopping: chunks still buffered are not needed
     except Exception:
@@ -211,7 +212,7 @@ class ProcessesRunner(LearnerSide):
             return  # from an incarnation long gone
         data, prio = slots.read(msg.slot, msg.rows, msg.has_priorities)
         chunk = Chunk(data, msg.env_steps, msg.returns, msg.lengths, msg.param_version,
-                      msg.epsilon, prio)
+                      msg.epsilon, prio, msg.times)
         self.write(msg.actor, chunk, report)  # copies into the replay shard
         slots.free.put(msg.slot)
 

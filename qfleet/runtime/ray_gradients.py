@@ -137,11 +137,13 @@ class RayGradientRunner(GlobalSide):
     def step(self) -> RoundReport:
         report = RoundReport()
         report.notes, self.notes = self.notes, []
+        self.clock_in()
         self._check_probes()
         if self.collective:
             self._sync_round(report)
         else:
             self._async_drain(report)
+        self.clock_out(report)
         return report
 
     # ------------------------------------------------------------ async and grouped
@@ -273,7 +275,9 @@ class RayGradientRunner(GlobalSide):
         report.staleness_sum += staleness
         if included:
             mean_P = torch.from_numpy(vec[:size].copy()) / rows
+            self.clock.lap("wait")
             self.aggregator.apply([mean_P], [1.0])
+            self.clock.lap("apply")
             report.updates += 1
             self._put_params()
 
