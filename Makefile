@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: train test test-fast lint bench mutants clean
+.PHONY: train test test-fast lint browser bench mutants clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +18,16 @@ $(STAMP): pyproject.toml
 train: $(STAMP)  ## train the default preset (CartPole DQN, about a minute)
 	$(BIN)/qfleet train cartpole-dqn
 
-test: $(STAMP) lint  ## lint, type-check, then every test including the slow learning lane
+test: $(STAMP) lint browser  ## lint, type-check, then every test including the slow learning lane
 	$(BIN)/python -m pytest -q
+
+# The compare report's test opens it in headless Chromium: installed with apt where this
+# runs as root (CI), else that one test is skipped and says so.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver \
+	  >/dev/null; } || echo "no chromium/chromedriver: the report's browser test is skipped"
 
 test-fast: $(STAMP)  ## the tests without the slow learning lane
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -76,6 +76,36 @@ def test_the_report_holds_both_figures_and_the_runs_numbers(compared: tuple[Path
 
 
 @pytest.mark.slow
+def test_the_report_opens_in_a_headless_browser(compared: tuple[Path, Any]) -> None:
+    """Chromium renders the report from disk: both figures decode, the table has a row
+    per config. ``make browser`` (run by CI) installs Chromium and its driver."""
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.common.by import By
+
+    browser, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    if browser is None or driver_path is None:
+        pytest.skip("no chromium / chromedriver here: `make browser` installs them")
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=webdriver.ChromeService(driver_path), options=options)
+    try:
+        driver.get((compared[0] / "report.html").as_uri())
+        images = driver.find_elements(By.TAG_NAME, "img")
+        widths = [driver.execute_script("return arguments[0].complete ? "
+                                        "arguments[0].naturalWidth : 0", i) for i in images]
+        assert len(images) == 2 and all(w > 300 for w in widths), widths
+        head = [th.text for th in driver.find_elements(By.CSS_SELECTOR, "#summary thead th")]
+        assert head[:3] == ["config", "seeds", "final return"], head
+        rows = driver.find_elements(By.CSS_SELECTOR, "#summary tbody tr")
+        assert [r.find_element(By.TAG_NAME, "td").text for r in rows] == \
+            ["cartpole-dqn", "cartpole-per"]
+    finally:
+        driver.quit()
+
+
+@pytest.mark.slow
 def test_a_second_compare_trains_only_what_did_not_finish(
         compared: tuple[Path, Any], run_cli: Callable[..., Any], tmp_path: Path) -> None:
     out, _ = compared

@@ -20,6 +20,7 @@ from qfleet.replay import PrioritizedReplay, RingStorage, RolloutQueue, Transiti
 from qfleet.replay.frames import FrameStorage
 from qfleet.replay.sumtree import SumMinTree
 from qfleet.roles import ActorLoop, gradient_step
+from qfleet.roles.clock import Clock
 from qfleet.roles.gradients import GradientWorker
 from qfleet.roles.learner import pick_device, to_torch
 from qfleet.roles.params import ParamSnapshot
@@ -59,6 +60,7 @@ def test_an_actor_reports_each_episode_return_and_length_and_restarts_from_zero(
 @dataclass
 class _Chunk:
     env_steps: int
+    times: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -67,6 +69,7 @@ class _CountingActor:
 
     version: int = -1
     asked: list[int] = field(default_factory=list)
+    clock: Clock = field(default_factory=Clock)
 
     def set_params(self, snapshot: ParamSnapshot) -> None:
         self.version = snapshot.version

@@ -9,7 +9,22 @@ import pytest
 from _replay_stats import chi_square_p
 from safetensors.numpy import load_file, save_file
 
+import qfleet.replay.prioritized as prioritized
 from qfleet.replay import NStepAccumulator, PrioritizedReplay, RingStorage, Transitions
+from qfleet.replay.sumtree import SumMinTree
+
+
+@pytest.fixture(autouse=True, params=["numpy-tree", "compiled-tree"])
+def tree_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test here runs on both trees: the NumPy reference, and the compiled one that
+    replays pick where numba is installed (#15)."""
+    if request.param == "numpy-tree":
+        monkeypatch.setattr(prioritized, "new_tree", SumMinTree)
+    else:
+        pytest.importorskip("numba")
+        from qfleet.replay.widetree import WideSumMinTree
+
+        monkeypatch.setattr(prioritized, "new_tree", WideSumMinTree)
 
 
 def chunk(n: int, start: int = 0, obs_dim: int = 4) -> Transitions:

@@ -26,7 +26,6 @@ import time
 import traceback
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
-from multiprocessing.synchronize import Event
 from typing import Any
 
 import numpy as np
@@ -57,7 +56,7 @@ from qfleet.runtime.replay_rpc import (
     ReplayServer,
     SampleMsg,
 )
-from qfleet.runtime.shm import PauseGate, SharedParams, main_alive
+from qfleet.runtime.shm import Flag, PauseGate, SharedParams, main_alive
 
 ROUND_S = 0.1
 SAVE_TIMEOUT_S = 120.0  # for every worker to write its own replay for a checkpoint
@@ -113,7 +112,7 @@ class _Shared:
     out_q: Any
     params: SharedParams
     aggregator: Aggregator | None  # Hogwild only: the shared-memory global model
-    stop: Event
+    stop: Flag
     replay_size: Any
     replay_prioritized: bool
     pause: PauseGate | None  # Hogwild: lets a checkpoint copy the shared model whole
@@ -218,7 +217,7 @@ class ProcessesGradientRunner(GlobalSide):
         self.server = None if self.shared_replay is None else \
             ReplayServer(self.shared_replay, self.ctx.Value("q", 0, lock=False))
         self.sh = _Shared(program, self.ctx.Queue(), self.params,
-                          self.aggregator if program.hogwild else None, self.ctx.Event(),
+                          self.aggregator if program.hogwild else None, Flag(self.ctx),
                           None if self.server is None else self.server.size,
                           self.shared_replay is not None and self.shared_replay.prioritized,
                           PauseGate(program.num_workers, self.ctx) if program.hogwild else None,

@@ -22,7 +22,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing import get_context
 from multiprocessing.process import BaseProcess
-from multiprocessing.synchronize import Event
 from typing import Any, Protocol, cast
 
 import torch
@@ -32,7 +31,7 @@ from qfleet.config import resolve_start_method
 from qfleet.roles import ActorLoop, Chunk
 from qfleet.runtime.base import LearnerSide, RoundReport
 from qfleet.runtime.errors import WorkerError, count_restart
-from qfleet.runtime.shm import ChunkSlots, Context, SharedParams, main_alive
+from qfleet.runtime.shm import ChunkSlots, Context, Flag, SharedParams, main_alive
 
 SLOTS_PER_ACTOR = 4
 POLL_S = 0.05  # how long the learner waits for data when it is ahead of the actors
@@ -71,7 +70,7 @@ def leave_signals_to_main() -> None:
 
 
 def _actor_main(program: ActorLearnerProgram, index: int, incarnation: int,
-                slots: ChunkSlots, out_q: Any, params: SharedParams, stop: Event) -> None:
+                slots: ChunkSlots, out_q: Any, params: SharedParams, stop: Flag) -> None:
     leave_signals_to_main()
     torch.set_num_threads(1)
     try:
@@ -95,7 +94,7 @@ def _actor_main(program: ActorLearnerProgram, index: int, incarnation: int,
         out_q.join_thread()  # the error must reach the learner before this process ends
 
 
-def _take_slot(slots: ChunkSlots, stop: Event) -> int | None:
+def _take_slot(slots: ChunkSlots, stop: Flag) -> int | None:
     while not stop.is_set() and main_alive():
         try:
             return int(slots.free.get(timeout=0.1))
@@ -151,7 +150,7 @@ def signal_stacks(workers: Sequence[_HasProcess], indices: list[int], role: str)
     return f"each {role}'s stack (faulthandler, on stderr) is printed above"
 
 
-def stop_processes(processes: list[BaseProcess], stop: Event) -> None:
+def stop_processes(processes: list[BaseProcess], stop: Flag) -> None:
     """Ask workers to stop, give them SHUTDOWN_S together, then kill what is left."""
     stop.set()
     deadline = time.monotonic() + SHUTDOWN_S
@@ -182,7 +181,7 @@ class ProcessesRunner(LearnerSide):
         self.params = SharedParams(self.learner.online, self.ctx)
         self._publish()
         self.out_q: Any = self.ctx.Queue()
-        self.stop = self.ctx.Event()
+        self.stop = Flag(self.ctx)
         self.slots: dict[tuple[int, int], ChunkSlots] = {}
         self.restarts = [0] * program.num_actors
         self.workers: list[_Worker] = []

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import queue
 from dataclasses import dataclass
-from multiprocessing.synchronize import Event
 from typing import Any
 
 import numpy as np
 
 from qfleet.replay import Batch, RecordSpec, Replay, Transitions
-from qfleet.runtime.shm import ChunkSlots, Context, main_alive
+from qfleet.runtime.shm import ChunkSlots, Context, Flag, main_alive
 
 SLOTS = 4
 
@@ -65,7 +64,7 @@ class ReplayClient:
     """What a worker process calls ``replay``; every call ends in the main process."""
 
     def __init__(self, link: ReplayLink, worker: int, incarnation: int, out_q: Any,
-                 size: Any, prioritized: bool, stop: Event) -> None:
+                 size: Any, prioritized: bool, stop: Flag) -> None:
         self.link, self.worker, self.incarnation = link, worker, incarnation
         self.out_q, self.size, self.prioritized, self.stop = out_q, size, prioritized, stop
         self.rng = np.random.default_rng(0)  # unused: the server's replay draws the samples

@@ -34,10 +34,30 @@ def main_alive() -> bool:
     return parent is None or parent.is_alive()
 
 
+class Flag:
+    """A flag every process reads and the main process sets: one shared byte, no lock. A
+    multiprocessing Event takes a lock even to read, and a worker killed while it held it
+    (SIGKILL, a restore replacing it) would leave every later reader waiting forever."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.value = ctx.RawValue("b", 0)
+
+    def set(self) -> None:
+        self.value.value = 1
+
+    def clear(self) -> None:
+        self.value.value = 0
+
+    def is_set(self) -> bool:
+        return bool(self.value.value)
+
+
 class SharedParams:
     """One flat shared buffer of a module's state_dict plus a version number.
 
-    The learner publishes under a lock; an actor checks the version without the lock and
+    One process publishes; readers copy without a lock (a seqlock: ``seq`` is odd while a
+    publish writes, and a copy taken across a change of ``seq`` is taken again), so a reader
+    killed mid-copy can never block the publisher. An actor checks the version first and
     copies only when it moved (Sample Factory's policy_versions, on one machine).
     """
 
@@ -46,8 +66,8 @@ class SharedParams:
         self.layout = [(k, tuple(v.shape), v.numel(), v.dtype) for k, v in state.items()]
         total = sum(n for _, _, n, _ in self.layout)
         self.flat = torch.zeros(total, dtype=torch.float32).share_memory_()
-        self.version = ctx.Value("q", -1, lock=False)
-        self.lock = ctx.Lock()
+        self.version = ctx.RawValue("q", -1)
+        self.seq = ctx.RawValue("q", 0)
 
     def _views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         views, offset = {}, 0
@@ -57,21 +77,25 @@ class SharedParams:
         return views
 
     def publish(self, module: nn.Module, version: int) -> None:
-        with self.lock:
-            offset = 0
-            for (_, _, n, _), value in zip(self.layout, module.state_dict().values(),
-                                           strict=True):
-                self.flat[offset: offset + n].copy_(value.detach().reshape(-1))
-                offset += n
-            self.version.value = version
+        self.seq.value += 1  # odd: a write is under way
+        offset = 0
+        for (_, _, n, _), value in zip(self.layout, module.state_dict().values(), strict=True):
+            self.flat[offset: offset + n].copy_(value.detach().reshape(-1))
+            offset += n
+        self.version.value = version
+        self.seq.value += 1
 
     def pull(self, known_version: int) -> ParamSnapshot | None:
         """A private copy of the newest parameters, or None if ``known_version`` is newest."""
         if self.version.value == known_version:
             return None
-        with self.lock:
-            version, flat = int(self.version.value), self.flat.clone()
-        return ParamSnapshot(version, self._views(flat))
+        while True:
+            seq = self.seq.value
+            if seq % 2 == 0:
+                version, flat = int(self.version.value), self.flat.clone()
+                if self.seq.value == seq:  # no publish began meanwhile: one version
+                    return ParamSnapshot(version, self._views(flat))
+            time.sleep(0.0001)
 
 
 class ChunkSlots:
