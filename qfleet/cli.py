@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qfleet.cli_args import Version, positive, seed_list
+from qfleet.cli_args import consoles as _consoles
+from qfleet.cli_args import escape as _escape
 from qfleet.cli_insight import add_insight_commands
 
 # Only the standard library at import time: a Ctrl-C while torch loads lands in main()'s
 # handler, and `qfleet --help` answers at once.
 if TYPE_CHECKING:
-    from rich.console import Console
 
     from qfleet.config import Config
     from qfleet.experiment import Result
@@ -28,18 +29,6 @@ if TYPE_CHECKING:
 USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR, errno.EISDIR,
                errno.ENOSPC, errno.EROFS, errno.EEXIST, errno.EDQUOT, errno.ENAMETOOLONG,
                errno.ELOOP, errno.EFBIG}
-
-
-def _consoles() -> tuple[Console, Console]:
-    from rich.console import Console
-
-    return Console(soft_wrap=True), Console(stderr=True, soft_wrap=True)
-
-
-def _escape(text: object) -> str:
-    from rich.markup import escape
-
-    return escape(str(text))
 
 
 def _config_from(args: argparse.Namespace, source: str | Path) -> Config:

@@ -1,11 +1,14 @@
-"""Argument types and actions of the ``qfleet`` command line (standard library only: the
-parser is built before anything heavy loads)."""
+"""Argument types and actions of the ``qfleet`` command line, and its consoles (standard
+library only at import: the parser is built before anything heavy loads)."""
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 class Version(argparse.Action):
@@ -37,3 +40,17 @@ def seed_list(text: str) -> list[int]:
     if len(set(seeds)) != len(seeds) or min(seeds) < 0:
         raise argparse.ArgumentTypeError(f"{text!r}: seeds must be distinct and >= 0")
     return seeds
+
+
+def consoles() -> tuple[Console, Console]:
+    """(stdout, stderr) consoles that never wrap a line themselves."""
+    from rich.console import Console
+
+    return Console(soft_wrap=True), Console(stderr=True, soft_wrap=True)
+
+
+def escape(text: object) -> str:
+    """``text`` with rich markup escaped (a path or a user's string printed as is)."""
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(str(text))

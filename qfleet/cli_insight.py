@@ -6,11 +6,12 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
+from qfleet.cli_args import consoles as _consoles
+from qfleet.cli_args import escape as _escape
 from qfleet.cli_args import positive
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from qfleet.cli import _consoles, _escape
     from qfleet.plots import plot_runs
 
     x_axes = ("steps", "wall") if args.x == "both" else (args.x,)
@@ -24,7 +25,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from qfleet import compare
-    from qfleet.cli import _consoles, _escape
 
     console = _consoles()[0]
     report, head, rows = compare.run(args, lambda line: console.print(_escape(line),
@@ -38,7 +38,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from qfleet.cli import _consoles, _escape
     from qfleet.inspection import inspect_run
 
     for line in inspect_run(Path(args.run_dir)):

@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 
 pytest.importorskip("numba")  # the optional `fast` extra; without it replays use SumMinTree
 
-from qfleet.replay.sumtree import SumMinTree, new_tree
+from qfleet.replay.sumtree import SumMinTree
+from qfleet.replay.trees import new_tree
 from qfleet.replay.widetree import (
     BLOCK,
     FAN,

@@ -16,8 +16,8 @@ from __future__ import annotations
 import numpy as np
 
 from qfleet.replay.base import Storage
-from qfleet.replay.sumtree import PriorityTree, new_tree
 from qfleet.replay.transitions import Batch, Transitions
+from qfleet.replay.trees import PriorityTree, new_tree
 
 
 class BetaSchedule:

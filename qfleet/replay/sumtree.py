@@ -10,48 +10,15 @@ a search takes one ``np.cumsum`` over the ``R`` root sums and a ``searchsorted``
 ``log2 R`` more levels of gathers. ``R`` is a constant, so both operations stay
 O(B log N); in NumPy, fewer and fatter calls are what make them fast.
 
-Replays take their tree from ``new_tree``: widetree.py's compiled tree where numba is
+Replays take their tree from ``trees.new_tree``: widetree.py's compiled tree where numba is
 installed, else this one, which stays the reference the compiled tree is tested against.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Protocol
 
 import numpy as np
-
-
-class PriorityTree(Protocol):
-    """What prioritized replay asks of a tree: ``SumMinTree`` here, or ``WideSumMinTree``
-    (qfleet.replay.widetree), the same contract computed by numba-compiled loops."""
-
-    capacity: int
-
-    @property
-    def nbytes(self) -> int: ...
-    @property
-    def total(self) -> float: ...
-    @property
-    def priorities_N(self) -> np.ndarray: ...
-    def min_positive(self) -> float: ...
-    def get(self, idx_B: np.ndarray) -> np.ndarray: ...
-    def update(self, idx_B: np.ndarray, prio_B: np.ndarray) -> None: ...
-    def set_all(self, prio_N: np.ndarray) -> None: ...
-    def find(self, u_B: np.ndarray) -> np.ndarray: ...
-    def sample(self, batch_size: int,
-               rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]: ...
-
-
-def new_tree(capacity: int) -> PriorityTree:
-    """The fastest tree this install has: the compiled one where numba is installed (the
-    ``fast`` extra; a sample + update of 256 on 1M slots ~5x faster), else this module's
-    NumPy tree."""
-    try:
-        from qfleet.replay.widetree import WideSumMinTree
-    except ImportError:  # numba is optional
-        return SumMinTree(capacity)
-    return WideSumMinTree(capacity)
 
 
 def _pow2_at_least(n: int) -> int:
