@@ -83,7 +83,7 @@ def _stalled_run(run_cli: Any, tmp_path: Path, preset: str, *sets: str,
 
 def _silent(out: str) -> list[str]:
     """The actors a stall message names (checked against the two the run has)."""
-    found = re.search(r"stalled: ((?:actor \d, )*actor \d) sent nothing for", out)
+    found = re.search(r"(?:stalled: |nothing arrived from )((?:actor \d, )*actor \d)", out)
     assert found is not None, out[-1500:]
     names = found.group(1).split(", ")
     assert set(names) <= {"actor 0", "actor 1"}
