@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 import pytest
 from _replay_stats import chi_square_p
@@ -158,11 +161,18 @@ def test_drifted_sums_are_rebuilt_before_a_zero_slot_is_returned() -> None:
         tree.sample(4, rng)
 
 
-def test_stratified_sampling_frequencies_match_p_chi_square() -> None:
+def _compiled_tree(capacity: int) -> Any:
+    return pytest.importorskip("qfleet.replay.widetree").WideSumMinTree(capacity)
+
+
+@pytest.mark.parametrize("make_tree", [lambda n: SumMinTree(n, top=8), _compiled_tree],
+                         ids=["numpy-tree", "compiled-tree"])
+def test_stratified_sampling_frequencies_match_p_chi_square(
+        make_tree: Callable[[int], Any]) -> None:
     rng = np.random.default_rng(1234)
     prio_N = rng.random(200) ** 2 + 0.01
     prio_N[::17] = 0.0
-    tree = SumMinTree(200, top=8)
+    tree = make_tree(200)
     tree.update(np.arange(200), prio_N)
     counts_N = np.zeros(200)
     for _ in range(400):

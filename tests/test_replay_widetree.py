@@ -13,7 +13,6 @@ import sys
 
 import numpy as np
 import pytest
-from _replay_stats import chi_square_p
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -204,24 +203,6 @@ def test_a_u_past_its_block_takes_the_last_positive_child() -> None:
     assert _pick_child(block_A, 0, 1e300) == (2, 3.0)
     assert _pick_child(block_A, 0, 3.0) == (2, 3.0)  # a boundary belongs to the right
     assert _pick_child(block_A, 0, 0.0) == (0, 0.0)
-
-
-def test_stratified_sampling_frequencies_match_p_chi_square() -> None:
-    rng = np.random.default_rng(1234)
-    prio_N = rng.random(200) ** 2 + 0.01
-    prio_N[::17] = 0.0
-    tree = WideSumMinTree(200)
-    tree.update(np.arange(200), prio_N)
-    counts_N = np.zeros(200)
-    for _ in range(400):
-        slots_B, _ = tree.sample(256, rng)
-        counts_N += np.bincount(slots_B, minlength=200)
-    assert counts_N[prio_N == 0].sum() == 0
-    live = prio_N > 0
-    expected = counts_N.sum() * prio_N[live] / prio_N.sum()
-    assert chi_square_p(counts_N[live], expected) > 1e-3
-    flat = np.full(live.sum(), counts_N.sum() / live.sum())
-    assert chi_square_p(counts_N[live], flat) < 1e-6
 
 
 @pytest.mark.parametrize("make", [SumMinTree, WideSumMinTree])

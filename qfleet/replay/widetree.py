@@ -150,11 +150,7 @@ def _write(tree_A: np.ndarray, start_L1: np.ndarray, slot_B: np.ndarray,
             if parent == last:  # a sorted batch (as sampled) shares parents: reduce once
                 continue
             last = parent
-            node = _node_at(start_L1, level + 1, parent)
-            if level == 0:
-                _reduce_leaves(tree_A, node, parent << SHIFT)
-            else:
-                _reduce_inner(tree_A, node, start_L1[level] + parent * BLOCK)
+            _reduce(tree_A, start_L1, level, parent)
 
 
 @numba.njit(cache=True)
@@ -174,11 +170,17 @@ def _rebuild(tree_A: np.ndarray, start_L1: np.ndarray, count_L: np.ndarray) -> N
     bit for bit, whatever order the priorities came in."""
     for level in range(len(count_L)):
         for parent in range(count_L[level] >> SHIFT):
-            node = _node_at(start_L1, level + 1, parent)
-            if level == 0:
-                _reduce_leaves(tree_A, node, parent << SHIFT)
-            else:
-                _reduce_inner(tree_A, node, start_L1[level] + parent * BLOCK)
+            _reduce(tree_A, start_L1, level, parent)
+
+
+@numba.njit(cache=True)
+def _reduce(tree_A: np.ndarray, start_L1: np.ndarray, level: int, parent: int) -> None:
+    """Recompute ``parent`` (on level ``level + 1``) from its children on ``level``."""
+    node = _node_at(start_L1, level + 1, parent)
+    if level == 0:
+        _reduce_leaves(tree_A, node, parent << SHIFT)
+    else:
+        _reduce_inner(tree_A, node, start_L1[level] + parent * BLOCK)
 
 
 @numba.njit(cache=True)
