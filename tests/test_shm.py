@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qfleet.runtime.shm import Flag, SharedParams
+from qfleet.runtime.shm import Flag, SharedParams, main_alive
 
 
 def _net(value: float) -> nn.Module:
@@ -72,3 +72,46 @@ def test_readers_killed_mid_copy_never_block_the_publisher() -> None:
         stop.clear()
     assert time.monotonic() - t0 < 30
     assert params.pull(-1) is not None and int(params.version.value) == 29
+
+
+def _pulling_worker(params: SharedParams) -> None:
+    """An actor's loop, reduced to its parameter pulls."""
+    while main_alive():
+        params.pull(-1)
+
+
+def _main_killed_mid_publish(pids: Any) -> None:
+    ctx = mp.get_context("fork")
+    params = SharedParams(_net(0), ctx)
+    params.publish(_net(0), 0)  # a version the worker has not got: it pulls
+    worker = ctx.Process(target=_pulling_worker, args=(params,))
+    worker.start()
+    pids.put(worker.pid)
+    params.seq.value += 1  # a publish begins (seq odd) and never ends: SIGKILL
+    time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_worker_exits_when_main_is_killed_in_the_middle_of_a_publish() -> None:
+    ctx = mp.get_context("fork")
+    pids = ctx.Queue()
+    main = ctx.Process(target=_main_killed_mid_publish, args=(pids,))
+    main.start()
+    worker_pid = pids.get(timeout=30)
+    main.join(timeout=30)
+    try:
+        deadline = time.monotonic() + 10
+        while _running(worker_pid):
+            assert time.monotonic() < deadline, "the worker spins on a publish that never ends"
+            time.sleep(0.05)
+    finally:
+        if _running(worker_pid):
+            os.kill(worker_pid, signal.SIGKILL)
+
+
+def _running(pid: int) -> bool:
+    """A zombie has exited; reaping it is its new parent's business."""
+    try:
+        return "zombie" not in open(f"/proc/{pid}/status").read().lower()
+    except OSError:
+        return False

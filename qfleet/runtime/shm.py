@@ -86,15 +86,21 @@ class SharedParams:
         self.seq.value += 1
 
     def pull(self, known_version: int) -> ParamSnapshot | None:
-        """A private copy of the newest parameters, or None if ``known_version`` is newest."""
+        """A private copy of the newest parameters, or None if ``known_version`` is newest
+        or the publisher died mid-write (its ``seq`` stays odd for ever: the caller's own
+        ``main_alive`` check then ends the worker)."""
         if self.version.value == known_version:
             return None
+        tries = 0
         while True:
             seq = self.seq.value
             if seq % 2 == 0:
                 version, flat = int(self.version.value), self.flat.clone()
                 if self.seq.value == seq:  # no publish began meanwhile: one version
                     return ParamSnapshot(version, self._views(flat))
+            tries += 1
+            if tries % 1000 == 0 and not main_alive():  # ~0.1 s of odd seq: killed?
+                return None
             time.sleep(0.0001)
 
 
