@@ -95,6 +95,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
 def _print_result(result: Result) -> None:
     solved = (f", first reached the target at {result.solved_at_env_steps:,} steps"
               if result.solved_at_env_steps is not None else "")
+    if result.stopped == "wall time":
+        solved += ", ended by train.max_wall_s"
     _consoles()[0].print(
         f"[bold green]done[/]: eval return {result.eval_return_mean:.1f} ± "
         f"{result.eval_return_std:.1f} over {result.eval_episodes} episodes; "

@@ -31,6 +31,16 @@ def positive(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{value}: must be a finite number > 0")
+    return value
+
+
 def seed_list(text: str) -> list[int]:
     try:
         seeds = [int(part) for part in text.split(",")]

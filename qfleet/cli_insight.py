@@ -8,7 +8,7 @@ from pathlib import Path
 
 from qfleet.cli_args import consoles as _consoles
 from qfleet.cli_args import escape as _escape
-from qfleet.cli_args import positive
+from qfleet.cli_args import positive, positive_float
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
@@ -54,6 +54,12 @@ def add_insight_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
                    help="seeds 0..N-1 for every config (default 2)")
     p.add_argument("--budget-steps", type=positive, metavar="N",
                    help="train.total_env_steps for every config (default: each its own)")
+    p.add_argument("--budget-s", type=positive_float, metavar="S",
+                   help="train.max_wall_s for every config: each run ends after S seconds "
+                        "of training or its steps, whichever comes first")
+    p.add_argument("--jobs", type=positive, default=1, metavar="N",
+                   help="runs trained at once, each in its own process (default 1: on a "
+                        "small machine runs at once slow each other and skew the timings)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                    help="override a field in every config")
     p.add_argument("--threshold", type=float,

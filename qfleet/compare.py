@@ -13,6 +13,9 @@ import argparse
 import base64
 import html
 import json
+import signal
+import subprocess
+import sys
 import time
 import tomllib
 from collections.abc import Callable
@@ -22,10 +25,12 @@ from typing import Any
 
 import numpy as np
 
-from qfleet.config import Config, ConfigError, load_config
+from qfleet.config import Config, ConfigError, load_config, to_toml
+from qfleet.errors import QfleetFailure
 from qfleet.metrics import read_metrics
 from qfleet.plots import expand, plot_runs
 from qfleet.rundir import seed_dir
+from qfleet.timesplit import short
 
 
 @dataclass
@@ -51,8 +56,10 @@ def run(args: argparse.Namespace, say: Callable[[str], None]) -> tuple[Path, lis
     sets = list(args.set or [])
     if args.budget_steps:
         sets.append(f"train.total_env_steps={args.budget_steps}")
+    if args.budget_s:
+        sets.append(f"train.max_wall_s={args.budget_s}")
     entries = plan(args.sources, list(range(args.seeds)), sets, out)
-    train_missing(entries, say)
+    train_missing(entries, say, args.jobs)
     threshold = args.threshold if args.threshold is not None else common_threshold(entries)
     rows = table(entries, threshold)
     return write_report(entries, out, threshold, rows), headers(threshold), rows
@@ -76,20 +83,87 @@ def plan(sources: list[str], seeds: list[int], overrides: list[str], out: Path) 
     return entries
 
 
-def train_missing(entries: list[Entry], say: Callable[[str], None]) -> None:
-    """Train, one at a time, every run of the plan that has not finished."""
-    from qfleet import checkpoint
-    from qfleet.experiment import resume, train
+Job = tuple[Entry, Path, Config]  # a run of the plan still to train
 
+
+def train_missing(entries: list[Entry], say: Callable[[str], None], jobs: int = 1) -> None:
+    """Train every run of the plan that has not finished: one at a time in this process,
+    or ``jobs`` at once, each in its own ``qfleet`` process."""
     todo = [(e, run, cfg) for e in entries  # entries given as runs have no configs
             for run, cfg in zip(e.runs, e.configs, strict=False)
             if not (run / "result.json").is_file()]
+    if jobs > 1 and len(todo) > 1:
+        _train_at_once(todo, jobs, say)
+    else:
+        _train_in_turn(todo, say)
+
+
+def _train_in_turn(todo: list[Job], say: Callable[[str], None]) -> None:
+    from qfleet import checkpoint
+    from qfleet.experiment import resume, train
+
     for k, (entry, run, cfg) in enumerate(todo, start=1):
         say(f"compare: {entry.name} seed {cfg.seed} ({k}/{len(todo)}) -> {run}")
         if checkpoint.candidates(run):
             resume(run)
         else:
             train(cfg, run, overwrite=run.exists())
+
+
+def _command(run: Path, cfg: Config) -> list[str]:
+    """The command line that trains one run of the plan (resumes it if it was cut short)."""
+    from qfleet import checkpoint
+
+    qfleet = [sys.executable, "-m", "qfleet"]
+    if checkpoint.candidates(run):
+        return [*qfleet, "resume", str(run)]
+    spec = run.parent / f"{run.name}.toml"  # the config exactly as planned and validated
+    spec.write_text(to_toml(cfg))
+    return [*qfleet, "train", str(spec), "--run-dir", str(run), "--overwrite"]
+
+
+def _train_at_once(todo: list[Job], jobs: int, say: Callable[[str], None]) -> None:
+    """Up to ``jobs`` runs at a time, each a child process writing RUN.log beside its run.
+    A failed run does not stop the others; they all end before the error names it. If this
+    process stops (Ctrl-C), the children are interrupted too, so each keeps a checkpoint."""
+    waiting, failed = list(todo), []
+    running: dict[subprocess.Popen[bytes], tuple[str, Path]] = {}
+    try:
+        while waiting or running:
+            while waiting and len(running) < jobs:
+                entry, run, cfg = waiting.pop(0)
+                run.parent.mkdir(parents=True, exist_ok=True)
+                log = run.parent / f"{run.name}.log"
+                with log.open("w") as sink:
+                    child = subprocess.Popen(_command(run, cfg), stdout=sink,
+                                             stderr=subprocess.STDOUT)
+                running[child] = (f"{entry.name} seed {cfg.seed}", log)
+                say(f"compare: {entry.name} seed {cfg.seed} started -> {run} (log: {log})")
+            time.sleep(0.2)
+            for child in [c for c in running if c.poll() is not None]:
+                what, log = running.pop(child)
+                say(f"compare: {what} " + ("done" if child.returncode == 0 else
+                                           f"failed (exit code {child.returncode})"))
+                if child.returncode != 0:
+                    failed.append(f"{what} (exit code {child.returncode}; see {log})")
+    finally:
+        _interrupt(list(running))
+    if failed:
+        raise QfleetFailure(f"compare: {len(failed)} of {len(todo)} runs failed: "
+                            + "; ".join(failed) + ". Run compare again to retry them")
+
+
+def _interrupt(children: list[subprocess.Popen[bytes]]) -> None:
+    """Ctrl-C each child still running (it checkpoints), and kill any that will not end."""
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGINT)
+    for child in children:
+        try:
+            child.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
 
 
 def _time_to(records: list[dict[str, Any]], threshold: float) -> tuple[float, float] | None:
@@ -111,7 +185,8 @@ def summarize(entry: Entry, threshold: float | None) -> dict[str, Any]:
         "steps_per_s": float(np.mean([r["env_steps_per_s"] for r in results]))
         if results else None,
         "updates_per_s": float(np.mean([r["updates"] / r["wall_s"] for r in results
-                                        if r["wall_s"] > 0])) if results else None}
+                                        if r["wall_s"] > 0])) if results else None,
+        "verdicts": [r["verdict"] for r in results if r.get("verdict")]}
     if threshold is not None:
         hits = [t for run in entry.runs if (t := _time_to(read_metrics(run), threshold))]
         row["reached"] = len(hits)
@@ -142,13 +217,16 @@ def _cells(row: dict[str, Any], threshold: float | None) -> list[str]:
     if threshold is not None:
         steps, secs = row["to_threshold"] or (None, None)
         cells += [f"{row['reached']}/{row['seeds']}", num(steps, ",.0f"), num(secs, ".1f")]
-    return [*cells, num(row["steps_per_s"], ",.0f"), num(row["updates_per_s"], ",.1f")]
+    kinds = sorted({short(v) for v in row["verdicts"]})  # seeds may disagree: all of them
+    return [*cells, num(row["steps_per_s"], ",.0f"), num(row["updates_per_s"], ",.1f"),
+            " / ".join(kinds) or "–"]
 
 
 def headers(threshold: float | None) -> list[str]:
     middle = [] if threshold is None else [
         f"reached {threshold:g}", f"steps to {threshold:g}", f"s to {threshold:g}"]
-    return ["config", "seeds", "final return", *middle, "env steps/s", "updates/s"]
+    return ["config", "seeds", "final return", *middle, "env steps/s", "updates/s",
+            "time verdict"]
 
 
 def table(entries: list[Entry], threshold: float | None) -> list[list[str]]:
@@ -169,7 +247,8 @@ def write_report(entries: list[Entry], out: Path, threshold: float | None,
                                   ("wall", "greedy eval return vs wall time"))]
     (out / "summary.json").write_text(json.dumps(
         {"threshold": threshold, "headers": headers(threshold), "rows": rows}, indent=2))
-    page = _html(figures, headers(threshold), rows, threshold)
+    page = _html(figures, headers(threshold), rows, threshold) \
+        .replace("</body>", f"{_verdicts(entries)}</body>")
     (out / "report.html").write_text(page, encoding="utf-8")
     return out / "report.html"
 
@@ -190,6 +269,18 @@ def _html(figures: list[tuple[Path, str]], head: list[str], rows: list[list[str]
             f"<style>{_CSS}</style></head><body><h1>qfleet compare</h1>{imgs}"
             f"<table id='summary'><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
             f"{note}</body></html>\n")
+
+
+def _verdicts(entries: list[Entry]) -> str:
+    """Each run's whole time verdict (the table has its first words)."""
+    items = []
+    for entry in entries:
+        for run in entry.runs:
+            if (run / "result.json").is_file():
+                said = json.loads((run / "result.json").read_text()).get("verdict") or "–"
+                items.append(f"<li><b>{html.escape(entry.name)}</b> {html.escape(run.name)}: "
+                             f"{html.escape(said)}</li>")
+    return f"<h2>Where the time went</h2><ul id='verdicts'>{''.join(items)}</ul>"
 
 
 _CSS = ("body{font-family:sans-serif;margin:2em;max-width:80em}img{max-width:100%}"

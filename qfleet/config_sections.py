@@ -175,6 +175,9 @@ class TrainConfig:
     eval_every: int = _f(5_000, lo=0, help="env steps between greedy evals; 0 = only at the end")
     eval_episodes: int = _f(20, lo=1, help="greedy episodes per evaluation")
     target_return: float | None = _f(None, help="stop once a greedy eval reaches it")
+    max_wall_s: float = _f(0.0, lo=0, help="seconds of training (a resumed run counts its "
+                           "earlier time) after which the run ends as if its steps were "
+                           "spent: a last eval, a checkpoint, result.json; 0 = no limit")
 
 
 @dataclass

@@ -172,10 +172,9 @@ class Experiment:
         watch = StallWatch(cfg.runtime.stall_timeout_s, *workers_of(self.runner.program))
         try:
             with watch.guarded():
-                while self.runner.env_steps < cfg.train.total_env_steps and \
-                        not self._target_hit():
+                while not (stopped := self._stopped_by()):
                     self._round(watch)
-            return self._finish()
+            return self._finish(stopped)
         except (WorkerError, Stalled) as err:  # the run cannot go on: say where it can resume
             raise type(err)(f"{err}\n{self._resume_hint()}") from None
         finally:
@@ -211,10 +210,17 @@ class Experiment:
             return "no checkpoint was written yet"
         return f"last checkpoint: {ckpt} (continue with `qfleet resume {self.run_dir}`)"
 
-    def _target_hit(self) -> bool:
-        """The target return was reached, or a callback asked to stop."""
-        return (self.cfg.train.target_return is not None and self.solved is not None) or \
-            self.callbacks.stop_requested
+    def _stopped_by(self) -> str:
+        """What ends the run now ('' while it goes on): its env steps, its target return,
+        its wall-time budget, or a callback."""
+        train = self.cfg.train
+        if self.runner.env_steps >= train.total_env_steps:
+            return "env steps"
+        if train.target_return is not None and self.solved is not None:
+            return "target return"
+        if train.max_wall_s and self.wall_s() >= train.max_wall_s:
+            return "wall time"
+        return "callback" if self.callbacks.stop_requested else ""
 
     def _diverged(self, what: str) -> Diverged:
         return Diverged(f"training diverged at env step {self.runner.env_steps:,} (update "
@@ -296,7 +302,7 @@ class Experiment:
         self.callbacks.eval(record)
         return res.mean, res.std
 
-    def _finish(self) -> Result:
+    def _finish(self, stopped: str) -> Result:
         self.runner.freeze()
         evaluated = self._eval()
         self._stop_if_asked()
@@ -313,7 +319,7 @@ class Experiment:
             solved_at_env_steps=self.solved[0] if self.solved else None,
             solved_at_wall_s=self.solved[1] if self.solved else None,
             run_dir=str(self.run_dir), time_split=fractions(self.times), time_s=self.times,
-            verdict=verdict(fractions(self.times)))
+            verdict=verdict(fractions(self.times)), stopped=stopped)
         (self.run_dir / "result.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
         self.metrics.finished = True
         self.progress.print(f"checkpoint: {ckpt}")

@@ -21,3 +21,4 @@ class Result:
     time_split: dict[str, float] = field(default_factory=dict)  # qfleet.timesplit
     time_s: dict[str, float] = field(default_factory=dict)  # the seconds behind it
     verdict: str = ""
+    stopped: str = ""  # what ended it: env steps, target return, wall time, callback

@@ -6,6 +6,7 @@ train are in the slow lane."""
 from __future__ import annotations
 
 import base64
+import html
 import json
 import re
 import shutil
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 
 from qfleet.metrics import read_metrics
+from qfleet.timesplit import short
 
 PNG = b"\x89PNG\r\n\x1a\n"
 TINY = ["learner.learning_starts=200", "train.eval_episodes=2", "train.eval_every=500",
@@ -73,6 +75,10 @@ def test_the_report_holds_both_figures_and_the_runs_numbers(compared: tuple[Path
                        if e["event"] == "eval") for r in runs]
         assert row["reached 475"] == f"{sum(reached)}/2"
         assert f"<td>{row['final return']}</td>" in page
+        kinds = {short(r["verdict"]) for r in results}
+        assert kinds and row["time verdict"] == " / ".join(sorted(kinds))
+        for result in results:  # the whole verdict of every run, below the table
+            assert html.escape(result["verdict"]) in page
 
 
 @pytest.mark.slow
@@ -97,7 +103,9 @@ def test_the_report_opens_in_a_headless_browser(compared: tuple[Path, Any]) -> N
                                         "arguments[0].naturalWidth : 0", i) for i in images]
         assert len(images) == 2 and all(w > 300 for w in widths), widths
         head = [th.text for th in driver.find_elements(By.CSS_SELECTOR, "#summary thead th")]
-        assert head[:3] == ["config", "seeds", "final return"], head
+        assert head[:3] == ["config", "seeds", "final return"] and \
+            head[-1] == "time verdict", head
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#verdicts li")) == 4
         rows = driver.find_elements(By.CSS_SELECTOR, "#summary tbody tr")
         assert [r.find_element(By.TAG_NAME, "td").text for r in rows] == \
             ["cartpole-dqn", "cartpole-per"]
@@ -122,6 +130,25 @@ def test_a_second_compare_trains_only_what_did_not_finish(
 
 
 @pytest.mark.slow
+def test_jobs_train_runs_at_once_each_on_a_wall_time_budget(
+        run_cli: Callable[..., Any], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = run_cli("compare", "cartpole-dqn", "cartpole-a3c", "--seeds", "1", "--jobs", "2",
+                   "--budget-s", "4", "--budget-steps", "100000000", "-o", str(out),
+                   *_sets([*TINY, "train.eval_every=0"]))
+    assert proc.returncode == 0, proc.stderr
+    said = [line for line in proc.stdout.splitlines() if line.startswith("compare: ")]
+    assert [line.split(" seed ")[0] for line in said[:2]] == \
+        ["compare: cartpole-dqn", "compare: cartpole-a3c"]  # both started before
+    assert all("started" in line for line in said[:2]) and len(said) == 4  # either ended
+    for name in ("cartpole-dqn", "cartpole-a3c"):
+        run = out / "runs" / name / "seed-0"
+        result = json.loads((run / "result.json").read_text())
+        assert result["stopped"] == "wall time" and 4.0 <= result["wall_s"] < 60
+        assert "done:" in (run.parent / "seed-0.log").read_text()
+
+
+@pytest.mark.slow
 def test_trained_run_dirs_are_compared_without_training(
         compared: tuple[Path, Any], tiny_run: Path, run_cli: Callable[..., Any],
         tmp_path: Path) -> None:
@@ -134,6 +161,14 @@ def test_trained_run_dirs_are_compared_without_training(
     assert summary["threshold"] == 9.0
     assert [row[:2] for row in summary["rows"]] == [["cartpole-dqn", "2/2"],
                                                     [tiny_run.name, "1/1"]]
+
+
+def test_a_bad_budget_or_jobs_exits_2(run_cli: Callable[..., Any], tmp_path: Path,
+                                      clean_error: Callable[..., None]) -> None:
+    clean_error(run_cli("compare", "cartpole-dqn", "--budget-s", "0", "-o", str(tmp_path)),
+                "--budget-s", "must be a finite number > 0")
+    clean_error(run_cli("compare", "cartpole-dqn", "--jobs", "0", "-o", str(tmp_path)),
+                "--jobs", "must be >= 1")
 
 
 def test_a_bad_source_exits_2_before_training(run_cli: Callable[..., Any], tmp_path: Path,

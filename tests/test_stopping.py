@@ -146,3 +146,23 @@ def test_a_diverging_run_stops_and_keeps_its_last_finite_checkpoint(
         assert all(bool(torch.isfinite(t).all()) for k, t in tensors.items()
                    if k.startswith(("online.", "target.", "opt.")))
     assert not (tmp_path / "run" / "result.json").exists()
+
+
+def test_train_max_wall_s_ends_the_run_like_its_step_budget(
+        make_cfg: Callable[..., Config], tmp_path: Path) -> None:
+    cfg = make_cfg("train.max_wall_s=3", "train.total_env_steps=100000000",
+                   "train.eval_every=0", "train.eval_episodes=2", "checkpoint.every=0")
+    result = train(cfg, tmp_path / "run")
+    assert result.stopped == "wall time"
+    assert 0 < result.env_steps < 100_000_000
+    assert 3.0 <= result.wall_s < 3.0 + 30  # one round, the last eval and the checkpoint
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["stopped"] == "wall time"
+    ckpt = checkpoint.find(tmp_path / "run")
+    assert checkpoint.load(ckpt)[1]["env_steps"] == result.env_steps
+
+
+def test_a_run_that_spends_its_steps_says_so(make_cfg: Callable[..., Config],
+                                             tmp_path: Path) -> None:
+    result = train(make_cfg("train.total_env_steps=300", "train.eval_every=0",
+                            "train.eval_episodes=1", "train.max_wall_s=600"), tmp_path / "r")
+    assert result.stopped == "env steps" and result.env_steps >= 300
