@@ -69,18 +69,53 @@ def plan(sources: list[str], seeds: list[int], overrides: list[str], out: Path) 
     """Every source as an entry; configs (validated now, before any training) get one run
     per seed under ``out/runs``."""
     entries: list[Entry] = []
-    for source in sources:
-        given = is_run_source(source)
-        name = stem = Path(source).name if given else Path(source).stem
-        k = 1
+    for stem, source, own in (item for s in sources for item in _expand_source(s)):
+        given = own is None
+        name, k = stem, 1
         while name in {e.name for e in entries}:  # the same preset twice: name-1, name-2
             name, k = f"{stem}-{k}", k + 1
         if given:
             entries.append(Entry(name, expand([Path(source)])))
             continue
-        cfgs = [load_config(source, [*overrides, f"seed={seed}"]) for seed in seeds]
+        cfgs = [load_config(source, [*overrides, *(own or []), f"seed={seed}"])
+                for seed in seeds]
         entries.append(Entry(name, [seed_dir(out / "runs" / name, s) for s in seeds], cfgs))
     return entries
+
+
+def _expand_source(source: str) -> list[tuple[str, str, list[str] | None]]:
+    """(name, config, its own overrides) for each config a source stands for: a preset or a
+    config TOML is one, a plan TOML (``[[run]]`` tables) is each of its runs; a trained
+    run dir has None for overrides (nothing to train)."""
+    if is_run_source(source):
+        return [(Path(source).name, source, None)]
+    path = Path(source)
+    data = tomllib.loads(path.read_text()) if path.suffix == ".toml" and path.is_file() else {}
+    if "run" not in data:
+        return [(path.stem, source, [])]
+    runs = data["run"]
+    if set(data) != {"run"} or not isinstance(runs, list) or not runs:
+        raise ConfigError(f"{source}: a compare plan holds only [[run]] tables (each with "
+                          "config, and optionally name and set); found " + ", ".join(data))
+    return [_plan_run(source, k, run) for k, run in enumerate(runs)]
+
+
+def _plan_run(source: str, k: int, run: Any) -> tuple[str, str, list[str]]:
+    where = f"{source}: run {k + 1}"
+    allowed = {"config": str, "name": str, "set": list}
+    if not isinstance(run, dict) or "config" not in run:
+        raise ConfigError(f"{where}: needs config = \"PRESET or path.toml\"")
+    for key, value in run.items():
+        if key not in allowed:
+            raise ConfigError(f"{where}: unknown key {key!r}; allowed: config, name, set")
+        if not isinstance(value, allowed[key]) or \
+                (key == "set" and not all(isinstance(v, str) for v in value)):
+            raise ConfigError(f"{where}: {key} = {value!r} must be a "
+                              + ("list of 'section.key=value' strings" if key == "set"
+                                 else "string"))
+    config = str(Path(source).parent / run["config"]) \
+        if run["config"].endswith(".toml") else run["config"]  # beside the plan
+    return run.get("name", Path(run["config"]).stem), config, list(run.get("set", []))
 
 
 Job = tuple[Entry, Path, Config]  # a run of the plan still to train

@@ -176,3 +176,48 @@ def test_a_bad_source_exits_2_before_training(run_cli: Callable[..., Any], tmp_p
     clean_error(run_cli("compare", "cartpole-dqn", "cartpole-dq", "-o", str(tmp_path / "o")),
                 "unknown preset 'cartpole-dq'")
     assert not (tmp_path / "o").exists()
+
+
+def test_a_plan_toml_lists_runs_with_their_own_overrides(tmp_path: Path) -> None:
+    from qfleet.compare import plan
+
+    (tmp_path / "mine.toml").write_text(
+        (Path(__file__).parents[1] / "qfleet/presets/cartpole-per.toml").read_text())
+    (tmp_path / "plan.toml").write_text(
+        '[[run]]\nname = "small"\nconfig = "cartpole-dqn"\nset = ["net.hidden=[64]"]\n\n'
+        '[[run]]\nconfig = "cartpole-dqn"\n\n[[run]]\nconfig = "mine.toml"\n'
+        'set = ["learner.lr=0.002"]\n')
+    entries = plan([str(tmp_path / "plan.toml")], [0, 1], ["learner.lr=0.001"], tmp_path / "o")
+    assert [e.name for e in entries] == ["small", "cartpole-dqn", "mine"]
+    assert [c.net.hidden for c in entries[0].configs] == [[64], [64]]
+    assert entries[1].configs[0].net.hidden != [64]
+    assert [c.learner.lr for e in entries for c in e.configs] == [0.001] * 4 + [0.002] * 2
+    assert [c.seed for c in entries[2].configs] == [0, 1]
+    assert entries[2].runs == [tmp_path / "o" / "runs" / "mine" / f"seed-{s}" for s in (0, 1)]
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    ('[[run]]\nname = "x"\n', "needs config"),
+    ('[[run]]\nconfig = "cartpole-dqn"\nseeds = 3\n', "unknown key 'seeds'"),
+    ('[[run]]\nconfig = "cartpole-dqn"\nset = "net.hidden=[64]"\n', "list of 'section.key"),
+    ('[[run]]\nconfig = "cartpole-dqn"\n[env]\nid = "x"\n', "only [[run]] tables"),
+    ('[[run]]\nconfig = "cartpole-dqn"\nset = ["net.hiden=[64]"]\n', "hiden"),
+])
+def test_a_bad_plan_names_the_run_and_the_key(tmp_path: Path, text: str, needle: str) -> None:
+    from qfleet.compare import plan
+    from qfleet.config import ConfigError
+
+    (tmp_path / "plan.toml").write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        plan([str(tmp_path / "plan.toml")], [0], [], tmp_path / "o")
+
+
+def test_the_readme_plan_is_a_valid_plan(tmp_path: Path) -> None:
+    from qfleet.compare import plan
+
+    section = (Path(__file__).parents[1] / "README.md").read_text() \
+        .split("### Which scheme?")[1].split("\n### ")[0]
+    (block,) = re.findall(r"^```toml\n(.*?)^```", section, re.S | re.M)
+    (tmp_path / "plan.toml").write_text(block)
+    entries = plan([str(tmp_path / "plan.toml")], [0], [], tmp_path / "o")
+    assert [e.name for e in entries] == ["dqn-64", "cartpole-apex"]
