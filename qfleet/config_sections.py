@@ -109,6 +109,12 @@ class ReplayConfig:
 @dataclass
 class LearnerConfig:
     lr: float = _f(1e-3, gt=0.0, help="learning rate of the optimizer")
+    lr_schedule: str = _f("constant", choices=("constant", "linear", "cosine"),
+                          help="the learning rate over the run's env steps: constant, or "
+                          "from lr to lr_final at train.total_env_steps, on a line or a "
+                          "half cosine")
+    lr_final: float = _f(0.0, lo=0.0, help="the learning rate at train.total_env_steps "
+                         "when lr_schedule is linear or cosine")
     batch_size: int = _f(64, lo=1, help="transitions per gradient step")
     learning_starts: int = _f(1000, lo=0, help="env steps collected before the first update")
     train_every: int = _f(256, lo=1, help="env steps between training rounds")

@@ -34,6 +34,7 @@ from qfleet.progress import ProgressLine
 from qfleet.result import Result as Result
 from qfleet.resumable import check_counters, check_resumable, saved_config
 from qfleet.runtime import RoundReport, WorkerError, make_runner, ray_options
+from qfleet.schedules import LrSchedule
 from qfleet.sysinfo import write_system_info
 from qfleet.timesplit import add_times, fractions, split_record, verdict, window_times
 from qfleet.tracking import check_installed
@@ -263,7 +264,7 @@ class Experiment:
             **summarize_window(win, dt, self.runner.program.num_actors,
                                self.runner.program.batch_size),
             "replay_size": self.runner.replay_size, "actor_restarts": self.actor_restarts,
-            "lr": self.cfg.learner.lr,  # constant: no schedule changes it
+            "lr": LrSchedule.of(self.cfg).at(self.runner.env_steps),  # the rate now
             "replay_ratio_target": self.replay_ratio_target,
             **split_record(window_times(win), self.times)}
         if self.runner.program.num_actors > 1:  # Ape-X actors explore differently: show each

@@ -21,6 +21,7 @@ from qfleet.metrics import read_metrics
 from qfleet.timesplit import short
 
 PNG = b"\x89PNG\r\n\x1a\n"
+PRESETS = ("cartpole-dqn", "cartpole-per", "cartpole-a3c")  # replay, prioritized, gradients
 TINY = ["learner.learning_starts=200", "train.eval_episodes=2", "train.eval_every=500",
         "log.tensorboard=false", "log.progress=false", "net.hidden=[32]"]
 
@@ -37,7 +38,7 @@ def _images(page: str) -> list[bytes]:
 def compared(tmp_path_factory: pytest.TempPathFactory,
              run_cli: Callable[..., Any]) -> tuple[Path, Any]:
     out = tmp_path_factory.mktemp("compare") / "out"
-    proc = run_cli("compare", "cartpole-dqn", "cartpole-per", "--seeds", "2",
+    proc = run_cli("compare", *PRESETS, "--seeds", "2",
                    "--budget-steps", "1000", "-o", str(out), *_sets(TINY))
     assert proc.returncode == 0, proc.stderr
     return out, proc
@@ -46,12 +47,12 @@ def compared(tmp_path_factory: pytest.TempPathFactory,
 @pytest.mark.slow
 def test_every_config_runs_every_seed_on_the_budget(compared: tuple[Path, Any]) -> None:
     out, proc = compared
-    for name in ("cartpole-dqn", "cartpole-per"):
+    for name in PRESETS:
         for seed in (0, 1):
             result = json.loads((out / "runs" / name / f"seed-{seed}" / "result.json")
                                 .read_text())
             assert 1000 <= result["env_steps"] < 1100
-    assert proc.stdout.count("compare: ") == 4
+    assert proc.stdout.count("compare: ") == 6
 
 
 @pytest.mark.slow
@@ -105,10 +106,9 @@ def test_the_report_opens_in_a_headless_browser(compared: tuple[Path, Any]) -> N
         head = [th.text for th in driver.find_elements(By.CSS_SELECTOR, "#summary thead th")]
         assert head[:3] == ["config", "seeds", "final return"] and \
             head[-1] == "time verdict", head
-        assert len(driver.find_elements(By.CSS_SELECTOR, "#verdicts li")) == 4
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#verdicts li")) == 6
         rows = driver.find_elements(By.CSS_SELECTOR, "#summary tbody tr")
-        assert [r.find_element(By.TAG_NAME, "td").text for r in rows] == \
-            ["cartpole-dqn", "cartpole-per"]
+        assert [r.find_element(By.TAG_NAME, "td").text for r in rows] == list(PRESETS)
     finally:
         driver.quit()
 
@@ -122,7 +122,7 @@ def test_a_second_compare_trains_only_what_did_not_finish(
     cut = copy / "runs" / "cartpole-per" / "seed-1"
     before = json.loads((cut / "result.json").read_text())
     (cut / "result.json").unlink()  # as if Ctrl-C came after its last checkpoint
-    proc = run_cli("compare", "cartpole-dqn", "cartpole-per", "--seeds", "2",
+    proc = run_cli("compare", *PRESETS, "--seeds", "2",
                    "--budget-steps", "1000", "-o", str(copy), *_sets(TINY))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("compare: ") == 1 and "cartpole-per seed 1 (1/1)" in proc.stdout

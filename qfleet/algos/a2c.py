@@ -25,6 +25,7 @@ from qfleet.policies import Constant
 from qfleet.replay import Replay, transition_spec
 from qfleet.roles import Actor
 from qfleet.roles.gradients import Aggregator, GradientWorker, LossFn
+from qfleet.schedules import LrSchedule
 
 
 def build(cfg: Config) -> GradientProgram:
@@ -39,7 +40,7 @@ def wire(cfg: Config, hogwild: bool) -> GradientProgram:
     loss_fn = partial(_loss, value_coef=cfg.algo.value_coef, entropy_coef=cfg.algo.entropy_coef)
     return gradient_program(
         cfg, make_worker=partial(_make_worker, cfg, new_net, loss_fn),
-        make_aggregator=partial(Aggregator, model, cfg.learner),
+        make_aggregator=partial(Aggregator, model, cfg.learner, schedule=LrSchedule.of(cfg)),
         make_shared_replay=None, make_eval_net=new_net, hogwild=hogwild,
         record=transition_spec(obs_shape, obs_dtype),
         batch_size=cfg.actors.chunk_size * cfg.env.num_envs)  # the rollout is the batch

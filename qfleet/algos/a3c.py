@@ -29,6 +29,7 @@ from qfleet.nets import make_actor_critic
 from qfleet.replay import RolloutQueue, transition_spec
 from qfleet.roles import Actor
 from qfleet.roles.ac_learner import ACLearner
+from qfleet.schedules import LrSchedule
 
 
 def build(cfg: Config) -> GradientProgram | ActorLearnerProgram:
@@ -55,7 +56,8 @@ def build_queue(cfg: Config) -> ActorLearnerProgram:
     return ActorLearnerProgram(
         num_actors=cfg.actors.count,
         make_actor=partial(_make_actor, cfg, new_net),
-        make_learner=partial(ACLearner, global_net, cfg.learner, cfg.algo),
+        make_learner=partial(ACLearner, global_net, cfg.learner, cfg.algo,
+                             schedule=LrSchedule.of(cfg)),
         make_replay=partial(_make_queue, cfg),
         make_eval_net=new_net,
         schedule=Schedule(batch_size=batch, learning_starts=0, train_every=batch,

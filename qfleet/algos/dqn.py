@@ -23,6 +23,7 @@ from qfleet.policies import LinearSchedule
 from qfleet.replay import Replay, make_replay, transition_spec
 from qfleet.roles import Actor, DQNLearner
 from qfleet.roles.actor import PriorityFn
+from qfleet.schedules import LrSchedule
 
 Epsilon = Callable[[int], float]  # env steps -> exploration rate
 
@@ -59,7 +60,8 @@ class Parts:
                      incarnation=incarnation, priority_fn=self.priority_fn)
 
     def make_learner(self) -> DQNLearner:
-        return DQNLearner(self.learner_net, self.cfg.learner, self.cfg.algo)
+        return DQNLearner(self.learner_net, self.cfg.learner, self.cfg.algo,
+                          schedule=LrSchedule.of(self.cfg))
 
     def make_replay(self) -> Replay:
         return make_replay(self.replay_cfg, self.obs_shape, self.obs_dtype,

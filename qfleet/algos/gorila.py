@@ -28,6 +28,7 @@ from qfleet.policies import LinearSchedule
 from qfleet.replay import Replay, make_replay, transition_spec
 from qfleet.roles import Actor
 from qfleet.roles.gradients import Aggregator, GradientWorker, LossFn
+from qfleet.schedules import LrSchedule
 
 
 def build(cfg: Config) -> GradientProgram:
@@ -46,7 +47,8 @@ def build(cfg: Config) -> GradientProgram:
 
     parts = Parts(cfg, obs_shape, obs_dtype, replay_cfg, epsilon, new_net, loss_fn)
     return gradient_program(
-        cfg, make_worker=parts.make_worker, make_aggregator=partial(Aggregator, model, cfg.learner),
+        cfg, make_worker=parts.make_worker, make_aggregator=partial(Aggregator, model, cfg.learner,
+                                                              schedule=LrSchedule.of(cfg)),
         make_shared_replay=None if scope == "local" else partial(parts.new_replay, (0,)),
         make_eval_net=new_net, hogwild=False, record=transition_spec(obs_shape, obs_dtype),
         local_replay=scope == "local")

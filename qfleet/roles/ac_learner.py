@@ -23,13 +23,15 @@ from qfleet.nets import ActorCritic
 from qfleet.replay import Batch
 from qfleet.roles.learner import UpdateStats, make_optimizer, pick_device, to_torch
 from qfleet.roles.params import ParamSnapshot
+from qfleet.schedules import LrSchedule
 
 
 class ACLearner:
     target: nn.Module | None = None  # no target network in actor-critic
 
-    def __init__(self, net: ActorCritic, cfg: LearnerConfig, algo: AlgoConfig) -> None:
-        self.cfg, self.algo = cfg, algo
+    def __init__(self, net: ActorCritic, cfg: LearnerConfig, algo: AlgoConfig,
+                 schedule: LrSchedule | None = None) -> None:
+        self.cfg, self.algo, self.schedule = cfg, algo, schedule
         self.device = pick_device(cfg.device)
         self.online: ActorCritic = net.to(self.device)
         self.params = list(self.online.parameters())

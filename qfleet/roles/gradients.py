@@ -23,6 +23,7 @@ from qfleet.replay import Batch, Replay
 from qfleet.roles.actor import Actor
 from qfleet.roles.learner import make_optimizer, to_torch
 from qfleet.roles.params import ParamSnapshot
+from qfleet.schedules import LrSchedule
 
 COLLECTED = "worker.collected"  # beside a worker's replay arrays in a checkpoint
 
@@ -162,8 +163,8 @@ class Aggregator:
     only, the parameter writes are lock-free on purpose."""
 
     def __init__(self, model: nn.ModuleDict, cfg: LearnerConfig,
-                 lock: Any = None) -> None:
-        self.model, self.cfg = model, cfg
+                 lock: Any = None, schedule: LrSchedule | None = None) -> None:
+        self.model, self.cfg, self.schedule = model, cfg, schedule
         self.online: nn.Module = model["online"]
         self.target: nn.Module | None = \
             model["target"] if "target" in model else None  # noqa: SIM401

@@ -13,6 +13,7 @@ from qfleet.config import AlgoConfig, ConfigError, LearnerConfig
 from qfleet.losses import TorchBatch, dqn_loss
 from qfleet.replay import Batch
 from qfleet.roles.params import ParamSnapshot
+from qfleet.schedules import LrSchedule
 
 
 def pick_device(name: str) -> torch.device:
@@ -51,8 +52,9 @@ class UpdateStats:
 
 
 class DQNLearner:
-    def __init__(self, net: nn.Module, cfg: LearnerConfig, algo: AlgoConfig) -> None:
-        self.cfg, self.algo = cfg, algo
+    def __init__(self, net: nn.Module, cfg: LearnerConfig, algo: AlgoConfig,
+                 schedule: LrSchedule | None = None) -> None:
+        self.cfg, self.algo, self.schedule = cfg, algo, schedule
         self.device = pick_device(cfg.device)
         self.online = net.to(self.device)
         self.target = copy.deepcopy(self.online).requires_grad_(False)

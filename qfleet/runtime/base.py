@@ -18,6 +18,7 @@ from qfleet.replay import Replay
 from qfleet.replay import describe as describe_replay
 from qfleet.roles import Chunk, UpdateStats
 from qfleet.roles.clock import Clock
+from qfleet.schedules import follow
 
 
 @dataclass(frozen=True)
@@ -228,6 +229,7 @@ class LearnerSide:
     def train(self, count: int) -> list[UpdateStats]:
         if count == 0:
             return []
+        follow(self.learner, self.env_steps)  # the round's updates share one rate
         batch_size = self.program.schedule.batch_size
         clock = self.clock
         if not self.replay.prioritized:  # draws are independent: fetch the round at once

@@ -26,6 +26,7 @@ from qfleet.replay import describe as describe_replay
 from qfleet.roles.clock import Clock
 from qfleet.roles.gradients import Gradient, GradientGate, Ready
 from qfleet.runtime.base import OUTSIDE, RoundReport
+from qfleet.schedules import follow
 
 
 class GlobalSide:
@@ -162,6 +163,7 @@ class GlobalSide:
         before = (self.gate.applied, self.gate.dropped, self.gate.staleness_sum)
         ready = gate_call(self.aggregator.version)
         if ready is not None:
+            follow(self.aggregator, self.env_steps)
             self.aggregator.apply(*ready)
             report.updates += 1
         self.clock.lap("apply")

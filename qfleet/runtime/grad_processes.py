@@ -57,6 +57,7 @@ from qfleet.runtime.replay_rpc import (
     SampleMsg,
 )
 from qfleet.runtime.shm import Flag, PauseGate, SharedParams, main_alive
+from qfleet.schedules import follow
 
 ROUND_S = 0.1
 SAVE_TIMEOUT_S = 120.0  # for every worker to write its own replay for a checkpoint
@@ -118,6 +119,8 @@ class _Shared:
     pause: PauseGate | None  # Hogwild: lets a checkpoint copy the shared model whole
     save_request: Any  # a counter: when it moves, each worker saves its own replay ...
     save_dir: str  # ... into this folder
+    env_steps: Any  # the run's env steps as the main process last counted them (Hogwild
+    # workers set their learning rate from it)
 
 
 def _worker_main(sh: _Shared, index: int, incarnation: int, link: Link,
@@ -174,6 +177,7 @@ def _send(sh: _Shared, worker: GradientWorker, grad: Gradient, link: Link,
           slot: int) -> GradMsg:
     if grad.grads_P is not None and sh.aggregator is not None:
         assert sh.pause is not None
+        follow(sh.aggregator, int(sh.env_steps.value))  # as of the main's last round
         with sh.pause.step(worker.index):
             grad.applied_at = sh.aggregator.apply([grad.grads_P], [1.0])
         grad.grads_P = None
@@ -222,7 +226,7 @@ class ProcessesGradientRunner(GlobalSide):
                           self.shared_replay is not None and self.shared_replay.prioritized,
                           PauseGate(program.num_workers, self.ctx) if program.hogwild else None,
                           self.ctx.Value("q", 0, lock=False),
-                          tempfile.mkdtemp(prefix="qfleet-replays-"))
+                          tempfile.mkdtemp(prefix="qfleet-replays-"), self.ctx.RawValue("q", 0))
         self.deferred: list[Any] = []  # messages that came while a checkpoint waited
         self.restarts = [0] * program.num_workers
         self.links: dict[tuple[int, int], Link] = {}
@@ -260,6 +264,7 @@ class ProcessesGradientRunner(GlobalSide):
         self.clock_in()
         self._drain(report, wait=True)
         self._check_health(report)
+        self.sh.env_steps.value = self.env_steps
         self.clock_out(report)
         return report
 
@@ -358,6 +363,7 @@ class ProcessesGradientRunner(GlobalSide):
             self.server.size.value = len(self.server.replay)
         self.params.publish(self.aggregator.model, self.aggregator.version)
         self.sh.stop.clear()
+        self.sh.env_steps.value = self.env_steps
         self._forget_workers()
         self.workers = [self._spawn(i, state["incarnation"] + 1)
                         for i, state in enumerate(meta["workers"])]

@@ -51,6 +51,7 @@ from qfleet.runtime.base import RayOptions, RoundReport
 from qfleet.runtime.errors import count_restart
 from qfleet.runtime.global_side import GlobalSide
 from qfleet.runtime.ray_grad_hosts import COUNTERS, GradHost, HostSpec, ReplayHost, Sent
+from qfleet.schedules import follow
 
 COLLECTIVE_TIMEOUT_S = 30.0  # a collective or rendezvous waiting longer has lost a member
 CALL_TIMEOUT_S = 30.0  # for the driver's own small calls (a free port, a replay's state)
@@ -276,6 +277,7 @@ class RayGradientRunner(GlobalSide):
         if included:
             mean_P = torch.from_numpy(vec[:size].copy()) / rows
             self.clock.lap("wait")
+            follow(self.aggregator, self.env_steps)
             self.aggregator.apply([mean_P], [1.0])
             self.clock.lap("apply")
             report.updates += 1
