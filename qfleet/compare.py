@@ -282,14 +282,13 @@ def write_report(entries: list[Entry], out: Path, threshold: float | None,
                                   ("wall", "greedy eval return vs wall time"))]
     (out / "summary.json").write_text(json.dumps(
         {"threshold": threshold, "headers": headers(threshold), "rows": rows}, indent=2))
-    page = _html(figures, headers(threshold), rows, threshold) \
-        .replace("</body>", f"{_verdicts(entries)}</body>")
+    page = _html(figures, headers(threshold), rows, threshold, _verdicts(entries))
     (out / "report.html").write_text(page, encoding="utf-8")
     return out / "report.html"
 
 
 def _html(figures: list[tuple[Path, str]], head: list[str], rows: list[list[str]],
-          threshold: float | None) -> str:
+          threshold: float | None, below: str) -> str:
     imgs = "".join(
         f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,'
         f'{base64.b64encode(path.read_bytes()).decode()}"><figcaption>{html.escape(caption)} '
@@ -303,7 +302,7 @@ def _html(figures: list[tuple[Path, str]], head: list[str], rows: list[list[str]
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>qfleet compare</title>"
             f"<style>{_CSS}</style></head><body><h1>qfleet compare</h1>{imgs}"
             f"<table id='summary'><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
-            f"{note}</body></html>\n")
+            f"{note}{below}</body></html>\n")
 
 
 def _verdicts(entries: list[Entry]) -> str:

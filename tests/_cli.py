@@ -17,3 +17,12 @@ def cli_env() -> dict[str, str]:
     env["PYTHONPATH"] = extra + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.update(PYTHONUNBUFFERED="1", NO_COLOR="1", COLUMNS="200", TERM="dumb")
     return env
+
+
+def running(pid: int | str) -> bool:
+    """Whether process ``pid`` still runs. A zombie has exited: reaping it is its new
+    parent's business (init's, or none in a container whose first process reaps nothing)."""
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+    except OSError:
+        return False

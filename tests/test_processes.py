@@ -13,6 +13,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
+from _cli import running
 from _runners import (
     closing,
     run_until,
@@ -93,15 +94,6 @@ def _children(pid: int) -> list[str]:
     return [c for c in out.stdout.split() if "resource_tracker" not in _cmdline(c)]
 
 
-def _running(pid: str) -> bool:
-    """A zombie has exited: reaping it is its new parent's business (init's, or none in a
-    container whose first process reaps nothing)."""
-    try:
-        return "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
-    except OSError:
-        return False
-
-
 def _cmdline(pid: str) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
@@ -132,7 +124,7 @@ def test_signal_checkpoints_and_stops_every_worker(tmp_path: Path, sig: int, cod
         tensors, meta, _ = checkpoint.load(ckpt)
         assert meta["env_steps"] > 0 and "online.advantage.weight" in tensors
         for pid in workers:  # every actor process is gone
-            assert not _running(pid)
+            assert not running(pid)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -157,7 +149,7 @@ def test_learner_exception_stops_workers_and_keeps_the_checkpoint(
     with pytest.raises(FloatingPointError, match="on purpose"):
         qfleet.train(cfg, tmp_path / "run")
     assert calls["n"] == 61
-    assert not any(_running(pid) for pid in _children(os.getpid()))
+    assert not any(running(pid) for pid in _children(os.getpid()))
     _, meta, replay = checkpoint.load(checkpoint.find(tmp_path / "run"))
     assert meta["updates"] > 0 and replay
 
@@ -177,7 +169,7 @@ def test_actors_exit_when_the_main_process_is_killed(tmp_path: Path, start_metho
         proc.kill()
         proc.wait()
         deadline = time.monotonic() + 20
-        while any(_running(pid) for pid in workers):  # the publisher may have died
+        while any(running(pid) for pid in workers):  # the publisher may have died
             assert time.monotonic() < deadline, "actor outlived its learner"  # mid-write
             time.sleep(0.1)
     finally:

@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 import torch
+from _cli import running
 from torch import nn
 
 from qfleet.runtime.shm import Flag, SharedParams, main_alive
@@ -101,17 +102,9 @@ def test_a_worker_exits_when_main_is_killed_in_the_middle_of_a_publish() -> None
     main.join(timeout=30)
     try:
         deadline = time.monotonic() + 10
-        while _running(worker_pid):
+        while running(worker_pid):
             assert time.monotonic() < deadline, "the worker spins on a publish that never ends"
             time.sleep(0.05)
     finally:
-        if _running(worker_pid):
+        if running(worker_pid):
             os.kill(worker_pid, signal.SIGKILL)
-
-
-def _running(pid: int) -> bool:
-    """A zombie has exited; reaping it is its new parent's business."""
-    try:
-        return "zombie" not in open(f"/proc/{pid}/status").read().lower()
-    except OSError:
-        return False
