@@ -95,6 +95,8 @@ class RowIdLearner:
     """A learner stub: the |TD error| it reports for a row is the row's id (its reward).
     It records every batch it was handed."""
 
+    schedule = None  # a constant learning rate: nothing for the learner side to set
+
     def __init__(self) -> None:
         self.version = 0
         self.batches: list[tuple[Batch, int]] = []

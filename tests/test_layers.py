@@ -15,8 +15,10 @@ PACKAGE = Path(__file__).resolve().parent.parent / "qfleet"
 # What each layer may import from qfleet (its own package always).
 ALLOWED = {
     "qfleet.replay": {"qfleet.config", "qfleet.errors"},
+    # a learning-rate schedule is a pure function of the config, level with it
+    "qfleet.schedules": {"qfleet.config"},
     "qfleet.roles": {"qfleet.config", "qfleet.errors", "qfleet.replay", "qfleet.envs",
-                     "qfleet.nets", "qfleet.losses", "qfleet.policies"},
+                     "qfleet.nets", "qfleet.losses", "qfleet.policies", "qfleet.schedules"},
 }
 FORBIDDEN = {
     "qfleet.algos": {"qfleet.runtime", "qfleet.experiment", "qfleet.cli"},
