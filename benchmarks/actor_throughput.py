@@ -3,6 +3,9 @@ shared-memory chunk transport rate for Atari-sized chunks.
 
 Collection only, no learner updates (learner.learning_starts is set past anything the
 measurement can reach). For the cartpole-apex preset shapes it measures env steps/s of
+  (r) the floor: the same vector env (make_vec_env, same num_envs) stepped with the same
+      network's batched greedy forward pass each step, nothing else (no exploration, no
+      n-step, no priorities); (a)/(r) is what the actor's own work costs (goal >= 0.8);
   (a) the reference: one Actor (``build_program(cfg).make_actor(0, 0)``) calling
       ``collect(chunk_steps)`` in a loop in this process, no transport, no replay;
   (b) 1 actor process and (c) 2 actor processes through the real ProcessesRunner: forked
@@ -50,6 +53,7 @@ from _common import (
 
 import qfleet
 from qfleet.algos import ActorLearnerProgram, build_program
+from qfleet.envs import make_vec_env
 from qfleet.replay import transition_spec
 from qfleet.roles.clock import NullClock
 from qfleet.runtime import ProcessesRunner
@@ -122,6 +126,29 @@ def in_process(cfg: qfleet.Config, warmup: float, seconds: float, clock: bool = 
         actor.close()
     name = "(a) in-process actor" + ("" if clock else ", time accounting off")
     return Rate(name, steps, now - t0, {"this process": cpu}, others=others)
+
+
+def raw_vector_env(cfg: qfleet.Config, warmup: float, seconds: float) -> Rate:
+    net = actor_learner(cfg).make_eval_net().eval()
+    env = make_vec_env(cfg.env)
+    try:
+        obs_EO, _ = env.reset(seed=cfg.seed)
+        steps, t_end, t0 = 0, time.perf_counter() + warmup, 0.0
+        measuring, cpu0, busy0 = False, 0.0, 0.0
+        while (now := time.perf_counter()) - t0 < seconds or not measuring:
+            if not measuring and now >= t_end:
+                measuring, steps, t0 = True, 0, now
+                cpu0, busy0 = time.process_time(), busy_cores_s()
+            with torch.no_grad():
+                action_E = net(torch.from_numpy(obs_EO)).argmax(dim=1).numpy()
+            obs_EO, *_ = env.step(action_E)
+            steps += env.num_envs
+        cpu = (time.process_time() - cpu0) / (now - t0)
+        others = (busy_cores_s() - busy0) / (now - t0) - cpu
+    finally:
+        env.close()
+    return Rate("(r) raw vector env + forward", steps, now - t0, {"this process": cpu},
+                others=others)
 
 
 def no_clock(cfg: qfleet.Config, warmup: float, seconds: float) -> Rate:
@@ -266,17 +293,20 @@ def main() -> None:
           f"{os.cpu_count()} CPUs", flush=True)
     pooled: dict[str, Rate] = {}
     for _ in range(args.repeats):  # interleaved, so other users' jobs hit all three alike
-        for key, fn, actors in (("ref", in_process, 1), ("off", no_clock, 1),
+        for key, fn, actors in (("raw", raw_vector_env, 1), ("ref", in_process, 1),
+                                ("off", no_clock, 1),
                                 ("one", through_processes, 1), ("two", through_processes, 2)):
             cfg = config(args.preset, args.num_envs, actors, args.chunk_size)
             got = fn(cfg, args.warmup, args.seconds)
             print(got.line(), flush=True)
             pooled[key] = pooled[key].merge(got) if key in pooled else got
-    ref, one, two = pooled["ref"], pooled["one"], pooled["two"]
+    raw, ref, one, two = pooled["raw"], pooled["ref"], pooled["one"], pooled["two"]
     if args.repeats > 1:
         print("pooled over the rounds:")
-        for got in (ref, pooled["off"], one, two):
+        for got in (raw, ref, pooled["off"], one, two):
             print(got.line())
+    print(f"in-process actor / raw vector env + forward: {ref.per_s / raw.per_s:.2f} "
+          "(goal >= 0.8)")
     print(f"time accounting on / off: {ref.per_s / pooled['off'].per_s:.3f} (goal >= 0.98: "
           "it costs at most 2% of env steps/s)")
     print(f"1 process / in-process: {one.per_s / ref.per_s:.2f} (goal >= 0.90)")

@@ -6,12 +6,17 @@ Printed per library and seed: training env steps/s (eval time excluded), wall ti
 first eval >= 475 (with and without eval time), the final eval and whether every eval
 after the first solve stayed >= 475; then the qfleet/SB3 ratios.
 
+qfleet flushes denormal floats to zero where it trains (qfleet.compute); SB3 runs with
+torch's defaults, as its users run it, unless --sb3-flush-denormal.
+
     python benchmarks/cartpole_vs_sb3.py [--seeds 0 1 2] [--steps 50000] [--threads 1]
+        [--sb3-flush-denormal]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -76,7 +81,7 @@ def run_qfleet(seed: int, steps: int, eval_every: int) -> Run:
     return run
 
 
-def run_sb3(seed: int, steps: int, eval_every: int) -> Run:
+def run_sb3(seed: int, steps: int, eval_every: int, flush_denormal: bool = False) -> Run:
     import gymnasium as gym
     from stable_baselines3 import DQN
     from stable_baselines3.common.callbacks import BaseCallback
@@ -100,6 +105,9 @@ def run_sb3(seed: int, steps: int, eval_every: int) -> Run:
                                   run.eval_s, float(np.mean(mean))))
             return True
 
+    # qfleet flushes denormal floats in every process it trains in (qfleet.compute) and
+    # leaves the flag set; SB3 runs as its users run it unless --sb3-flush-denormal
+    torch.set_flush_denormal(flush_denormal)
     model = DQN("MlpPolicy", "CartPole-v1", seed=seed, policy_kwargs={"net_arch": [256, 256]},
                 verbose=0, device="cpu", **ZOO)
     callback = Evaluate()
@@ -123,11 +131,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50_000)
     parser.add_argument("--eval-every", type=int, default=2_500)
     parser.add_argument("--threads", type=int, default=1, help="torch threads for both")
+    parser.add_argument("--sb3-flush-denormal", action="store_true",
+                        help="SB3 with denormals flushed too, as qfleet computes")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     runs: dict[str, list[Run]] = {"qfleet": [], "sb3": []}
     for seed in args.seeds:  # interleaved, so machine noise hits both alike
-        for lib, fn in (("sb3", run_sb3), ("qfleet", run_qfleet)):
+        sb3 = functools.partial(run_sb3, flush_denormal=args.sb3_flush_denormal)
+        for lib, fn in (("sb3", sb3), ("qfleet", run_qfleet)):
             run = fn(seed, args.steps, args.eval_every)
             runs[lib].append(run)
             print(describe(run), flush=True)

@@ -140,6 +140,10 @@ class ActorsConfig:
     eps_start: float = _f(1.0, lo=0.0, hi=1.0, help="initial exploration rate (dqn, gorila)")
     eps_end: float = _f(0.04, lo=0.0, hi=1.0, help="final exploration rate (dqn, gorila)")
     eps_fraction: float = _f(0.16, gt=0.0, hi=1.0, help="share of total steps to anneal over")
+    eps_schedule: str = _f("linear", choices=("constant", "linear", "cosine"),
+                           help="the exploration rate from eps_start to eps_end over "
+                           "eps_fraction of the steps, on a line or a half cosine (constant: "
+                           "eps_start throughout)")
     chunk_size: int = _f(64, lo=1, help="vector steps an actor takes per chunk")
     sync_every: int = _f(0, lo=0, help="env steps between an actor's parameter pulls; "
                          "0 = before every chunk")

@@ -25,6 +25,7 @@ import torch
 from qfleet import checkpoint, rundir
 from qfleet.algos import ActorLearnerProgram, build_program
 from qfleet.callbacks import CallbackList
+from qfleet.compute import pin_torch
 from qfleet.config import Config, ConfigError, to_toml, validate
 from qfleet.envs import env_fn_ref
 from qfleet.evaluate import EvalInterrupted, evaluate
@@ -68,8 +69,7 @@ class Experiment:
                  callbacks: CallbackList | None = None) -> None:
         self.cfg, self.run_dir = cfg, run_dir
         self.callbacks = callbacks or CallbackList()
-        if cfg.runtime.torch_threads:
-            torch.set_num_threads(cfg.runtime.torch_threads)
+        pin_torch(cfg.runtime.torch_threads)
         check_fits(cfg)  # before anything is allocated or any dir is made
         program = build_program(cfg)
         self.own_lock = None if lock is not None else rundir.RunLock(run_dir)

@@ -1,23 +1,27 @@
-"""Exploration: a linear epsilon schedule, epsilon-greedy over a batch, the Ape-X ladder,
+"""Exploration: the epsilon schedule, epsilon-greedy draws for a chunk, the Ape-X ladder,
 and sampling from policy logits (actor-critic)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
+from qfleet.schedules import ramp
+
 
 @dataclass(frozen=True)
-class LinearSchedule:
+class EpsilonSchedule:
+    """The exploration rate from ``start`` to ``end`` over ``duration`` env steps, then flat
+    (``kind``: linear, cosine, or constant at ``start``)."""
+
     start: float
     end: float
-    duration: int  # env steps to go from start to end
+    duration: int  # env steps to go from start to end (0 counts as 1)
+    kind: str = "linear"
 
     def __call__(self, step: int) -> float:
-        frac = min(1.0, step / max(1, self.duration))
-        return self.start + frac * (self.end - self.start)
+        return ramp(self.kind, self.start, self.end, step / max(1, self.duration))
 
 
 @dataclass(frozen=True)
@@ -30,16 +34,28 @@ class Constant:
         return self.value
 
 
-def epsilon_greedy(q_fn: Callable[[], np.ndarray], num_envs: int, num_actions: int,
-                   epsilon: float, rng: np.random.Generator) -> np.ndarray:
-    """Greedy actions from ``q_fn()`` (E x A), each replaced by a uniform random one with
-    probability epsilon. The coin flips come first so a step where every env explores
-    skips the forward pass (most early steps, when epsilon is near 1)."""
-    explore_E = rng.random(num_envs) < epsilon
-    random_E = rng.integers(0, num_actions, size=num_envs)
-    if explore_E.all():
-        return random_E
-    return np.where(explore_E, random_E, q_fn().argmax(axis=1))
+@dataclass(frozen=True)
+class Exploration:
+    """A chunk's exploration draws, made at once: whether each env explores at each step
+    (at that step's rate) and the uniform random action it then takes."""
+
+    explore_TE: np.ndarray
+    random_TE: np.ndarray
+
+    @classmethod
+    def draw(cls, epsilon_T: np.ndarray, num_envs: int, num_actions: int,
+             rng: np.random.Generator) -> Exploration:
+        steps = len(epsilon_T)
+        return cls(rng.random((steps, num_envs)) < epsilon_T[:, None],
+                   rng.integers(0, num_actions, size=(steps, num_envs)))
+
+    def all_explore(self, t: int) -> bool:
+        """Every env explores at step ``t``: the greedy action is not needed."""
+        return bool(self.explore_TE[t].all())
+
+    def actions(self, t: int, q_EA: np.ndarray) -> np.ndarray:
+        """Step ``t``'s actions: greedy under ``q_EA`` where the env does not explore."""
+        return np.where(self.explore_TE[t], self.random_TE[t], q_EA.argmax(axis=1))
 
 
 def apex_epsilons(num_actors: int, eps: float = 0.4, alpha: float = 7.0) -> list[float]:

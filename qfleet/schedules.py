@@ -1,4 +1,6 @@
-"""The learning rate over a run's env steps (``learner.lr_schedule``).
+"""Rates over a run's env steps: the learning rate (``learner.lr_schedule``) and the shape
+every schedule shares (``ramp``: constant, linear or half-cosine from a start to an end),
+which the exploration rate uses too (``actors.eps_schedule``).
 
 Whoever steps an optimizer sets its rate from the env steps it knows of just before the
 step (``follow``), so a schedule needs no state of its own and a resumed run continues it
@@ -15,6 +17,16 @@ import torch
 from qfleet.config import Config
 
 
+def ramp(kind: str, start: float, end: float, done: float) -> float:
+    """The rate ``done`` (0 .. 1, clipped) of the way from ``start`` to ``end``."""
+    done = min(max(done, 0.0), 1.0)
+    if kind == "linear":
+        return start + (end - start) * done
+    if kind == "cosine":
+        return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * done))
+    return start
+
+
 @dataclass(frozen=True)
 class LrSchedule:
     kind: str  # constant, linear, cosine
@@ -28,12 +40,7 @@ class LrSchedule:
                    cfg.train.total_env_steps)
 
     def at(self, env_steps: int) -> float:
-        done = min(max(env_steps / self.horizon, 0.0), 1.0)  # past the horizon: the end
-        if self.kind == "linear":
-            return self.start + (self.end - self.start) * done
-        if self.kind == "cosine":
-            return self.end + (self.start - self.end) * 0.5 * (1.0 + math.cos(math.pi * done))
-        return self.start
+        return ramp(self.kind, self.start, self.end, env_steps / self.horizon)
 
 
 class _Stepper(Protocol):

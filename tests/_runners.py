@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from qfleet.algos import GradientProgram, build_program
+from qfleet.compute import pin_torch
 from qfleet.config import Config
 from qfleet.runtime import ProcessesGradientRunner, ProcessesRunner, RoundReport
 
@@ -70,14 +71,16 @@ def run_until(runner: R, done: Callable[[R, list[RoundReport]], bool],
 
 @contextmanager
 def one_torch_thread() -> Iterator[None]:
-    """Compute in this process with one thread, as the workers and ``runtime.torch_threads
-    = 1`` do: on a small, shared machine two threads make these small nets 20x slower."""
+    """Compute in this process as the workers and ``runtime.torch_threads = 1`` do: one
+    thread (on a small, shared machine two make these small nets 20x slower), denormals
+    flushed (``qfleet.compute``)."""
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    pin_torch(1)
     try:
         yield
     finally:
         torch.set_num_threads(before)
+        torch.set_flush_denormal(False)
 
 
 def assert_apex_replay(runner: Any) -> None:

@@ -15,7 +15,7 @@ from qfleet.config import ConfigError, EnvConfig, NetConfig, load_config
 from qfleet.envs import check_spaces, make_vec_env, seeds_for
 from qfleet.experiment import train
 from qfleet.nets import MLP, NatureCNN, QNetwork, make_q_network, pick_torso
-from qfleet.policies import LinearSchedule
+from qfleet.policies import EpsilonSchedule
 from qfleet.roles import Actor
 
 # ---------------------------------------------------------------- networks
@@ -160,7 +160,7 @@ def test_image_env_builds_cnn_and_actor_stores_uint8() -> None:
                                        "net.hidden=[32]", "algo.n_step=2"])
     net = build_program(cfg).make_eval_net()
     assert isinstance(net, QNetwork) and isinstance(net.torso, NatureCNN)
-    actor = Actor(cfg.env, net, n_step=2, gamma=0.99, epsilon=LinearSchedule(1.0, 1.0, 1),
+    actor = Actor(cfg.env, net, n_step=2, gamma=0.99, epsilon=EpsilonSchedule(1.0, 1.0, 1),
                   seed=0, index=0)
     try:
         chunk = actor.collect(6)  # episodes last 5 steps: one ends inside the chunk
@@ -178,7 +178,7 @@ def test_actor_uses_true_final_obs_at_episode_ends() -> None:
     follows ChainEnv's dynamics (position +-1, step counter +1)."""
     cfg = EnvConfig(id="envs_for_tests:ChainEnv", num_envs=3, max_episode_steps=6)
     net = make_q_network(NetConfig(hidden=[8]), (2,), 2)
-    actor = Actor(cfg, net, n_step=1, gamma=0.9, epsilon=LinearSchedule(1.0, 1.0, 1), seed=0,
+    actor = Actor(cfg, net, n_step=1, gamma=0.9, epsilon=EpsilonSchedule(1.0, 1.0, 1), seed=0,
                   index=0)
     try:
         chunk = actor.collect(200)

@@ -10,7 +10,7 @@ import pytest
 import qfleet
 from qfleet.algos import build_program
 from qfleet.algos.program import ActorLearnerProgram
-from qfleet.policies import LinearSchedule, apex_epsilons, epsilon_greedy
+from qfleet.policies import EpsilonSchedule, Exploration, apex_epsilons
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -20,13 +20,13 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
     (5000, 0.1), (10_000, 0.1)])
 def test_linear_schedule_at_its_ends_and_midpoints(step: int, expected: float) -> None:
     # 1.0 -> 0.1 over 1000 steps: 0.9 / 1000 per step, flat at 0.1 afterwards.
-    assert LinearSchedule(1.0, 0.1, 1000)(step) == pytest.approx(expected, abs=1e-12)
+    assert EpsilonSchedule(1.0, 0.1, 1000)(step) == pytest.approx(expected, abs=1e-12)
 
 
 def test_linear_schedule_rises_too_and_a_zero_duration_jumps_after_step_zero() -> None:
-    rising = LinearSchedule(0.2, 0.6, 40)
+    rising = EpsilonSchedule(0.2, 0.6, 40)
     assert [rising(s) for s in (0, 10, 20, 40, 80)] == pytest.approx([0.2, 0.3, 0.4, 0.6, 0.6])
-    instant = LinearSchedule(1.0, 0.05, 0)  # duration 0 counts as 1 step
+    instant = EpsilonSchedule(1.0, 0.05, 0)  # duration 0 counts as 1 step
     assert [instant(s) for s in (0, 1, 7)] == pytest.approx([1.0, 0.05, 0.05])
 
 
@@ -83,14 +83,43 @@ def test_dqn_actor_epsilon_anneals_over_its_share_of_the_run() -> None:
     assert seen == pytest.approx([0.775, 0.55, 0.325, 0.1, 0.1, 0.1], abs=1e-12)
 
 
+@pytest.mark.parametrize("kind, expected", [
+    # 1.0 -> 0.1 over 500 steps at 0, 125, 250, 375, 500, 750 steps
+    ("linear", [1.0, 0.775, 0.55, 0.325, 0.1, 0.1]),
+    # 0.1 + 0.9 * (1 + cos(pi * done)) / 2: done 1/4 -> 0.1 + 0.45 * (1 + 1/sqrt(2))
+    ("cosine", [1.0, 0.1 + 0.45 * (1 + 2 ** -0.5), 0.55, 0.1 + 0.45 * (1 - 2 ** -0.5), 0.1,
+                0.1]),
+    ("constant", [1.0] * 6),
+])
+def test_epsilon_schedules_by_hand(kind: str, expected: list[float]) -> None:
+    schedule = EpsilonSchedule(1.0, 0.1, 500, kind)
+    got = [schedule(step) for step in (0, 125, 250, 375, 500, 750)]
+    assert got == pytest.approx(expected, abs=1e-12)
+
+
+def test_the_configured_epsilon_schedule_reaches_the_actors() -> None:
+    """actors.eps_schedule = cosine, wired through cartpole-dqn: 1.0 -> 0.1 over 500 steps."""
+    program = _program("cartpole-dqn", "train.total_env_steps=2000", "actors.eps_end=0.1",
+                       "actors.eps_fraction=0.25", "actors.eps_schedule='cosine'")
+    actor = program.make_actor(0, 0)
+    try:
+        seen = [actor.collect(125).epsilon for _ in range(2)]
+    finally:
+        actor.close()
+    assert seen == pytest.approx([0.1 + 0.45 * (1 + 2 ** -0.5), 0.55], abs=1e-12)
+
+
 def test_epsilon_greedy_explores_at_the_given_rate() -> None:
     """Each env explores with probability epsilon (then a uniform action, so it repeats
     the greedy one 1/A of the time): P(not greedy) = epsilon (A - 1) / A."""
     rng = np.random.default_rng(0)
     q_EA = np.tile(np.array([[0.0, 5.0, 1.0, 2.0]]), (20_000, 1))  # greedy action 1
     for epsilon in (0.0, 0.1, 0.5, 1.0):
-        actions = epsilon_greedy(lambda: q_EA, len(q_EA), 4, epsilon, rng)
-        off = float(np.mean(actions != 1))
-        expected = epsilon * 3 / 4
-        assert abs(off - expected) < 4 * np.sqrt(max(expected * (1 - expected), 1e-9)
-                                                 / len(q_EA)) + 1e-9, (epsilon, off)
+        # a chunk of two steps, each at its own rate
+        draws = Exploration.draw(np.array([epsilon, 1.0 - epsilon]), len(q_EA), 4, rng)
+        assert draws.all_explore(0) == (epsilon == 1.0)
+        for t, rate in enumerate((epsilon, 1.0 - epsilon)):
+            off = float(np.mean(draws.actions(t, q_EA) != 1))
+            expected = rate * 3 / 4
+            assert abs(off - expected) < 4 * np.sqrt(max(expected * (1 - expected), 1e-9)
+                                                     / len(q_EA)) + 1e-9, (rate, off)

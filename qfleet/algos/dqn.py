@@ -19,10 +19,9 @@ from qfleet.algos.program import ActorLearnerProgram, Schedule
 from qfleet.config import Config, ReplayConfig, replay_kind_of
 from qfleet.envs import probe_spaces
 from qfleet.nets import QNetwork, make_q_network
-from qfleet.policies import LinearSchedule
+from qfleet.policies import EpsilonSchedule
 from qfleet.replay import Replay, make_replay, transition_spec
 from qfleet.roles import Actor, DQNLearner
-from qfleet.roles.actor import PriorityFn
 from qfleet.schedules import LrSchedule
 
 Epsilon = Callable[[int], float]  # env steps -> exploration rate
@@ -30,10 +29,11 @@ Epsilon = Callable[[int], float]  # env steps -> exploration rate
 
 def build(cfg: Config) -> ActorLearnerProgram:
     steps_per_actor = cfg.train.total_env_steps // cfg.actors.count
-    epsilon = LinearSchedule(cfg.actors.eps_start, cfg.actors.eps_end,
-                             int(cfg.actors.eps_fraction * steps_per_actor))
+    epsilon = EpsilonSchedule(cfg.actors.eps_start, cfg.actors.eps_end,
+                              int(cfg.actors.eps_fraction * steps_per_actor),
+                              cfg.actors.eps_schedule)
     replay_cfg = dataclasses.replace(cfg.replay, kind=replay_kind_of(cfg))
-    return wire(cfg, (epsilon,) * cfg.actors.count, priority_fn=None, replay_cfg=replay_cfg)
+    return wire(cfg, (epsilon,) * cfg.actors.count, scores=False, replay_cfg=replay_cfg)
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class Parts:
     obs_dtype: np.dtype
     num_actions: int
     epsilons: tuple[Epsilon, ...]  # actor i explores with epsilons[i]
-    priority_fn: PriorityFn | None
+    scores: bool  # actors score their transitions' initial priorities (Ape-X)
     replay_cfg: ReplayConfig
     learner_net: QNetwork
 
@@ -57,7 +57,7 @@ class Parts:
         cfg = self.cfg
         return Actor(cfg.env, self.new_net(), n_step=cfg.algo.n_step, gamma=cfg.algo.gamma,
                      epsilon=self.epsilons[index], seed=cfg.seed, index=index,
-                     incarnation=incarnation, priority_fn=self.priority_fn)
+                     incarnation=incarnation, scores=self.scores)
 
     def make_learner(self) -> DQNLearner:
         return DQNLearner(self.learner_net, self.cfg.learner, self.cfg.algo,
@@ -76,12 +76,12 @@ class Parts:
                            anneal_steps=self.cfg.train.total_env_steps)
 
 
-def wire(cfg: Config, epsilons: tuple[Epsilon, ...], priority_fn: PriorityFn | None,
+def wire(cfg: Config, epsilons: tuple[Epsilon, ...], scores: bool,
          replay_cfg: ReplayConfig, shard_per_actor: bool = False) -> ActorLearnerProgram:
     obs_shape, obs_dtype, num_actions = probe_spaces(cfg.env)
     torch.manual_seed(cfg.seed)
     # The learner's net is built first, so a seed gives the same initial weights.
-    parts = Parts(cfg, obs_shape, obs_dtype, num_actions, epsilons, priority_fn, replay_cfg,
+    parts = Parts(cfg, obs_shape, obs_dtype, num_actions, epsilons, scores, replay_cfg,
                   make_q_network(cfg.net, obs_shape, num_actions))
     return ActorLearnerProgram(
         num_actors=cfg.actors.count,

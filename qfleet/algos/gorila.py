@@ -24,7 +24,7 @@ from qfleet.config import Config, ReplayConfig, replay_kind_of
 from qfleet.envs import probe_spaces
 from qfleet.losses import LossOut, TorchBatch, dqn_loss
 from qfleet.nets import make_q_network
-from qfleet.policies import LinearSchedule
+from qfleet.policies import EpsilonSchedule
 from qfleet.replay import Replay, make_replay, transition_spec
 from qfleet.roles import Actor
 from qfleet.roles.gradients import Aggregator, GradientWorker, LossFn
@@ -37,8 +37,9 @@ def build(cfg: Config) -> GradientProgram:
     replay_cfg = dataclasses.replace(cfg.replay, kind=replay_kind_of(cfg))
     if scope == "sharded":  # one prioritized shard per worker, sampled by every worker
         replay_cfg = dataclasses.replace(cfg.replay, kind="prioritized", shards=workers)
-    epsilon = LinearSchedule(cfg.actors.eps_start, cfg.actors.eps_end,
-                             int(cfg.actors.eps_fraction * cfg.train.total_env_steps // workers))
+    epsilon = EpsilonSchedule(cfg.actors.eps_start, cfg.actors.eps_end,
+                              int(cfg.actors.eps_fraction * cfg.train.total_env_steps // workers),
+                              cfg.actors.eps_schedule)
     new_net = partial(make_q_network, cfg.net, obs_shape, num_actions)
     torch.manual_seed(cfg.seed)
     online = new_net()  # built first so a seed gives the same initial weights
@@ -63,7 +64,7 @@ class Parts:
     obs_shape: tuple[int, ...]
     obs_dtype: np.dtype
     replay_cfg: ReplayConfig
-    epsilon: LinearSchedule
+    epsilon: EpsilonSchedule
     new_net: Callable[[], nn.Module]
     loss_fn: LossFn
 

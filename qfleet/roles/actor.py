@@ -11,8 +11,9 @@ from torch import nn
 
 from qfleet.config import EnvConfig
 from qfleet.envs import box_space, make_vec_env, seeds_for
-from qfleet.policies import epsilon_greedy, sample_logits
-from qfleet.replay import NStepAccumulator, Transitions
+from qfleet.policies import Exploration, sample_logits
+from qfleet.replay import Transitions
+from qfleet.replay.nstep_block import NStepBlock, Windows
 from qfleet.roles.clock import Clock
 from qfleet.roles.params import ParamSnapshot
 
@@ -29,26 +30,26 @@ class Chunk:
     times: dict[str, float] = field(default_factory=dict)  # seconds by activity (Clock)
 
 
-PriorityFn = Callable[[nn.Module, Transitions], np.ndarray]
-
-
 class Actor:
     """``incarnation`` counts restarts of this actor slot: each one gets fresh seeds.
-    ``priority_fn`` (Ape-X) scores each chunk with the actor's local network.
-    ``sample`` = the net outputs policy logits and actions are drawn from them
-    (actor-critic); otherwise they are Q-values and the actor is epsilon-greedy."""
+    ``scores`` (Ape-X): the actor gives each transition its |n-step TD error| under its local
+    network as the initial priority, from the Q-values it computed to act (each state's
+    values come from the parameters that acted there). ``sample`` = the net outputs policy
+    logits and actions are drawn from them (actor-critic); otherwise they are Q-values and
+    the actor is epsilon-greedy."""
 
     def __init__(self, env_cfg: EnvConfig, net: nn.Module, *, n_step: int, gamma: float,
                  epsilon: Callable[[int], float], seed: int, index: int, incarnation: int = 0,
-                 priority_fn: PriorityFn | None = None, sample: bool = False) -> None:
+                 scores: bool = False, sample: bool = False) -> None:
         self.env = make_vec_env(env_cfg)
         self.net = net.eval()
-        self.epsilon, self.priority_fn, self.sample = epsilon, priority_fn, sample
+        self.epsilon, self.scores, self.sample = epsilon, scores, sample
         self.seed, self.index, self.incarnation, self.resets = seed, index, incarnation, 0
         self.rng = np.random.default_rng([seed, index, incarnation])
         obs_shape, obs_dtype = box_space(self.env)
-        self.acc = NStepAccumulator(n_step, gamma, self.env.num_envs, obs_shape, obs_dtype)
         self.num_actions = int(self.env.single_action_space.n)  # type: ignore[attr-defined]
+        self.block = NStepBlock(n_step, gamma, self.env.num_envs, obs_shape, obs_dtype,
+                                num_values=self.num_actions if scores else 0)
         self.version = -1
         self.env_steps = 0
         self.return_E = np.zeros(self.env.num_envs)
@@ -59,9 +60,9 @@ class Actor:
     def reset_envs(self) -> None:
         """(Re)start every env with fresh seeds; a restored run gets new ones per restore."""
         stream = (1 + self.index, self.incarnation, self.resets)
-        self.obs_EO, _ = self.env.reset(seed=seeds_for(self.seed, stream, self.env.num_envs))
+        obs_EO, _ = self.env.reset(seed=seeds_for(self.seed, stream, self.env.num_envs))
+        self.block.begin(obs_EO)
         self.resets += 1
-        self.acc.reset()
         self.return_E[:] = 0
         self.length_E[:] = 0
 
@@ -69,51 +70,88 @@ class Actor:
         if snapshot.version != self.version:
             self.net.load_state_dict(snapshot.params)
             self.version = snapshot.version
+            # the current state's values (computed at the last chunk's end) are stale now
+            self.block.has_values_L[self.block.steps] = False
 
     @torch.no_grad()
-    def _q_values(self) -> np.ndarray:
-        return self.net(torch.from_numpy(self.obs_EO)).numpy()
+    def _forward(self, obs_NO: np.ndarray) -> np.ndarray:
+        return self.net(torch.from_numpy(obs_NO)).numpy()
 
-    def _act(self) -> np.ndarray:
-        if self.sample:
-            return sample_logits(self._q_values(), self.rng)
-        return epsilon_greedy(self._q_values, self.env.num_envs, self.num_actions,
-                              self.epsilon(self.env_steps), self.rng)
+    def _values(self) -> np.ndarray:
+        """The net's output for the current state, kept for scoring when the actor scores."""
+        block, k = self.block, self.block.steps
+        if not self.scores:
+            return self._forward(block.obs_EO)
+        if not block.has_values_L[k]:
+            block.values_LEA[k] = self._forward(block.obs_EO)
+            block.has_values_L[k] = True
+        return block.values_LEA[k]
 
     def collect(self, vector_steps: int) -> Chunk:
-        parts: list[Transitions] = []
         returns: list[float] = []
         lengths: list[int] = []
-        clock = self.clock
-        for _ in range(vector_steps):
+        clock, block, num_envs = self.clock, self.block, self.env.num_envs
+        block.reserve(vector_steps)
+        explore = self._draws(vector_steps)
+        for t in range(vector_steps):
             clock.lap("other")
-            action_E = self._act()
+            action_E = self._act(explore, t)
             clock.lap("inference")
             next_obs_EO, reward_E, term_E, trunc_E, info = self.env.step(action_E)
             clock.lap("env")
-            done_E = term_E | trunc_E
-            real_next_EO = next_obs_EO
-            if done_E.any():  # SAME_STEP autoreset: the true last obs sits in final_obs
-                real_next_EO = next_obs_EO.copy()
-                for e in np.flatnonzero(done_E):
-                    real_next_EO[e] = info["final_obs"][e]
-            parts.append(self.acc.step(self.obs_EO, action_E, reward_E.astype(np.float32),
-                                       real_next_EO, term_E, trunc_E))
+            done_E = block.record(action_E, reward_E, next_obs_EO, term_E, trunc_E,
+                                  info.get("final_obs"))
             self.return_E += reward_E
             self.length_E += 1
-            for e in np.flatnonzero(done_E):
-                returns.append(float(self.return_E[e]))
-                lengths.append(int(self.length_E[e]))
-            self.return_E[done_E] = 0
-            self.length_E[done_E] = 0
-            self.obs_EO = next_obs_EO
-            self.env_steps += self.env.num_envs
-        data = Transitions.concat(parts)
+            if done_E.any():
+                for e in np.flatnonzero(done_E):
+                    returns.append(float(self.return_E[e]))
+                    lengths.append(int(self.length_E[e]))
+                self.return_E[done_E] = 0
+                self.length_E[done_E] = 0
+            self.env_steps += num_envs
         clock.lap("other")
-        priorities_N = None if self.priority_fn is None else self.priority_fn(self.net, data)
+        windows = block.windows()
+        data = block.transitions(windows)
+        priorities_N = self._score(windows, data) if self.scores else None
+        block.carry()
         clock.lap("inference")
-        return Chunk(data, vector_steps * self.env.num_envs, returns, lengths, self.version,
+        return Chunk(data, vector_steps * num_envs, returns, lengths, self.version,
                      None if self.sample else self.epsilon(self.env_steps), priorities_N)
+
+    def _draws(self, steps: int) -> Exploration | None:
+        if self.sample:
+            return None
+        E = self.env.num_envs
+        epsilon_T = np.array([self.epsilon(self.env_steps + t * E) for t in range(steps)])
+        return Exploration.draw(epsilon_T, E, self.num_actions, self.rng)
+
+    def _act(self, explore: Exploration | None, t: int) -> np.ndarray:
+        if explore is None:
+            return sample_logits(self._values(), self.rng)
+        if explore.all_explore(t) and not self.scores:  # no forward pass needed
+            return explore.random_TE[t]
+        return explore.actions(t, self._values())
+
+    def _score(self, w: Windows, data: Transitions) -> np.ndarray:
+        """|R + discount * max_a Q(s_end+1, a) - Q(s, a)| of each transition, from the values
+        the actor computed to act; the few states it never acted in (every env explored,
+        the state after the chunk, a truncated episode's last obs) get one forward pass."""
+        block = self.block
+        needed = np.union1d(w.start_K, w.end_K[~w.done_K] + 1)
+        missing = needed[~block.has_values_L[needed]]
+        if len(missing):
+            obs_MO = block.obs_LEO[missing].reshape(-1, *block.obs_shape)
+            block.values_LEA[missing] = self._forward(obs_MO).reshape(len(missing), -1,
+                                                                         self.num_actions)
+            block.has_values_L[missing] = True
+        q_K = block.values_LEA[w.start_K, w.env_K, data.action_N]
+        next_max_K = block.values_LEA[w.end_K + 1, w.env_K].max(axis=1)
+        truncated = w.done_K & (data.discount_N > 0)
+        if truncated.any():  # bootstrap from the true last obs, not the reset one
+            next_max_K[truncated] = self._forward(data.next_obs_NO[truncated]).max(axis=1)
+        target_K = data.reward_N + data.discount_N * next_max_K
+        return np.abs(target_K - q_K).astype(np.float32)
 
     def close(self) -> None:
         self.env.close()

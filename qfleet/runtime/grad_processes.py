@@ -34,6 +34,7 @@ from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 
 from qfleet.algos.program import GradientProgram
+from qfleet.compute import pin_torch
 from qfleet.roles import Fetch, gradient_step
 from qfleet.roles.gradients import Aggregator, Gradient, GradientWorker
 from qfleet.runtime.base import RoundReport
@@ -126,7 +127,7 @@ class _Shared:
 def _worker_main(sh: _Shared, index: int, incarnation: int, link: Link,
                  replay_state: dict[str, np.ndarray], save_request: int) -> None:
     leave_signals_to_main()
-    torch.set_num_threads(1)
+    pin_torch(1)
     try:
         replay = None if link.replay is None else ReplayClient(
             link.replay, index, incarnation, sh.out_q, sh.replay_size,

@@ -24,9 +24,8 @@ from multiprocessing import get_context
 from multiprocessing.process import BaseProcess
 from typing import Any, Protocol, cast
 
-import torch
-
 from qfleet.algos.program import ActorLearnerProgram
+from qfleet.compute import pin_torch
 from qfleet.config import resolve_start_method
 from qfleet.roles import ActorLoop, Chunk
 from qfleet.runtime.base import LearnerSide, RoundReport
@@ -72,7 +71,7 @@ def leave_signals_to_main() -> None:
 def _actor_main(program: ActorLearnerProgram, index: int, incarnation: int,
                 slots: ChunkSlots, out_q: Any, params: SharedParams, stop: Flag) -> None:
     leave_signals_to_main()
-    torch.set_num_threads(1)
+    pin_torch(1)
     try:
         loop = ActorLoop(program.make_actor(index, incarnation), program.schedule.chunk_steps,
                          program.sync_every)

@@ -27,6 +27,7 @@ import ray
 import torch
 import torch.distributed as dist
 
+from qfleet.compute import pin_torch
 from qfleet.replay import Batch, Replay, Transitions
 from qfleet.replay import describe as describe_replay
 from qfleet.roles import ParamSnapshot, gradient_step
@@ -79,7 +80,7 @@ class GradHost(Host):
 
     def __init__(self, spec: HostSpec, index: int) -> None:
         super().__init__()
-        torch.set_num_threads(1)
+        pin_torch(1)
         self.spec, self.index = spec, index
         self.worker: GradientWorker | None = None
         self.restored: tuple[int, dict[str, np.ndarray]] | None = None  # incarnation, replay

@@ -28,6 +28,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from qfleet.algos.program import ActorLearnerProgram, GradientProgram
+from qfleet.compute import pin_torch
 from qfleet.config import ConfigError
 from qfleet.runtime.base import RayOptions, RoundReport
 from qfleet.runtime.errors import WorkerError
@@ -48,8 +49,7 @@ class LearnerHost:
     """A RayRunner or RayGradientRunner inside a Ray actor."""
 
     def __init__(self, program: Program, options: RayOptions) -> None:
-        if options.torch_threads:
-            torch.set_num_threads(options.torch_threads)
+        pin_torch(options.torch_threads)
         self.runner: RayRunner | RayGradientRunner = (
             RayGradientRunner(program, options) if isinstance(program, GradientProgram)
             else RayRunner(program, options))

@@ -28,12 +28,12 @@ from typing import Any
 
 import numpy as np
 import ray
-import torch
 from ray.exceptions import ObjectLostError, RayActorError
 from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from qfleet.algos.program import ActorLearnerProgram
+from qfleet.compute import pin_torch
 from qfleet.config import ConfigError
 from qfleet.replay import Transitions
 from qfleet.roles import Actor, ActorLoop, Chunk, ParamSnapshot
@@ -88,7 +88,7 @@ class ActorHost(Host):
 
     def __init__(self, spec: ActorSpec, index: int) -> None:
         super().__init__()
-        torch.set_num_threads(1)
+        pin_torch(1)
         self.spec, self.index = spec, index
         self.loop: ActorLoop | None = None
         self.shard: Any = None
