@@ -63,11 +63,13 @@ def read_offline_run(wandb_file: Path) -> OfflineRun:
     from wandb.proto import wandb_internal_pb2 as pb
 
     run: OfflineRun | None = None
-    history, config, exit_code = [], {}, None
-    for raw in _records(wandb_file.read_bytes()):
+    history, config, exit_code, kinds = [], {}, None, []
+    data = wandb_file.read_bytes()
+    for raw in _records(data):
         record = pb.Record()
         record.ParseFromString(raw)
         kind = record.WhichOneof("record_type")
+        kinds.append(kind)
         if kind == "run":
             run = OfflineRun(record.run.run_id, record.run.project, list(record.run.tags), {})
             config |= _items(record.run.config.update)
@@ -77,7 +79,7 @@ def read_offline_run(wandb_file: Path) -> OfflineRun:
             history.append(_items(record.history.item))
         elif kind == "exit":
             exit_code = record.exit.exit_code
-    assert run is not None, f"{wandb_file}: no run record"
+    assert run is not None, f"{wandb_file} ({len(data)} bytes): no run record in {kinds}"
     run.config = {k: v for k, v in config.items() if not k.startswith("_")}
     run.history, run.exit_code = history, exit_code
     return run

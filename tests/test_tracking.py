@@ -77,6 +77,12 @@ def trackers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[s
 
 
 def _wandb_run(wandb_dir: str, run_id: str) -> list[Path]:
+    """The run's .wandb files, read once wandb's service process has ended: the service
+    writes them, and on a loaded machine (CI, once) ``finish()`` returned before its run
+    record was on disk."""
+    import wandb
+
+    wandb.teardown()
     return sorted(Path(wandb_dir).glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb"))
 
 
