@@ -40,7 +40,7 @@ class NStepBlock:
                  obs_dtype: np.dtype, num_values: int = 0) -> None:
         self.n, self.gamma, self.num_envs = n, gamma, num_envs
         self.obs_shape, self.obs_dtype, self.num_values = obs_shape, obs_dtype, num_values
-        self.powers_n = (gamma ** np.arange(n)).astype(np.float32)
+        self.powers_n = gamma ** np.arange(n)
         self.steps = 0  # recorded steps in the arrays, the carried ones first
         self.carried = 0  # of which came from the last chunk
         self._allocate(n - 1 + 64)
@@ -61,7 +61,7 @@ class NStepBlock:
         # the true last obs where an episode ended at step k
         self.final_LEO = np.zeros((size, E, *obs_shape), self.obs_dtype)
         self.action_LE = np.zeros((size, E), np.int64)
-        self.reward_LE = np.zeros((size, E), np.float32)
+        self.reward_LE = np.zeros((size, E))  # float64, as envs give them: exact returns
         self.term_LE = np.zeros((size, E), bool)
         self.done_LE = np.zeros((size, E), bool)
         for name, array in old.items():
@@ -113,17 +113,18 @@ class NStepBlock:
         start_K, env_K = np.nonzero((end_KE < K) & (end_KE >= self.carried))
         end_K = end_KE[start_K, env_K]
         done_K = done_KE[end_K, env_K]
-        order = np.lexsort((start_K, env_K, done_K, end_K))
+        # by end step, full windows before ended ones, env, start: one int key, one argsort
+        key_K = ((end_K * 2 + done_K) * self.num_envs + env_K) * K + start_K
+        order = np.argsort(key_K, kind="stable")
         return Windows(start_K[order], env_K[order], end_K[order], done_K[order])
 
     def transitions(self, w: Windows) -> Transitions:
         span_K = w.end_K - w.start_K + 1  # steps folded in: 1 .. n
-        reward_K = np.zeros(len(span_K), np.float32)
-        for i in range(self.n):
-            inside = span_K > i
-            at_K = np.minimum(w.start_K + i, self.steps - 1)
-            reward_K += np.where(inside, self.powers_n[i] * self.reward_LE[at_K, w.env_K],
-                                 np.float32(0))
+        offset_n = np.arange(self.n)
+        at_Kn = np.minimum(w.start_K[:, None] + offset_n, self.steps - 1)
+        reward_Kn = np.where(offset_n < span_K[:, None], self.reward_LE[at_Kn, w.env_K[:, None]],
+                             0.0)
+        reward_K = (reward_Kn @ self.powers_n).astype(np.float32)
         term_K = self.term_LE[w.end_K, w.env_K]
         discount_K = np.where(term_K, 0.0, self.gamma ** span_K).astype(np.float32)
         next_obs_KO = self.obs_LEO[w.end_K + 1, w.env_K]

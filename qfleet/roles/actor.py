@@ -88,8 +88,6 @@ class Actor:
         return block.values_LEA[k]
 
     def collect(self, vector_steps: int) -> Chunk:
-        returns: list[float] = []
-        lengths: list[int] = []
         clock, block, num_envs = self.clock, self.block, self.env.num_envs
         block.reserve(vector_steps)
         explore = self._draws(vector_steps)
@@ -99,18 +97,11 @@ class Actor:
             clock.lap("inference")
             next_obs_EO, reward_E, term_E, trunc_E, info = self.env.step(action_E)
             clock.lap("env")
-            done_E = block.record(action_E, reward_E, next_obs_EO, term_E, trunc_E,
-                                  info.get("final_obs"))
-            self.return_E += reward_E
-            self.length_E += 1
-            if done_E.any():
-                for e in np.flatnonzero(done_E):
-                    returns.append(float(self.return_E[e]))
-                    lengths.append(int(self.length_E[e]))
-                self.return_E[done_E] = 0
-                self.length_E[done_E] = 0
+            block.record(action_E, reward_E, next_obs_EO, term_E, trunc_E,
+                         info.get("final_obs"))
             self.env_steps += num_envs
         clock.lap("other")
+        returns, lengths = self._episodes()
         windows = block.windows()
         data = block.transitions(windows)
         priorities_N = self._score(windows, data) if self.scores else None
@@ -118,6 +109,25 @@ class Actor:
         clock.lap("inference")
         return Chunk(data, vector_steps * num_envs, returns, lengths, self.version,
                      None if self.sample else self.epsilon(self.env_steps), priorities_N)
+
+    def _episodes(self) -> tuple[list[float], list[int]]:
+        """The returns and lengths of the episodes that ended in this chunk's steps (by
+        step, then env), from the block's rewards: one cumulative sum, a few lines an end."""
+        block = self.block
+        reward_TE = block.reward_LE[block.carried: block.steps]
+        done_TE = block.done_LE[block.carried: block.steps]
+        cum_TE = np.cumsum(reward_TE, axis=0)
+        last_E = np.full(self.env.num_envs, -1)  # the step of each env's last end
+        returns, lengths = [], []
+        for t, e in zip(*np.nonzero(done_TE), strict=True):
+            since = cum_TE[t, e] - (cum_TE[last_E[e], e] if last_E[e] >= 0 else 0.0)
+            returns.append(float(self.return_E[e] + since))
+            lengths.append(int(self.length_E[e] + t - last_E[e]))
+            self.return_E[e], self.length_E[e], last_E[e] = 0.0, 0, t
+        before_E = np.where(last_E >= 0, cum_TE[last_E, np.arange(len(last_E))], 0.0)
+        self.return_E += cum_TE[-1] - before_E
+        self.length_E += len(reward_TE) - 1 - last_E
+        return returns, lengths
 
     def _draws(self, steps: int) -> Exploration | None:
         if self.sample:
@@ -138,8 +148,7 @@ class Actor:
         the actor computed to act; the few states it never acted in (every env explored,
         the state after the chunk, a truncated episode's last obs) get one forward pass."""
         block = self.block
-        needed = np.union1d(w.start_K, w.end_K[~w.done_K] + 1)
-        missing = needed[~block.has_values_L[needed]]
+        missing = np.flatnonzero(~block.has_values_L[: block.steps + 1])
         if len(missing):
             obs_MO = block.obs_LEO[missing].reshape(-1, *block.obs_shape)
             block.values_LEA[missing] = self._forward(obs_MO).reshape(len(missing), -1,
