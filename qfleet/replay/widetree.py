@@ -173,9 +173,11 @@ def _rebuild(tree_A: np.ndarray, start_L1: np.ndarray, count_L: np.ndarray) -> N
             _reduce(tree_A, start_L1, level, parent)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, inline="always")
 def _reduce(tree_A: np.ndarray, start_L1: np.ndarray, level: int, parent: int) -> None:
-    """Recompute ``parent`` (on level ``level + 1``) from its children on ``level``."""
+    """Recompute ``parent`` (on level ``level + 1``) from its children on ``level``.
+    Inlined by numba: as a call of its own (LLVM left it out of line) an update of 256
+    sampled slots on 1M took ~62 us instead of ~11."""
     node = _node_at(start_L1, level + 1, parent)
     if level == 0:
         _reduce_leaves(tree_A, node, parent << SHIFT)
