@@ -47,7 +47,8 @@ class BetaSchedule:
 
 def importance_weights(prio_B: np.ndarray, min_prio: float, beta: float) -> np.ndarray:
     """w_i = (N P(i))^-beta / max_j w_j; N and sum p cancel, leaving (p_i / p_min)^-beta."""
-    return ((prio_B / min_prio) ** -beta).astype(np.float32)
+    ratio_B = prio_B / min_prio
+    return np.power(ratio_B, -beta, out=ratio_B).astype(np.float32)
 
 
 class PrioritizedReplay:
@@ -82,9 +83,6 @@ class PrioritizedReplay:
         """Training progress in [0, 1]; beta anneals linearly from beta0 to 1 over it."""
         self.schedule.set_progress(frac)
 
-    def priority(self, td_abs_N: np.ndarray) -> np.ndarray:
-        return (np.abs(np.asarray(td_abs_N, dtype=np.float64)) + self.eps) ** self.alpha
-
     def add(self, chunk: Transitions, priorities_N: np.ndarray | None = None,
             shard: int | None = None) -> None:
         """Store ``chunk``. ``priorities_N``, if given, are the actor's |td| errors (turned
@@ -96,13 +94,13 @@ class PrioritizedReplay:
         kept = len(slots_N)  # a chunk longer than the capacity keeps only its tail
         ids_N = self.added + (n - kept) + np.arange(kept, dtype=np.int64)
         self.added += n
-        if priorities_N is None:
-            prio_N = np.full(kept, self.max_priority)
-        else:
-            prio_N = self.priority(np.asarray(priorities_N)[n - kept:])
-            self.max_priority = max(self.max_priority, float(prio_N.max()))
         self.id_N[slots_N] = ids_N
-        self.tree.update(slots_N, prio_N)
+        if priorities_N is None:
+            self.tree.update(slots_N, np.full(kept, self.max_priority))
+        else:
+            top = self.tree.update_td(slots_N, np.asarray(priorities_N)[n - kept:], self.eps,
+                                      self.alpha)
+            self.max_priority = max(self.max_priority, top)
         self._forget(self.storage.pop_dropped())
 
     def _forget(self, slots_K: np.ndarray) -> None:
@@ -133,9 +131,8 @@ class PrioritizedReplay:
             slots_B, td_B = slots_B[fresh_B], td_B[fresh_B]
         if len(slots_B) == 0:
             return
-        prio_B = self.priority(td_B)
-        self.tree.update(slots_B, prio_B)
-        self.max_priority = max(self.max_priority, float(prio_B.max()))
+        top = self.tree.update_td(slots_B, td_B, self.eps, self.alpha)
+        self.max_priority = max(self.max_priority, top)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         state = self.storage.state_dict()

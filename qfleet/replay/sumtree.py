@@ -93,6 +93,14 @@ class SumMinTree:
         view.flags.writeable = False
         return view
 
+    def update_td(self, idx_B: np.ndarray, td_B: np.ndarray, eps: float,
+                  alpha: float) -> float:
+        """``update`` with PER's priorities of TD errors, (|td| + eps) ** alpha; returns
+        the largest (0 for none)."""
+        prio_B = (np.abs(np.asarray(td_B, dtype=np.float64)) + eps) ** alpha
+        self.update(idx_B, prio_B)
+        return float(prio_B.max()) if len(prio_B) else 0.0
+
     def update(self, idx_B: np.ndarray, prio_B: np.ndarray) -> None:
         """Set ``prio[idx] = value``; with repeated indices the last value wins."""
         idx_U, val_U = last_write_wins(np.asarray(idx_B, dtype=np.int64),

@@ -283,6 +283,17 @@ def _sample(tree_A: np.ndarray, start_L1: np.ndarray, flat: int, count: int,
 # ------------------------------------------------------------ the tree
 
 
+@numba.njit(cache=True)
+def _td_priorities(td_B: np.ndarray, eps: float, alpha: float, out_B: np.ndarray) -> float:
+    """out = (|td| + eps) ** alpha, one pass; returns its max (0 for an empty batch)."""
+    top = 0.0
+    for b in range(len(td_B)):
+        p = (abs(td_B[b]) + eps) ** alpha
+        out_B[b] = p
+        top = max(top, p)
+    return top
+
+
 def _as_batch(idx_B: np.ndarray, prio_B: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     slot_B = np.ascontiguousarray(idx_B, dtype=np.int64)
     value_B = np.ascontiguousarray(prio_B, dtype=np.float64)
@@ -331,7 +342,9 @@ class WideSumMinTree:
 
     def update(self, idx_B: np.ndarray, prio_B: np.ndarray) -> None:
         """Set ``prio[idx] = value``; with repeated indices the last value wins."""
-        slot_B, value_B = _as_batch(idx_B, prio_B)
+        self._store(*_as_batch(idx_B, prio_B))
+
+    def _store(self, slot_B: np.ndarray, value_B: np.ndarray) -> None:
         bad = _checked_write(self.tree_A, self.start_L1, slot_B, value_B, self.capacity)
         if bad == 1:
             raise IndexError(f"slot out of range [0, {self.capacity})")
@@ -342,6 +355,16 @@ class WideSumMinTree:
             if not 0.0 <= kept_U.min() <= kept_U.max() < np.inf:  # NaN fails every compare
                 raise ValueError("priorities must be finite and >= 0")
             _write(self.tree_A, self.start_L1, slot_B, value_B)
+
+    def update_td(self, idx_B: np.ndarray, td_B: np.ndarray, eps: float,
+                  alpha: float) -> float:
+        """``update`` with PER's priorities of TD errors, (|td| + eps) ** alpha, computed in
+        one compiled pass; returns the largest (0 for none)."""
+        slot_B, td_abs_B = _as_batch(idx_B, td_B)
+        prio_B = np.empty(len(td_abs_B))
+        top = _td_priorities(td_abs_B, eps, alpha, prio_B)
+        self._store(slot_B, prio_B)
+        return top
 
     def set_all(self, prio_N: np.ndarray) -> None:
         """Replace every priority at once (checkpoint restore): rebuilds the levels."""
