@@ -16,6 +16,7 @@ from qfleet.algos.program import ActorLearnerProgram
 from qfleet.losses import TorchBatch, td_abs
 from qfleet.replay import NStepAccumulator, Transitions
 from qfleet.replay.nstep_block import NStepBlock
+from qfleet.roles.actor import Chunk
 from qfleet.roles.params import ParamSnapshot
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -101,6 +102,17 @@ def _apex_actor(*overrides: str) -> tuple[ActorLearnerProgram, qfleet.Config]:
     return program, cfg
 
 
+def _scored_afresh(chunk: Chunk, net: torch.nn.Module) -> None:
+    """The chunk's priorities are |TD| computed afresh on its transitions with ``net``."""
+    data, t = chunk.transitions, torch.from_numpy
+    batch = TorchBatch(t(data.obs_NO), t(data.action_N), t(data.reward_N),
+                       t(data.discount_N), t(data.next_obs_NO), weights_B=None)
+    with torch.no_grad():
+        want_N = td_abs(net, batch, double=True).numpy()
+    assert chunk.priorities_N is not None and len(chunk.priorities_N) == len(data)
+    np.testing.assert_allclose(chunk.priorities_N, want_N, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("limit", [0, 7])  # 7: many truncated episodes to bootstrap from
 def test_an_apex_actor_scores_each_transition_with_its_td_error(limit: int) -> None:
     program, cfg = _apex_actor(f"env.max_episode_steps={limit}")
@@ -112,13 +124,7 @@ def test_an_apex_actor_scores_each_transition_with_its_td_error(limit: int) -> N
     truncated = 0
     for chunk in chunks:
         data = chunk.transitions
-        t = torch.from_numpy
-        batch = TorchBatch(t(data.obs_NO), t(data.action_N), t(data.reward_N),
-                           t(data.discount_N), t(data.next_obs_NO), weights_B=None)
-        with torch.no_grad():
-            want_N = td_abs(actor.net, batch, double=True).numpy()
-        assert chunk.priorities_N is not None and len(chunk.priorities_N) == len(data)
-        np.testing.assert_allclose(chunk.priorities_N, want_N, rtol=1e-4, atol=1e-5)
+        _scored_afresh(chunk, actor.net)
         # a window shorter than n that bootstraps: its episode was truncated
         truncated += int((data.discount_N > np.float32(cfg.algo.gamma ** 3) * 1.0001).sum())
     assert (truncated > 0) == (limit > 0)
@@ -147,11 +153,4 @@ def test_new_parameters_rescore_the_state_the_last_chunk_ended_in() -> None:
         chunk = actor.collect(cfg.actors.chunk_size)
     finally:
         actor.close()
-    data = chunk.transitions
-    t = torch.from_numpy
-    batch = TorchBatch(t(data.obs_NO), t(data.action_N), t(data.reward_N),
-                       t(data.discount_N), t(data.next_obs_NO), weights_B=None)
-    with torch.no_grad():
-        want_N = td_abs(actor.net, batch, double=True).numpy()
-    assert chunk.priorities_N is not None
-    np.testing.assert_allclose(chunk.priorities_N, want_N, rtol=1e-4, atol=1e-5)
+    _scored_afresh(chunk, actor.net)
