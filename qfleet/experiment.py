@@ -69,14 +69,15 @@ class Experiment:
                  callbacks: CallbackList | None = None) -> None:
         self.cfg, self.run_dir = cfg, run_dir
         self.callbacks = callbacks or CallbackList()
-        pin_torch(cfg.runtime.torch_threads)
         check_fits(cfg)  # before anything is allocated or any dir is made
         program = build_program(cfg)
         self.own_lock = None if lock is not None else rundir.RunLock(run_dir)
+        self.flushed_before = pin_torch(cfg.runtime.torch_threads)  # restored by close()
         try:
             self.runner = make_runner(cfg.runtime.backend, program, ray_options(cfg),
                                       cfg.runtime.start_method)
         except BaseException:
+            torch.set_flush_denormal(self.flushed_before)
             if self.own_lock is not None:
                 self.own_lock.release(failed=True)
             raise
@@ -148,6 +149,7 @@ class Experiment:
     def close(self) -> None:
         """Stop the workers and release the run dir (safe to call twice)."""
         self.runner.close()
+        torch.set_flush_denormal(self.flushed_before)
         if self.own_lock is not None:
             self.own_lock.release()
 
@@ -181,9 +183,11 @@ class Experiment:
         finally:
             for signum, handler in handlers.items():
                 signal.signal(signum, handler)
-            self.progress.close()
-            self.metrics.close()
-            self.close()
+            try:
+                self.progress.close()
+                self.metrics.close()  # may raise (a full disk): the workers stop anyway
+            finally:
+                self.close()
 
     def _round(self, watch: StallWatch) -> None:
         t0 = time.perf_counter()
