@@ -105,8 +105,8 @@ def run_sb3(seed: int, steps: int, eval_every: int, flush_denormal: bool = False
                                   run.eval_s, float(np.mean(mean))))
             return True
 
-    # qfleet flushes denormal floats in every process it trains in (qfleet.compute) and
-    # leaves the flag set; SB3 runs as its users run it unless --sb3-flush-denormal
+    # qfleet flushes denormal floats while it trains (qfleet.compute) and puts the flag
+    # back after; SB3 runs as its users run it unless --sb3-flush-denormal
     torch.set_flush_denormal(flush_denormal)
     model = DQN("MlpPolicy", "CartPole-v1", seed=seed, policy_kwargs={"net_arch": [256, 256]},
                 verbose=0, device="cpu", **ZOO)

@@ -75,12 +75,12 @@ def one_torch_thread() -> Iterator[None]:
     thread (on a small, shared machine two make these small nets 20x slower), denormals
     flushed (``qfleet.compute``)."""
     before = torch.get_num_threads()
-    pin_torch(1)
+    flushed_before = pin_torch(1)
     try:
         yield
     finally:
         torch.set_num_threads(before)
-        torch.set_flush_denormal(False)
+        torch.set_flush_denormal(flushed_before)
 
 
 def assert_apex_replay(runner: Any) -> None:

@@ -86,9 +86,9 @@ class NStepBlock:
 
     def record(self, action_E: np.ndarray, reward_E: np.ndarray, next_obs_EO: np.ndarray,
                term_E: np.ndarray, trunc_E: np.ndarray,
-               final_obs: np.ndarray | None) -> np.ndarray:
+               final_obs: np.ndarray | None) -> None:
         """One vector step (``final_obs``: the true last obs of the envs that ended, by env,
-        as a SAME_STEP autoreset vector env gives it). Returns the step's done flags."""
+        as a SAME_STEP autoreset vector env gives it)."""
         k = self.steps
         self.action_LE[k] = action_E
         self.reward_LE[k] = reward_E
@@ -100,7 +100,6 @@ class NStepBlock:
             for e in np.flatnonzero(done_E):
                 self.final_LEO[k, e] = final_obs[e]
         self.steps = k + 1
-        return done_E
 
     def windows(self) -> Windows:
         """The n-step windows that end in the steps recorded since the last ``emit``."""
