@@ -72,8 +72,9 @@ class AlgoConfig:
 
 @dataclass
 class NetConfig:
-    torso: str = _f("auto", choices=("auto", "mlp", "cnn"),
-                    help="auto = mlp for flat observations, cnn (Nature) for (C, H, W) frames")
+    torso: str = _f("auto", choices=("auto", "mlp", "cnn", "minatar"),
+                    help="auto = mlp for flat observations, cnn (Nature) for (C, H, W) frames "
+                    "of 36x36 or more, minatar (one 3x3 conv) for smaller ones")
     hidden: list[int] = _f(  # noqa: RUF009 (_f gives lists a default_factory)
         [256, 256], help="MLP layer widths (cnn: the last is the fully connected layer's)")
     dueling: bool = _f(False, help="dueling head: Q = V + A - mean(A)")

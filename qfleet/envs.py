@@ -2,8 +2,9 @@
 ``env.kwargs`` and ``env.wrappers``; vectorized, explicitly seeded.
 
 One function, ``make_env``, builds every env qfleet steps (actors, eval, video, a loaded
-policy's ``make_env``): the base env, Atari preprocessing for Atari ids, the user's wrappers
-in order, then a one-hot encoding of Discrete observations (so an MLP can take them).
+policy's ``make_env``): the base env, Atari preprocessing for Atari ids, MinAtar's frames
+channels-first, the user's wrappers in order, then a one-hot encoding of Discrete
+observations (so an MLP can take them).
 
 Vector envs use SAME_STEP autoreset so a step that ends an episode returns the
 final observation in ``info["final_obs"]`` and the reset observation as ``obs``:
@@ -44,6 +45,34 @@ def _register_atari() -> None:
         raise ConfigError("env.id names an Atari game: install ale-py and opencv "
                           "(pip install 'qfleet[atari]')") from None
     gym.register_envs(ale_py)
+
+
+def is_minatar(env_id: str) -> bool:
+    return env_id.startswith("MinAtar/")
+
+
+def _register_minatar(env_id: str) -> None:
+    if "MinAtar/Breakout-v1" in gym.registry:  # registering again warns once per game
+        return
+    try:
+        from minatar import gym as minatar_gym
+    except ImportError:
+        raise ConfigError(f"env.id = {env_id!r} names a MinAtar game: install minatar "
+                          "(pip install 'qfleet[minatar]')") from None
+    minatar_gym.register_envs()
+
+
+class ChannelsFirst(gym.ObservationWrapper[np.ndarray, Any, Any]):
+    """MinAtar's (H, W, C) bool maps as (C, H, W) uint8 0/1: the layout the conv torsos
+    take, in a dtype that torch and the replay store as one byte."""
+
+    def __init__(self, env: gym.Env[Any, Any]) -> None:
+        super().__init__(env)
+        height, width, channels = env.observation_space.shape  # type: ignore[misc]
+        self.observation_space = gym.spaces.Box(0, 1, (channels, height, width), np.uint8)
+
+    def observation(self, observation: Any) -> np.ndarray:
+        return np.ascontiguousarray(np.moveaxis(observation, -1, 0), dtype=np.uint8)
 
 
 def _import(what: str, module_name: str) -> Any:
@@ -89,6 +118,8 @@ def _resolve(env_id: str) -> tuple[str, Any]:
 def _check_registered(env_id: str) -> None:
     if is_atari(env_id):
         _register_atari()
+    if is_minatar(env_id):
+        _register_minatar(env_id)
     if env_id not in gym.registry:
         close = difflib.get_close_matches(env_id, list(gym.registry), n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
@@ -150,6 +181,9 @@ def _call(cfg: EnvConfig, factory: Callable[..., Any], *args: Any, **kwargs: Any
 def _registered(env_id: str, cfg: EnvConfig, kwargs: dict[str, Any]) -> gym.Env[Any, Any]:
     if cfg.max_episode_steps:
         kwargs["max_episode_steps"] = cfg.max_episode_steps
+    if is_minatar(env_id):
+        _register_minatar(env_id)
+        return ChannelsFirst(_call(cfg, gym.make, env_id, **kwargs))
     if not is_atari(env_id):
         return _call(cfg, gym.make, env_id, **kwargs)
     _register_atari()

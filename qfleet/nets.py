@@ -43,6 +43,21 @@ class NatureCNN(nn.Module):
         return self.fc(self.conv(obs_BCHW.float() / 255.0))
 
 
+class MinAtarCNN(nn.Module):
+    """The MinAtar paper's torso (Young & Tian 2019): 16 3x3 filters, one dense layer. Its
+    frames are 0/1 maps, so unlike the Nature CNN's pixels they need no scaling."""
+
+    def __init__(self, in_shape: tuple[int, ...], hidden: int = 128) -> None:
+        super().__init__()
+        channels, height, width = in_shape
+        self.conv = nn.Sequential(nn.Conv2d(channels, 16, 3, stride=1), nn.ReLU(), nn.Flatten())
+        self.fc = nn.Sequential(nn.Linear(16 * (height - 2) * (width - 2), hidden), nn.ReLU())
+        self.out_dim = hidden
+
+    def forward(self, obs_BCHW: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(obs_BCHW.float()))
+
+
 class QNetwork(nn.Module):
     def __init__(self, torso: nn.Module, out_dim: int, num_actions: int, dueling: bool) -> None:
         super().__init__()
@@ -62,21 +77,30 @@ class QNetwork(nn.Module):
 
 def pick_torso(cfg: NetConfig, obs_shape: tuple[int, ...]) -> str:
     torso = cfg.torso
-    if torso == "auto":
-        torso = "mlp" if len(obs_shape) == 1 else "cnn"
+    if torso == "auto":  # frames under the Nature CNN's 36x36 are MinAtar-sized
+        torso = "mlp" if len(obs_shape) == 1 else "cnn" if min(obs_shape[1:]) >= 36 else "minatar"
     if torso == "mlp" and len(obs_shape) != 1:
         raise ConfigError(f"net.torso = 'mlp': observation shape {obs_shape} is not flat; "
-                          "use net.torso = 'cnn' or 'auto'")
-    if torso == "cnn" and len(obs_shape) != 3:
-        raise ConfigError(f"net.torso = 'cnn': observation shape {obs_shape} is not (C, H, W); "
-                          "use net.torso = 'mlp' or 'auto'")
-    if torso == "cnn" and obs_shape[-1] in (1, 3, 4) and obs_shape[0] > 4:
-        raise ConfigError(f"net.torso = 'cnn': observation shape {obs_shape} looks channels-last "
-                          "(H, W, C); the Nature-CNN takes (C, H, W): transpose it in a wrapper")
-    if torso == "cnn" and min(obs_shape[1:]) < 36:
-        raise ConfigError(f"net.torso = 'cnn': frames {obs_shape[1:]} are smaller than the "
-                          "Nature-CNN's 36x36 minimum")
+                          "use net.torso = 'cnn', 'minatar' or 'auto'")
+    if torso in ("cnn", "minatar"):
+        _check_frames(torso, obs_shape)
     return torso
+
+
+def _check_frames(torso: str, obs_shape: tuple[int, ...]) -> None:
+    if len(obs_shape) != 3:
+        raise ConfigError(f"net.torso = {torso!r}: observation shape {obs_shape} is not "
+                          "(C, H, W); use net.torso = 'mlp' or 'auto'")
+    if obs_shape[-1] in (1, 3, 4) and obs_shape[0] > 4:
+        raise ConfigError(f"net.torso = {torso!r}: observation shape {obs_shape} looks "
+                          "channels-last (H, W, C); the conv torsos take (C, H, W): transpose "
+                          "it in a wrapper")
+    smallest = 36 if torso == "cnn" else 3
+    if min(obs_shape[1:]) < smallest:
+        raise ConfigError(f"net.torso = {torso!r}: frames {obs_shape[1:]} are smaller than its "
+                          f"{smallest}x{smallest} minimum" + (
+                              "; use net.torso = 'minatar' (one 3x3 conv)"
+                              if torso == "cnn" else ""))
 
 
 class ActorCritic(nn.Module):
@@ -100,9 +124,12 @@ class ActorCritic(nn.Module):
         return self.policy(h_BH), self.value(v_BH).squeeze(1)
 
 
-def make_torso(cfg: NetConfig, obs_shape: tuple[int, ...]) -> MLP | NatureCNN:
-    if pick_torso(cfg, obs_shape) == "mlp":
+def make_torso(cfg: NetConfig, obs_shape: tuple[int, ...]) -> MLP | NatureCNN | MinAtarCNN:
+    torso = pick_torso(cfg, obs_shape)
+    if torso == "mlp":
         return MLP(obs_shape[0], cfg.hidden, cfg.activation)
+    if torso == "minatar":
+        return MinAtarCNN(obs_shape, cfg.hidden[-1] if cfg.hidden else 128)
     return NatureCNN(obs_shape, cfg.hidden[-1] if cfg.hidden else 512)
 
 

@@ -150,8 +150,8 @@ def test_image_obs_with_mlp_torso_is_a_config_error() -> None:
 
 
 def test_small_image_with_cnn_is_a_config_error() -> None:
-    cfg = load_config("cartpole-dqn", ["env.id=envs_for_tests:SmallImageEnv"])
-    with pytest.raises(ConfigError, match="36x36"):
+    cfg = load_config("cartpole-dqn", ["env.id=envs_for_tests:SmallImageEnv", "net.torso=cnn"])
+    with pytest.raises(ConfigError, match=r"36x36.*net\.torso = 'minatar'"):
         build_program(cfg)
 
 
