@@ -23,7 +23,7 @@ from qfleet.envs import check_env_id, make_env
 from qfleet.nets import MinAtarCNN, make_q_network, pick_torso
 
 BREAKOUT = "MinAtar/Breakout-v1"
-PRESETS = ["minatar-breakout-dqn", "minatar-breakout-apex"]
+PRESETS = ["minatar-breakout-dqn", "minatar-breakout-apex", "minatar-spaceinvaders-apex"]
 
 
 def test_frames_are_minatars_own_maps_channels_first() -> None:
@@ -120,4 +120,4 @@ def test_minatar_presets_train_on_every_backend(preset: str, backend: str, tmp_p
     assert losses and all(np.isfinite(losses))
     proc = run_cli("eval", str(tmp_path / "run"), "--episodes", "2")
     assert proc.returncode == 0, proc.stderr
-    assert f"over 2 episodes ({BREAKOUT})" in proc.stdout, proc.stdout
+    assert f"over 2 episodes ({cfg.env.id})" in proc.stdout, proc.stdout
