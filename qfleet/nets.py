@@ -75,10 +75,16 @@ class QNetwork(nn.Module):
         return self.value(h_BH) + adv_BA - adv_BA.mean(dim=1, keepdim=True)
 
 
+# The smallest frame side each conv torso takes (the Nature CNN's 8/4, 4/2, 3/1 convolutions
+# need 36; MinAtar's one 3x3 needs 3). ``auto`` gives smaller frames than the CNN's to MinAtar.
+MIN_SIDE = {"cnn": 36, "minatar": 3}
+
+
 def pick_torso(cfg: NetConfig, obs_shape: tuple[int, ...]) -> str:
     torso = cfg.torso
-    if torso == "auto":  # frames under the Nature CNN's 36x36 are MinAtar-sized
-        torso = "mlp" if len(obs_shape) == 1 else "cnn" if min(obs_shape[1:]) >= 36 else "minatar"
+    if torso == "auto":
+        torso = ("mlp" if len(obs_shape) == 1
+                 else "cnn" if min(obs_shape[1:]) >= MIN_SIDE["cnn"] else "minatar")
     if torso == "mlp" and len(obs_shape) != 1:
         raise ConfigError(f"net.torso = 'mlp': observation shape {obs_shape} is not flat; "
                           "use net.torso = 'cnn', 'minatar' or 'auto'")
@@ -95,7 +101,7 @@ def _check_frames(torso: str, obs_shape: tuple[int, ...]) -> None:
         raise ConfigError(f"net.torso = {torso!r}: observation shape {obs_shape} looks "
                           "channels-last (H, W, C); the conv torsos take (C, H, W): transpose "
                           "it in a wrapper")
-    smallest = 36 if torso == "cnn" else 3
+    smallest = MIN_SIDE[torso]
     if min(obs_shape[1:]) < smallest:
         raise ConfigError(f"net.torso = {torso!r}: frames {obs_shape[1:]} are smaller than its "
                           f"{smallest}x{smallest} minimum" + (
