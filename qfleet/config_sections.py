@@ -37,6 +37,16 @@ class EnvConfig:
     num_envs: int = _f(1, lo=1, help="environments per actor, stepped as one vector env")
     max_episode_steps: int = _f(0, lo=0, help="0 keeps the env's own limit")
     frame_stack: int = _f(4, lo=1, help="frames stacked for Atari ids")
+    # The Atari protocol (qfleet.atari): training-only settings; eval plays whole games.
+    vector: str = _f("auto", choices=("auto", "ale", "gymnasium"),
+                     help="Atari ids: 'auto'/'ale' = ale-py's AtariVectorEnv (C++ threads), "
+                     "'gymnasium' = Gymnasium's Atari wrappers on a SyncVectorEnv")
+    terminal_on_life_loss: bool | None = _f(None, help="ALE ids, training: a lost life "
+                                            "ends the episode, not the game (unset: on)")
+    clip_reward: bool | None = _f(None, help="ALE ids, training: rewards clipped to their "
+                                  "sign; metrics and eval report the game's score (unset: on)")
+    noop_max: int = _f(30, lo=0, help="Atari ids: up to this many no-op frames at a start")
+    fire_reset: bool = _f(True, help="Atari ids: press FIRE at a start where the game has it")
     # qfleet.train(cfg, env_fn=...): builds the env instead of id (and kwargs).
     fn: Callable[[], Any] | None = field(default=None, repr=False, compare=False,
                                          metadata={PYTHON_ONLY: True})

@@ -22,8 +22,10 @@ from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
 import numpy as np
-from gymnasium.vector import AutoresetMode, SyncVectorEnv
+from gymnasium.vector import AutoresetMode, SyncVectorEnv, VectorEnv
 
+from qfleet import atari
+from qfleet.atari import is_atari
 from qfleet.errors import ConfigError
 
 if TYPE_CHECKING:  # config validates env ids through this module: no import back
@@ -32,19 +34,6 @@ if TYPE_CHECKING:  # config validates env ids through this module: no import bac
 # env.id of a run whose env came from a function that cannot be imported by name (a lambda,
 # a closure, a function of __main__): the config names it, qfleet.train's env_fn builds it.
 ENV_FN = "<env_fn>"
-
-
-def is_atari(env_id: str) -> bool:
-    return env_id.startswith("ALE/") or "NoFrameskip" in env_id
-
-
-def _register_atari() -> None:
-    try:
-        import ale_py
-    except ImportError:
-        raise ConfigError("env.id names an Atari game: install ale-py and opencv "
-                          "(pip install 'qfleet[atari]')") from None
-    gym.register_envs(ale_py)
 
 
 def is_minatar(env_id: str) -> bool:
@@ -117,7 +106,7 @@ def _resolve(env_id: str) -> tuple[str, Any]:
 
 def _check_registered(env_id: str) -> None:
     if is_atari(env_id):
-        _register_atari()
+        atari.register()
     if is_minatar(env_id):
         _register_minatar(env_id)
     if env_id not in gym.registry:
@@ -162,6 +151,9 @@ def check_env(cfg: EnvConfig) -> None:
     wrapper resolve (nothing is built: this is what config validation asks)."""
     if cfg.fn is None:
         check_env_id(cfg.id)
+    atari.check_protocol_fields(cfg)
+    if cfg.vector == "ale":
+        atari.uses_ale_vector(cfg)  # raises where it cannot be
     for index, ref in enumerate(cfg.wrappers):
         _wrapper(index, ref)
 
@@ -178,21 +170,17 @@ def _call(cfg: EnvConfig, factory: Callable[..., Any], *args: Any, **kwargs: Any
                           f"failed (TypeError: {err})") from None
 
 
-def _registered(env_id: str, cfg: EnvConfig, kwargs: dict[str, Any]) -> gym.Env[Any, Any]:
+def _registered(env_id: str, cfg: EnvConfig, kwargs: dict[str, Any],
+                training: bool) -> gym.Env[Any, Any]:
+    if is_atari(env_id):  # the DQN protocol; its time limit counts agent steps
+        return atari.gym_env(cfg, env_id, kwargs, training,
+                             lambda *args, **kw: _call(cfg, gym.make, *args, **kw))
     if cfg.max_episode_steps:
         kwargs["max_episode_steps"] = cfg.max_episode_steps
     if is_minatar(env_id):
         _register_minatar(env_id)
         return ChannelsFirst(_call(cfg, gym.make, env_id, **kwargs))
-    if not is_atari(env_id):
-        return _call(cfg, gym.make, env_id, **kwargs)
-    _register_atari()
-    # Standard DQN preprocessing: the ALE's own frameskip off, AtariPreprocessing does it.
-    env = _call(cfg, gym.make, env_id,
-                **{"frameskip": 1, "repeat_action_probability": 0.0, **kwargs})
-    env = gym.wrappers.AtariPreprocessing(env, frame_skip=4, screen_size=84,
-                                          terminal_on_life_loss=False, grayscale_obs=True)
-    return gym.wrappers.FrameStackObservation(env, cfg.frame_stack)
+    return _call(cfg, gym.make, env_id, **kwargs)
 
 
 def _built(factory: Callable[..., Any], cfg: EnvConfig, kwargs: dict[str, Any]) -> \
@@ -206,17 +194,17 @@ def _built(factory: Callable[..., Any], cfg: EnvConfig, kwargs: dict[str, Any]) 
     return env
 
 
-def _base_env(cfg: EnvConfig, render_mode: str | None) -> gym.Env[Any, Any]:
+def _base_env(cfg: EnvConfig, render_mode: str | None, training: bool) -> gym.Env[Any, Any]:
     kwargs = dict(cfg.kwargs)
     if render_mode is not None:
         kwargs["render_mode"] = render_mode
     if cfg.fn is not None:
         return _built(cfg.fn, cfg, kwargs)
     if ":" not in cfg.id:
-        return _registered(cfg.id, cfg, kwargs)
+        return _registered(cfg.id, cfg, kwargs, training)
     kind, target = _resolve(cfg.id)
     if kind == "id":
-        return _registered(target, cfg, kwargs)
+        return _registered(target, cfg, kwargs, training)
     return _built(target, cfg, kwargs)
 
 
@@ -241,10 +229,12 @@ def one_hot(index: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
-def make_env(cfg: EnvConfig, render_mode: str | None = None) -> gym.Env[Any, Any]:
-    """One env as training builds it: base env (with env.kwargs), Atari preprocessing for
-    Atari ids, env.wrappers in order, one-hot Discrete observations."""
-    env = _base_env(cfg, render_mode)
+def make_env(cfg: EnvConfig, render_mode: str | None = None,
+             training: bool = False) -> gym.Env[Any, Any]:
+    """One env: base env (with env.kwargs), the Atari protocol for Atari ids (life loss
+    ends an episode only in ``training``), env.wrappers in order, one-hot Discrete
+    observations."""
+    env = _base_env(cfg, render_mode, training)
     for index, ref in enumerate(cfg.wrappers):
         env = _wrapper(index, ref)(env)
         if not isinstance(env, gym.Env):
@@ -255,16 +245,32 @@ def make_env(cfg: EnvConfig, render_mode: str | None = None) -> gym.Env[Any, Any
     return env
 
 
-def env_fn(cfg: EnvConfig, render_mode: str | None = None) -> Callable[[], gym.Env[Any, Any]]:
-    return lambda: make_env(cfg, render_mode)
+def env_fn(cfg: EnvConfig, render_mode: str | None = None,
+           training: bool = False) -> Callable[[], gym.Env[Any, Any]]:
+    return lambda: make_env(cfg, render_mode, training)
 
 
-def make_vec_env(cfg: EnvConfig, num_envs: int | None = None) -> SyncVectorEnv:
-    """A SAME_STEP-autoreset vector env of ``num_envs`` copies (default ``cfg.num_envs``)."""
+def make_vec_env(cfg: EnvConfig, num_envs: int | None = None,
+                 training: bool = False) -> VectorEnv:
+    """A SAME_STEP-autoreset vector env of ``num_envs`` copies (default ``cfg.num_envs``).
+    Atari ids: ale-py's AtariVectorEnv unless env.vector says otherwise; in ``training``
+    rewards are clipped and a lost life ends an episode (qfleet.atari)."""
     n = num_envs or cfg.num_envs
-    env = SyncVectorEnv([env_fn(cfg) for _ in range(n)], autoreset_mode=AutoresetMode.SAME_STEP)
+    env: VectorEnv
+    if cfg.fn is None and is_atari(cfg.id) and atari.uses_ale_vector(cfg):
+        env = atari.ale_vector_env(cfg, n, training)
+    else:
+        env = SyncVectorEnv([env_fn(cfg, training=training) for _ in range(n)],
+                            autoreset_mode=AutoresetMode.SAME_STEP)
+        if training and cfg.fn is None and is_atari(cfg.id.rpartition(":")[2]):
+            env = atari.GameScores(env, cfg.clip_reward is not False)
     check_spaces(cfg.id, env.single_observation_space, env.single_action_space)
     return env
+
+
+def reset_vec_env(env: VectorEnv, seeds: list[int | None]) -> tuple[np.ndarray, dict[str, Any]]:
+    """Reset with one seed per env (every vector env takes a list; the stubs say int)."""
+    return env.reset(seed=seeds)  # type: ignore[arg-type]
 
 
 def check_spaces(env_id: str, obs_space: gym.Space[Any], act_space: gym.Space[Any]) -> None:
@@ -314,7 +320,7 @@ def seeds_for(base_seed: int, stream: int | tuple[int, ...], count: int) -> list
     return [int(s) for s in seq.generate_state(count)]
 
 
-def box_space(env: SyncVectorEnv) -> tuple[tuple[int, ...], np.dtype[Any]]:
+def box_space(env: VectorEnv) -> tuple[tuple[int, ...], np.dtype[Any]]:
     """Observation shape and dtype of one env (check_spaces already ensured a Box)."""
     space = env.single_observation_space
     assert isinstance(space, gym.spaces.Box)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from qfleet.config import ConfigError, EnvConfig
-from qfleet.envs import env_fn, make_vec_env, seeds_for
+from qfleet.envs import env_fn, make_vec_env, reset_vec_env, seeds_for
 
 EVAL_STREAM = 999_983  # seed stream of eval envs, far from the actors' streams
 MAX_PARALLEL = 20
@@ -71,7 +71,7 @@ def _wave(net: nn.Module, env_cfg: EnvConfig, seeds: list[int | None],
     """One episode in each of ``len(seeds)`` envs stepped together: returns and lengths."""
     env = make_vec_env(env_cfg, num_envs=len(seeds))
     try:
-        obs_EO, _ = env.reset(seed=seeds)
+        obs_EO, _ = reset_vec_env(env, seeds)
         ret_E, alive_E = np.zeros(len(seeds)), np.ones(len(seeds), dtype=bool)
         len_E = np.zeros(len(seeds), dtype=np.int64)
         while alive_E.any():

@@ -176,9 +176,9 @@ def test_real_atari_stacks_from_the_actor_round_trip_exactly() -> None:
     from qfleet.nets import make_q_network
     from qfleet.roles import Actor
 
-    # short episodes (time limit in ALE frames) so truncations, resets and n-step flushes
-    # all happen; two envs interleave their streams in every chunk
-    env = EnvConfig(id="ALE/Pong-v5", num_envs=2, max_episode_steps=120)
+    # short episodes (a time limit of 30 agent steps) so truncations, resets and n-step
+    # flushes all happen; two envs interleave their streams in every chunk
+    env = EnvConfig(id="ALE/Pong-v5", num_envs=2, max_episode_steps=30)
     actor = Actor(env, make_q_network(NetConfig(), (4, 84, 84), 6), n_step=3, gamma=0.99,
                   epsilon=lambda _: 1.0, seed=0, index=0)
     frames = FrameStorage(150, (4, 84, 84), U8, window=512)

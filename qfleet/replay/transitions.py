@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+
+from qfleet.replay import frame_codec
 
 # The fields every transition has (the losses read them); a program may declare more
 # (records.transition_spec), which travel in ``extra``.
@@ -27,6 +30,20 @@ class Transitions:
 
     def __len__(self) -> int:
         return int(self.action_N.shape[0])
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (Ray's object store, queues) with each distinct frame of its frame
+        stacks once (replay.frame_codec)."""
+        if self.obs_NO.ndim == 4 and self.obs_NO.dtype == np.uint8:
+            rows, frames_KHW = frame_codec.encode(self.fields())
+            return {"rows": rows, "frames_KHW": frames_KHW}
+        return self.__dict__
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if "frames_KHW" in state:
+            state = Transitions.from_fields(
+                frame_codec.decode(state["rows"], state["frames_KHW"])).__dict__
+        self.__dict__.update(state)
 
     def fields(self) -> dict[str, np.ndarray]:
         """Every field by name, the fixed ones first."""

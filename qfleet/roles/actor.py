@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from qfleet.config import EnvConfig
-from qfleet.envs import box_space, make_vec_env, seeds_for
+from qfleet.envs import box_space, make_vec_env, reset_vec_env, seeds_for
 from qfleet.policies import Exploration, sample_logits
 from qfleet.replay import Transitions
 from qfleet.replay.nstep_block import NStepBlock, Windows
@@ -41,7 +41,7 @@ class Actor:
     def __init__(self, env_cfg: EnvConfig, net: nn.Module, *, n_step: int, gamma: float,
                  epsilon: Callable[[int], float], seed: int, index: int, incarnation: int = 0,
                  scores: bool = False, sample: bool = False) -> None:
-        self.env = make_vec_env(env_cfg)
+        self.env = make_vec_env(env_cfg, training=True)
         self.net = net.eval()
         self.epsilon, self.scores, self.sample = epsilon, scores, sample
         self.seed, self.index, self.incarnation, self.resets = seed, index, incarnation, 0
@@ -60,7 +60,7 @@ class Actor:
     def reset_envs(self) -> None:
         """(Re)start every env with fresh seeds; a restored run gets new ones per restore."""
         stream = (1 + self.index, self.incarnation, self.resets)
-        obs_EO, _ = self.env.reset(seed=seeds_for(self.seed, stream, self.env.num_envs))
+        obs_EO, _ = reset_vec_env(self.env, seeds_for(self.seed, stream, self.env.num_envs))
         self.block.begin(obs_EO)
         self.resets += 1
         self.return_E[:] = 0
@@ -91,6 +91,7 @@ class Actor:
         clock, block, num_envs = self.clock, self.block, self.env.num_envs
         block.reserve(vector_steps)
         explore = self._draws(vector_steps)
+        games: list[tuple[np.ndarray, np.ndarray]] = []  # Atari: the game's reward, its end
         for t in range(vector_steps):
             clock.lap("other")
             action_E = self._act(explore, t)
@@ -99,9 +100,15 @@ class Actor:
             clock.lap("env")
             block.record(action_E, reward_E, next_obs_EO, term_E, trunc_E,
                          info.get("final_obs"))
+            if "game_over" in info:
+                games.append((info["game_reward"], info["game_over"]))
             self.env_steps += num_envs
         clock.lap("other")
-        returns, lengths = self._episodes()
+        if games:  # whole games with their own score, not training's lives and clipping
+            returns, lengths = self._episodes(*map(np.stack, zip(*games, strict=True)))
+        else:
+            returns, lengths = self._episodes(block.reward_LE[block.carried: block.steps],
+                                              block.done_LE[block.carried: block.steps])
         windows = block.windows()
         data = block.transitions(windows)
         priorities_N = self._score(windows, data) if self.scores else None
@@ -110,12 +117,10 @@ class Actor:
         return Chunk(data, vector_steps * num_envs, returns, lengths, self.version,
                      None if self.sample else self.epsilon(self.env_steps), priorities_N)
 
-    def _episodes(self) -> tuple[list[float], list[int]]:
+    def _episodes(self, reward_TE: np.ndarray, done_TE: np.ndarray) -> \
+            tuple[list[float], list[int]]:
         """The returns and lengths of the episodes that ended in this chunk's steps (by
-        step, then env), from the block's rewards: one cumulative sum, a few lines an end."""
-        block = self.block
-        reward_TE = block.reward_LE[block.carried: block.steps]
-        done_TE = block.done_LE[block.carried: block.steps]
+        step, then env), from its rewards: one cumulative sum, a few lines an end."""
         cum_TE = np.cumsum(reward_TE, axis=0)
         last_E = np.full(self.env.num_envs, -1)  # the step of each env's last end
         returns, lengths = [], []

@@ -20,11 +20,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from qfleet.replay import Field, RecordSpec, Transitions
+from qfleet.replay import Field, RecordSpec, Transitions, frame_codec
 from qfleet.roles import ParamSnapshot
 
 Context = ForkContext | ForkServerContext | SpawnContext  # runtime.start_method's
 PRIORITY = "priority_N"  # beside the record's fields: the actor's initial priorities
+FRAMES, FRAME_COUNT = "frames_KHW", "frame_count"  # a coded chunk's distinct frames
+
+
+def _shared(shape: tuple[int, ...], dtype: np.dtype) -> torch.Tensor:
+    return torch.from_numpy(np.zeros(shape, dtype=dtype)).share_memory_()
 
 
 def main_alive() -> bool:
@@ -112,10 +117,17 @@ class ChunkSlots:
     def __init__(self, num_slots: int, max_rows: int, record: RecordSpec,
                  ctx: Context) -> None:
         self.max_rows = max_rows
-        fields = {**record, PRIORITY: Field(np.dtype(np.float32))}
-        self.tensors = {name: torch.from_numpy(np.zeros((num_slots, max_rows, *f.shape),
-                                                        dtype=f.dtype)).share_memory_()
+        self.coded = frame_codec.coded(record)  # frame stacks: each distinct frame once
+        fields = {**(frame_codec.wire_spec(record) if self.coded else record),
+                  PRIORITY: Field(np.dtype(np.float32))}
+        self.tensors = {name: _shared((num_slots, max_rows, *f.shape), f.dtype)
                         for name, f in fields.items()}
+        if self.coded:
+            frame = record[frame_codec.STACKS[0]]
+            self.tensors[FRAMES] = _shared(
+                (num_slots, frame_codec.max_frames(record, max_rows), *frame.shape[1:]),
+                frame.dtype)
+            self.tensors[FRAME_COUNT] = _shared((num_slots,), np.dtype(np.int64))
         self.arrays = {name: t.numpy() for name, t in self.tensors.items()}
         self.free: mp.Queue[int] = ctx.Queue()
         for slot in range(num_slots):
@@ -132,7 +144,12 @@ class ChunkSlots:
         rows = len(data)
         if rows > self.max_rows:
             raise ValueError(f"chunk of {rows} transitions exceeds the slot size {self.max_rows}")
-        for name, src in data.fields().items():
+        fields = data.fields()
+        if self.coded:
+            fields, frames_KHW = frame_codec.encode(fields)
+            self.arrays[FRAMES][slot, :len(frames_KHW)] = frames_KHW
+            self.arrays[FRAME_COUNT][slot] = len(frames_KHW)
+        for name, src in fields.items():
             self.arrays[name][slot, :rows] = src
         if priorities_N is not None:
             self.arrays[PRIORITY][slot, :rows] = priorities_N
@@ -140,9 +157,14 @@ class ChunkSlots:
 
     def read(self, slot: int, rows: int, with_priorities: bool) -> tuple[Transitions,
                                                                          np.ndarray | None]:
-        """Views into the slot: valid until the slot id is handed back to ``free``."""
-        data = Transitions.from_fields({name: a[slot, :rows] for name, a in self.arrays.items()
-                                        if name != PRIORITY})
+        """Views into the slot (frame stacks: fresh arrays): valid until the slot id is
+        handed back to ``free``."""
+        fields = {name: a[slot, :rows] for name, a in self.arrays.items()
+                  if name not in (PRIORITY, FRAMES, FRAME_COUNT)}
+        if self.coded:
+            count = int(self.arrays[FRAME_COUNT][slot])
+            fields = frame_codec.decode(fields, self.arrays[FRAMES][slot, :count])
+        data = Transitions.from_fields(fields)
         prio = self.arrays[PRIORITY][slot, :rows] if with_priorities else None
         return data, prio
 

@@ -1,0 +1,79 @@
+"""Frames sent once: the frame stacks of a chunk (``obs_NO`` and ``next_obs_NO``, each row
+(F, H, W) uint8) travel as one table of the chunk's distinct frames plus (F,) int32
+references per row. Consecutive stacks of an episode share F - 1 frames and a row's
+next_obs is a later row's obs, so T steps of one env hold about T + F - 1 distinct frames
+instead of 2 T F: an Atari transition crosses a transport as about 1 + 3 / T frames, not 8.
+
+Lossless: frames are matched by a 64-bit fingerprint and then compared byte for byte; on a
+collision (never seen) the chunk's frames go unshared. Transports call ``encode`` before
+they move a chunk and ``decode`` after (ChunkSlots; pickling, which Ray and queues use);
+the replay's FrameStorage then keeps each frame once, whatever the chunk looked like.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from qfleet.replay.records import Field, RecordSpec
+
+STACKS = ("obs_NO", "next_obs_NO")
+
+
+def is_stacked(field: Field) -> bool:
+    """A row of (F, H, W) uint8: a stack of frames (Atari; MinAtar's channels too)."""
+    return len(field.shape) == 3 and field.dtype == np.uint8
+
+
+def coded(record: RecordSpec) -> bool:
+    return is_stacked(record[STACKS[0]])
+
+
+def wire_spec(record: RecordSpec) -> dict[str, Field]:
+    """The per-row fields as they travel: each stack replaced by its (F,) references."""
+    stack = record[STACKS[0]].shape[0]
+    return {name: Field(np.dtype(np.int32), (stack,)) if name in STACKS else f
+            for name, f in record.items()}
+
+
+def max_frames(record: RecordSpec, rows: int) -> int:
+    """Distinct frames ``rows`` rows can hold at most (no two frames equal)."""
+    return len(STACKS) * rows * record[STACKS[0]].shape[0]
+
+
+@functools.lru_cache(maxsize=8)
+def _multipliers(words: int) -> np.ndarray:
+    return np.random.default_rng(0x5EED).integers(1, 2**63, size=words,
+                                                   dtype=np.uint64) | np.uint64(1)
+
+
+def _fingerprints(frames_XHW: np.ndarray) -> np.ndarray:
+    raw_XB = np.ascontiguousarray(frames_XHW).reshape(len(frames_XHW),
+                                                      int(np.prod(frames_XHW.shape[1:])))
+    pad = -raw_XB.shape[1] % 8
+    if pad:
+        raw_XB = np.pad(raw_XB, ((0, 0), (0, pad)))
+    # uint64 arithmetic wraps: a random linear hash mod 2**64 in one matmul.
+    return raw_XB.view(np.uint64) @ _multipliers(raw_XB.shape[1] // 8)
+
+
+def encode(fields: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """A record's fields by name -> (the same with (N, F) int32 references in place of the
+    stacks, the distinct frames (K, H, W))."""
+    obs_NO, next_NO = (fields[name] for name in STACKS)
+    n, stack = obs_NO.shape[:2]
+    all_XHW = np.concatenate([obs_NO.reshape(n * stack, *obs_NO.shape[2:]),
+                              next_NO.reshape(n * stack, *obs_NO.shape[2:])])
+    _, first_K, ref_X = np.unique(_fingerprints(all_XHW), return_index=True,
+                                  return_inverse=True)
+    frames_KHW = all_XHW[first_K]
+    if not np.array_equal(frames_KHW[ref_X], all_XHW):  # a fingerprint collision
+        frames_KHW, ref_X = all_XHW, np.arange(len(all_XHW))
+    ref_2NF = ref_X.astype(np.int32).reshape(2, n, stack)
+    return fields | dict(zip(STACKS, ref_2NF, strict=True)), frames_KHW
+
+
+def decode(fields: dict[str, np.ndarray], frames_KHW: np.ndarray) -> dict[str, np.ndarray]:
+    """The stacks again, gathered from ``frames_KHW`` (fresh arrays)."""
+    return fields | {name: frames_KHW[fields[name]] for name in STACKS}
