@@ -94,8 +94,6 @@ def _game_kwargs(cfg: EnvConfig) -> dict[str, Any]:
 def ale_vector_env(cfg: EnvConfig, num_envs: int, training: bool) -> VectorEnv:
     game_kwargs = _game_kwargs(cfg)
     kwargs = {key: game_kwargs[key] for key in ALE_VECTOR_KWARGS if key in game_kwargs}
-    if cfg.max_episode_steps:
-        kwargs["max_num_frames_per_episode"] = cfg.max_episode_steps * FRAME_SKIP
     from ale_py.vector_env import AtariVectorEnv
 
     class SeededAtariVectorEnv(AtariVectorEnv):
@@ -106,11 +104,13 @@ def ale_vector_env(cfg: EnvConfig, num_envs: int, training: bool) -> VectorEnv:
                 seed = np.asarray(seed, dtype=np.int64) % 2**31
             return super().reset(seed=seed, options=options)
 
-    env = SeededAtariVectorEnv(
+    env: VectorEnv = SeededAtariVectorEnv(
         game_kwargs["game"], num_envs, num_threads=min(num_envs, os.cpu_count() or 1),
         autoreset_mode=AutoresetMode.SAME_STEP, frameskip=FRAME_SKIP, stack_num=4,
         noop_max=cfg.noop_max, use_fire_reset=cfg.fire_reset, reward_clipping=False,
         life_loss_info=training and cfg.terminal_on_life_loss is not False, **kwargs)
+    if cfg.max_episode_steps:
+        env = StepLimit(env, cfg.max_episode_steps)
     return GameScores(env, cfg.clip_reward is not False) if training else env
 
 
@@ -196,8 +196,7 @@ class GameScores(gym.vector.VectorWrapper):
 
     def step(self, actions: Any) -> Any:
         obs, reward_E, term_E, trunc_E, info = self.env.step(actions)
-        frame_E = np.asarray(info["episode_frame_number"], dtype=np.int64)
-        info["game_over"], self.frame_E = frame_E < self.frame_E, frame_E
+        info["game_over"], self.frame_E = _game_reset(info, self.frame_E)
         # A life lost, the game going on: the next obs is the episode's last. ale-py 0.12.1
         # leaves final_obs unwritten there (stale bytes), so it is set here on both paths.
         for e in np.flatnonzero((term_E | trunc_E) & ~info["game_over"]):
@@ -205,4 +204,45 @@ class GameScores(gym.vector.VectorWrapper):
         info["game_reward"] = np.asarray(reward_E, dtype=np.float64)
         if self.clip_reward:
             reward_E = np.sign(reward_E)
+        return obs, reward_E, term_E, trunc_E, info
+
+
+def _game_reset(info: dict[str, Any], frame_E: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(which envs' games started again this step, the frame counters now)."""
+    now_E = np.asarray(info["episode_frame_number"], dtype=np.int64)
+    return now_E < frame_E, now_E
+
+
+class StepLimit(gym.vector.VectorWrapper):
+    """env.max_episode_steps on AtariVectorEnv in agent steps, as Gymnasium's TimeLimit
+    counts them (the ALE's own limit counts frames, start frames included). Lives lost
+    before the limit do not restart the count; a game cut short starts again at once."""
+
+    def __init__(self, env: VectorEnv, max_steps: int) -> None:
+        super().__init__(env)
+        self.max_steps = max_steps
+        self.steps_E = np.zeros(env.num_envs, dtype=np.int64)
+        self.frame_E = np.zeros(env.num_envs, dtype=np.int64)
+
+    def reset(self, **kwargs: Any) -> Any:
+        obs, info = self.env.reset(**kwargs)
+        self.steps_E[:] = 0
+        self.frame_E = np.asarray(info["episode_frame_number"], dtype=np.int64)
+        return obs, info
+
+    def step(self, actions: Any) -> Any:
+        obs, reward_E, term_E, trunc_E, info = self.env.step(actions)
+        restarted_E, self.frame_E = _game_reset(info, self.frame_E)
+        self.steps_E = np.where(restarted_E, 0, self.steps_E + 1)
+        cut_E = self.steps_E >= self.max_steps
+        if cut_E.any():
+            final = info.get("final_obs")
+            info["final_obs"] = np.array(obs) if final is None else final
+            info["final_obs"][cut_E] = obs[cut_E]
+            obs, reset_info = self.env.reset(options={"reset_mask": cut_E})
+            info["episode_frame_number"] = reset_info["episode_frame_number"]
+            self.frame_E = np.asarray(reset_info["episode_frame_number"], dtype=np.int64)
+            term_E = term_E & ~cut_E  # a life lost at the limit: the game is cut, not over
+            trunc_E = trunc_E | cut_E
+            self.steps_E[cut_E] = 0
         return obs, reward_E, term_E, trunc_E, info

@@ -61,20 +61,22 @@ def _step_both(ale: Any, gym: Any, steps: int, seed: int) -> dict[str, int]:
     return counts
 
 
+@pytest.mark.parametrize("limit", [0, 50])
 @pytest.mark.parametrize("training", [True, False])
-def test_ale_vector_and_gymnasium_wrappers_agree(training: bool) -> None:
-    """Breakout, random play through several games: fire reset, life losses, game overs."""
-    ale, gym = _both("ALE/Breakout-v5", 2, training)
+def test_ale_vector_and_gymnasium_wrappers_agree(training: bool, limit: int) -> None:
+    """Breakout, random play through several games: fire reset, life losses, game overs;
+    with env.max_episode_steps, games cut short in agent steps."""
+    ale, gym = _both("ALE/Breakout-v5", 2, training, max_episode_steps=limit)
     try:
         counts = _step_both(ale, gym, 1200, seed=3)
     finally:
         ale.close()
         gym.close()
-    assert counts["game_over"] >= 2
-    if training:  # 5 lives: the training episodes end at every lost life
-        assert counts["terminal"] >= 4 * counts["game_over"]
-    else:
+    assert counts["game_over"] >= (2 * 1200 // limit if limit else 2)
+    if not training:  # whole games
         assert counts["terminal"] == counts["game_over"]
+    elif not limit:  # 5 lives: the training episodes end at every lost life
+        assert counts["terminal"] >= 4 * counts["game_over"]
 
 
 def test_stacks_start_zero_padded_on_both_paths() -> None:
