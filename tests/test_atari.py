@@ -4,7 +4,6 @@ each lost life and clips rewards, and metrics and evaluation score whole games."
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -12,8 +11,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from _presets import train_briefly_and_evaluate
 
-import qfleet
 from qfleet.config import ConfigError, EnvConfig, load_config
 from qfleet.envs import make_vec_env
 from qfleet.evaluate import evaluate
@@ -180,12 +179,16 @@ def _random_actor(game: str) -> Any:
                  epsilon=lambda _: 1.0, seed=0, index=0)
 
 
-def test_actor_metrics_count_whole_games_while_lives_end_training_episodes() -> None:
-    actor = _random_actor("ALE/Breakout-v5")
+def _random_chunks(game: str, steps: int) -> list[Any]:
+    actor = _random_actor(game)
     try:
-        chunks = [actor.collect(100) for _ in range(8)]
+        return [actor.collect(steps) for _ in range(8)]
     finally:
         actor.close()
+
+
+def test_actor_metrics_count_whole_games_while_lives_end_training_episodes() -> None:
+    chunks = _random_chunks("ALE/Breakout-v5", 100)
     games = [n for c in chunks for n in c.episode_lengths]
     terminals = sum(int((c.transitions.discount_N == 0).sum()) for c in chunks)
     assert len(games) >= 4 and min(games) > 100  # a random game of 5 lives: ~200 steps
@@ -193,11 +196,7 @@ def test_actor_metrics_count_whole_games_while_lives_end_training_episodes() -> 
 
 
 def test_actor_metrics_report_the_games_score_not_the_clipped_one() -> None:
-    actor = _random_actor("ALE/SpaceInvaders-v5")
-    try:
-        chunks = [actor.collect(250) for _ in range(8)]
-    finally:
-        actor.close()
+    chunks = _random_chunks("ALE/SpaceInvaders-v5", 250)
     scores = [r for c in chunks for r in c.episode_returns]
     clipped = [r for c in chunks for r in c.transitions.reward_N]
     assert set(clipped) <= {0.0, 1.0}
@@ -206,28 +205,13 @@ def test_actor_metrics_report_the_games_score_not_the_clipped_one() -> None:
 
 
 PRESETS = ["pong-dqn", "pong-apex", "breakout-apex"]
-# Each preset as it ships, but 5,000 env steps with a few hundred updates, a replay sized
-# for them, and games cut at 1,000 steps (an untrained Breakout agent may never serve).
-SHORT = ["train.total_env_steps=5000", "learner.learning_starts=4000", "replay.capacity=20000",
-         "env.max_episode_steps=1000", "train.eval_every=0", "train.eval_episodes=1",
-         "checkpoint.every=0"]
+# Each preset as it ships, but a few hundred updates, a replay sized for them, and games cut
+# at 1,000 steps (an untrained Breakout agent may never serve).
+SHORT = ["learner.learning_starts=4000", "replay.capacity=20000", "env.max_episode_steps=1000"]
 
 
 @pytest.mark.parametrize("backend", ["inline", "processes", "ray"])
 @pytest.mark.parametrize("preset", PRESETS)
 def test_atari_presets_train_on_every_backend_and_evaluate(
         preset: str, backend: str, tmp_path: Path, run_cli: Callable[..., Any]) -> None:
-    cfg = load_config(preset, [*SHORT, f"runtime.backend={backend}"])
-    try:
-        result = qfleet.train(cfg, tmp_path / "run")
-    finally:
-        if backend == "ray":
-            import ray
-            ray.shutdown()
-    assert result.env_steps >= 5000 and result.updates > 0
-    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
-    losses = [m["loss"] for m in metrics if m["event"] == "train" and m.get("loss") is not None]
-    assert losses and all(np.isfinite(losses))
-    proc = run_cli("eval", str(tmp_path / "run"), "--episodes", "1")
-    assert proc.returncode == 0, proc.stderr
-    assert f"over 1 episodes ({cfg.env.id})" in proc.stdout, proc.stdout
+    train_briefly_and_evaluate(preset, backend, SHORT, 5000, 1, tmp_path / "run", run_cli)

@@ -5,7 +5,6 @@ the error names the extra to install."""
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 from collections.abc import Callable
@@ -16,8 +15,8 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from _presets import train_briefly_and_evaluate
 
-import qfleet
 from qfleet.config import ConfigError, EnvConfig, NetConfig, load_config
 from qfleet.envs import check_env_id, make_env
 from qfleet.nets import MinAtarCNN, make_q_network, pick_torso
@@ -98,26 +97,10 @@ def test_without_minatar_the_error_names_the_extra(monkeypatch: pytest.MonkeyPat
         load_config("minatar-breakout-dqn")
 
 
-SHORT = ["train.total_env_steps=3000", "learner.learning_starts=1000", "train.eval_every=0",
-         "train.eval_episodes=2", "checkpoint.every=0"]
-
-
 @pytest.mark.parametrize("backend", ["inline", "processes", pytest.param("ray",
                                                                         marks=pytest.mark.slow)])
 @pytest.mark.parametrize("preset", PRESETS)
 def test_minatar_presets_train_on_every_backend(preset: str, backend: str, tmp_path: Path,
                                                 run_cli: Callable[..., Any]) -> None:
-    cfg = load_config(preset, [*SHORT, f"runtime.backend={backend}"])
-    try:
-        result = qfleet.train(cfg, tmp_path / "run")
-    finally:
-        if backend == "ray":
-            import ray
-            ray.shutdown()
-    assert result.env_steps >= 3000 and result.updates > 0
-    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
-    losses = [m["loss"] for m in metrics if m["event"] == "train" and m.get("loss") is not None]
-    assert losses and all(np.isfinite(losses))
-    proc = run_cli("eval", str(tmp_path / "run"), "--episodes", "2")
-    assert proc.returncode == 0, proc.stderr
-    assert f"over 2 episodes ({cfg.env.id})" in proc.stdout, proc.stdout
+    train_briefly_and_evaluate(preset, backend, ["learner.learning_starts=1000"], 3000, 2,
+                               tmp_path / "run", run_cli)
