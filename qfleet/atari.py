@@ -55,8 +55,8 @@ def check_protocol_fields(cfg: EnvConfig) -> None:
         if value is not None and (cfg.fn is not None or not is_atari(cfg.id)):
             raise ConfigError(f"env.{name} = {str(value).lower()}: only ALE ids "
                               f"(ALE/<Game>-v5, <Game>NoFrameskip-v4) take it; env.id = "
-                              f"{cfg.id!r}; remove it, or clip rewards in an env.wrappers "
-                              "function")
+                              f"{cfg.id!r}; remove it (for another env, an env.wrappers "
+                              "function can do the same)")
 
 
 def uses_ale_vector(cfg: EnvConfig) -> bool:
