@@ -22,6 +22,10 @@ def test_cartpole_dqn_preset_solves(seed: int, tmp_path: Path) -> None:
     result = train(cfg, tmp_path / "run")
     summary = json.dumps({k: v for k, v in vars(result).items() if k != "run_dir"})
     assert result.eval_return_mean >= 475, summary
-    assert result.env_steps <= 50_000, summary
+    # The budget as the loop counts it: whole chunks, stopping at the first that reaches
+    # 50,000 steps (50,048 here), then the final eval; on an AMD EPYC runner seed 0 first
+    # reaches 475 at that final eval (at 7406bc4 too), earlier runners before it.
+    chunk = cfg.actors.chunk_size * cfg.env.num_envs
+    assert result.env_steps < cfg.train.total_env_steps + chunk, summary
     assert result.solved_at_env_steps is not None, summary
     assert result.solved_at_env_steps == result.env_steps, summary  # stopped on reaching it
