@@ -52,7 +52,7 @@ def test_a_fingerprint_collision_sends_the_frames_unshared(monkeypatch: pytest.M
         -> None:
     rng = np.random.default_rng(0)
     data = _stacks(rng.integers(0, 255, size=(5, 4, 4), dtype=np.uint8), 6, 3, rng)
-    monkeypatch.setattr(frame_codec, "_fingerprints",
+    monkeypatch.setattr(frame_codec, "fingerprints",
                         lambda frames: np.zeros(len(frames), dtype=np.uint64))
     coded, table = frame_codec.encode(data.fields())
     assert len(table) == 2 * 6 * 3

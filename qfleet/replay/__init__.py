@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from qfleet.config import ReplayConfig
+from qfleet.replay import frame_codec
 from qfleet.replay.base import Replay, Storage
 from qfleet.replay.frames import FrameStorage
 from qfleet.replay.nstep import NStepAccumulator
@@ -25,7 +26,7 @@ __all__ = ["Batch", "Field", "FrameStorage", "NStepAccumulator", "PrioritizedRep
 def uses_frames(cfg: ReplayConfig, obs_shape: tuple[int, ...], obs_dtype: np.dtype) -> bool:
     """Frame dedup pays off for stacks of uint8 images (F, H, W); "auto" picks it there."""
     if cfg.storage == "auto":
-        return len(obs_shape) == 3 and np.dtype(obs_dtype) == np.uint8
+        return frame_codec.is_stacked(obs_shape, obs_dtype)
     return cfg.storage == "frames"
 
 

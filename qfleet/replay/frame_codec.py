@@ -21,13 +21,14 @@ from qfleet.replay.records import Field, RecordSpec
 STACKS = ("obs_NO", "next_obs_NO")
 
 
-def is_stacked(field: Field) -> bool:
+def is_stacked(row_shape: tuple[int, ...], dtype: np.dtype) -> bool:
     """A row of (F, H, W) uint8: a stack of frames (Atari; MinAtar's channels too)."""
-    return len(field.shape) == 3 and field.dtype == np.uint8
+    return len(row_shape) == 3 and np.dtype(dtype) == np.uint8
 
 
 def coded(record: RecordSpec) -> bool:
-    return is_stacked(record[STACKS[0]])
+    obs = record[STACKS[0]]
+    return is_stacked(obs.shape, obs.dtype)
 
 
 def wire_spec(record: RecordSpec) -> dict[str, Field]:
@@ -44,13 +45,15 @@ def max_frames(record: RecordSpec, rows: int) -> int:
 
 @functools.lru_cache(maxsize=8)
 def _multipliers(words: int) -> np.ndarray:
+    # Fixed seed: the fingerprints a restored FrameStorage holds must match new ones.
     return np.random.default_rng(0x5EED).integers(1, 2**63, size=words,
                                                    dtype=np.uint64) | np.uint64(1)
 
 
-def _fingerprints(frames_XHW: np.ndarray) -> np.ndarray:
-    raw_XB = np.ascontiguousarray(frames_XHW).reshape(len(frames_XHW),
-                                                      int(np.prod(frames_XHW.shape[1:])))
+def fingerprints(frames_X: np.ndarray) -> np.ndarray:
+    """A 64-bit fingerprint of each frame's bytes (any shape and dtype per frame)."""
+    count = len(frames_X)
+    raw_XB = np.ascontiguousarray(frames_X).reshape(count, -1 if count else 0).view(np.uint8)
     pad = -raw_XB.shape[1] % 8
     if pad:
         raw_XB = np.pad(raw_XB, ((0, 0), (0, pad)))
@@ -65,7 +68,7 @@ def encode(fields: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], np.nda
     n, stack = obs_NO.shape[:2]
     all_XHW = np.concatenate([obs_NO.reshape(n * stack, *obs_NO.shape[2:]),
                               next_NO.reshape(n * stack, *obs_NO.shape[2:])])
-    _, first_K, ref_X = np.unique(_fingerprints(all_XHW), return_index=True,
+    _, first_K, ref_X = np.unique(fingerprints(all_XHW), return_index=True,
                                   return_inverse=True)
     frames_KHW = all_XHW[first_K]
     if not np.array_equal(frames_KHW[ref_X], all_XHW):  # a fingerprint collision

@@ -23,10 +23,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from qfleet.replay.frame_codec import fingerprints
 from qfleet.replay.records import RecordSpec, allocate
 from qfleet.replay.transitions import Transitions
-
-_FP_SEED = 0x5EED  # fixed: fingerprints of a restored buffer must match new ones
 
 
 def storage_nbytes(capacity: int, obs_shape: tuple[int, ...], obs_dtype: np.dtype,
@@ -70,9 +69,6 @@ class FrameStorage:
         self.frames_written = 0
         self.size = 0
         self._unreported = 0  # dropped numbers from here on not yet handed out
-        words = -(-self._frame_size * self.frames_M.itemsize // 8)
-        self._fp_mult = np.random.default_rng(_FP_SEED).integers(
-            1, 2**63, size=words, dtype=np.uint64) | np.uint64(1)
         # Frames one add may write, so that a piece never recycles its own window.
         self._piece = max(1, (self.frame_capacity - window) // (2 * f))
 
@@ -94,12 +90,7 @@ class FrameStorage:
         return np.concatenate(slots) if slots else np.empty(0, dtype=np.int64)
 
     def _fingerprint(self, rows_XD: np.ndarray) -> np.ndarray:
-        raw_XB = np.ascontiguousarray(rows_XD).view(np.uint8)
-        pad = 8 * len(self._fp_mult) - raw_XB.shape[1]
-        if pad:
-            raw_XB = np.pad(raw_XB, ((0, 0), (0, pad)))
-        # uint64 arithmetic wraps: a random linear hash mod 2**64 in one matmul.
-        return raw_XB.view(np.uint64) @ self._fp_mult
+        return fingerprints(rows_XD)  # one place, so tests can plant collisions here
 
     def _add_piece(self, chunk: Transitions, lo: int, hi: int) -> np.ndarray:
         n, f = hi - lo, self.stack

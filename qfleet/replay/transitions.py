@@ -34,7 +34,7 @@ class Transitions:
     def __getstate__(self) -> dict[str, Any]:
         """Pickled (Ray's object store, queues) with each distinct frame of its frame
         stacks once (replay.frame_codec)."""
-        if self.obs_NO.ndim == 4 and self.obs_NO.dtype == np.uint8:
+        if frame_codec.is_stacked(self.obs_NO.shape[1:], self.obs_NO.dtype):
             rows, frames_KHW = frame_codec.encode(self.fields())
             return {"rows": rows, "frames_KHW": frames_KHW}
         return self.__dict__
