@@ -109,9 +109,7 @@ def ale_vector_env(cfg: EnvConfig, num_envs: int, training: bool) -> VectorEnv:
         autoreset_mode=AutoresetMode.SAME_STEP, frameskip=FRAME_SKIP, stack_num=4,
         noop_max=cfg.noop_max, use_fire_reset=cfg.fire_reset, reward_clipping=False,
         life_loss_info=training and cfg.terminal_on_life_loss is not False, **kwargs)
-    if cfg.max_episode_steps:
-        env = StepLimit(env, cfg.max_episode_steps)
-    return GameScores(env, cfg.clip_reward is not False) if training else env
+    return StepLimit(env, cfg.max_episode_steps) if cfg.max_episode_steps else env
 
 
 def gym_env(cfg: EnvConfig, env_id: str, kwargs: dict[str, Any], training: bool,

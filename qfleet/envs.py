@@ -256,14 +256,15 @@ def make_vec_env(cfg: EnvConfig, num_envs: int | None = None,
     Atari ids: ale-py's AtariVectorEnv unless env.vector says otherwise; in ``training``
     rewards are clipped and a lost life ends an episode (qfleet.atari)."""
     n = num_envs or cfg.num_envs
+    game = cfg.fn is None and is_atari(cfg.id.rpartition(":")[2])  # built by qfleet.atari
     env: VectorEnv
-    if cfg.fn is None and is_atari(cfg.id) and atari.uses_ale_vector(cfg):
+    if game and atari.uses_ale_vector(cfg):
         env = atari.ale_vector_env(cfg, n, training)
     else:
         env = SyncVectorEnv([env_fn(cfg, training=training) for _ in range(n)],
                             autoreset_mode=AutoresetMode.SAME_STEP)
-        if training and cfg.fn is None and is_atari(cfg.id.rpartition(":")[2]):
-            env = atari.GameScores(env, cfg.clip_reward is not False)
+    if game and training:  # training's clipped rewards and lives, the games' own beside
+        env = atari.GameScores(env, cfg.clip_reward is not False)
     check_spaces(cfg.id, env.single_observation_space, env.single_action_space)
     return env
 
