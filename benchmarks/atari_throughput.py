@@ -57,15 +57,14 @@ def random_steps(env: gym.vector.VectorEnv, name: str, warmup: float, seconds: f
     return Rate(name, steps, now - t0)
 
 
-def raw_ale(cfg: object, warmup: float, seconds: float) -> Rate:
-    game = gym.spec(cfg.env.id).kwargs["game"]  # type: ignore[attr-defined]
-    env = AtariVectorEnv(game, cfg.env.num_envs,  # type: ignore[attr-defined]
-                         num_threads=os.cpu_count() or 1)
+def raw_ale(cfg: qfleet.Config, warmup: float, seconds: float) -> Rate:
+    game = gym.spec(cfg.env.id).kwargs["game"]
+    env = AtariVectorEnv(game, cfg.env.num_envs, num_threads=os.cpu_count() or 1)
     return random_steps(env, "(e) raw AtariVectorEnv", warmup, seconds)
 
 
-def gymnasium_async(cfg: object, warmup: float, seconds: float) -> Rate:
-    env_cfg = cfg.env  # type: ignore[attr-defined]
+def gymnasium_async(cfg: qfleet.Config, warmup: float, seconds: float) -> Rate:
+    env_cfg = cfg.env
     env_cfg.vector = "gymnasium"
     env = gym.vector.AsyncVectorEnv([lambda: make_env(env_cfg)] * env_cfg.num_envs)
     return random_steps(env, "(g) Gymnasium AsyncVectorEnv", warmup, seconds)
