@@ -152,11 +152,18 @@ def test_lost_learner_stops_the_run_naming_a_checkpoint_that_resumes(
     assert result.env_steps >= 1200 and result.updates > 0
 
 
+def _client_server_logs(handle: RayCluster) -> str:
+    """The head node's Ray Client server logs: why a connection's server did not start."""
+    logs = Path(handle.cluster.head_node.get_logs_dir_path())
+    return "".join(f"\n--- {path.name}:\n{path.read_text(errors='replace')[-1500:]}"
+                   for path in sorted(logs.glob("ray_client_server*.err")))
+
+
 def test_cli_over_ray_client_with_the_learner_on_the_cluster(
         gpu_cluster: tuple[RayCluster, str, int], tmp_path: Path) -> None:
     """``runtime.address = 'ray://host:port'``: the qfleet process is a Ray Client; the
     learner actor and the actors run on the cluster."""
-    _, _, port = gpu_cluster
+    handle, _, port = gpu_cluster
     run_dir = tmp_path / "run"
     sets = [*SMALL, f"runtime.address='ray://127.0.0.1:{port}'", "runtime.learner_host='actor'",
             "runtime.replay_on='actors'", "train.total_env_steps=1500", "train.eval_episodes=2"]
@@ -165,7 +172,7 @@ def test_cli_over_ray_client_with_the_learner_on_the_cluster(
         [sys.executable, "-m", "qfleet", "train", "cartpole-apex", "--run-dir", str(run_dir),
          *[x for s in sets for x in ("--set", s)]],
         env=env, text=True, capture_output=True, timeout=180, cwd=tmp_path, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stderr[-3000:] + _client_server_logs(handle)
     result = json.loads((run_dir / "result.json").read_text())
     assert result["env_steps"] >= 1500 and result["updates"] > 0
     assert _all_cpus_free()

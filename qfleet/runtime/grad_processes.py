@@ -25,6 +25,7 @@ import tempfile
 import time
 import traceback
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
 
@@ -42,6 +43,7 @@ from qfleet.runtime.errors import WorkerError
 from qfleet.runtime.global_side import GlobalSide
 from qfleet.runtime.processes import (
     ErrorMsg,
+    Inbox,
     arrived,
     context,
     dead_workers,
@@ -111,7 +113,6 @@ class _Shared:
     """What the main process hands every worker process."""
 
     program: GradientProgram
-    out_q: Any
     params: SharedParams
     aggregator: Aggregator | None  # Hogwild only: the shared-memory global model
     stop: Flag
@@ -124,17 +125,17 @@ class _Shared:
     # workers set their learning rate from it)
 
 
-def _worker_main(sh: _Shared, index: int, incarnation: int, link: Link,
+def _worker_main(sh: _Shared, index: int, incarnation: int, link: Link, out: Connection,
                  replay_state: dict[str, np.ndarray], save_request: int) -> None:
     leave_signals_to_main()
     pin_torch(1)
     try:
         replay = None if link.replay is None else ReplayClient(
-            link.replay, index, incarnation, sh.out_q, sh.replay_size,
+            link.replay, index, incarnation, out, sh.replay_size,
             sh.replay_prioritized, sh.stop)
         worker = sh.program.make_worker(index, incarnation, replay)
         worker.load_replay_state(replay_state)
-        saver = _Saver(sh, worker, incarnation, save_request)
+        saver = _Saver(sh, worker, incarnation, save_request, out)
         # Hogwild: a fresh copy of the shared model, whatever its version; else the
         # published snapshot when its version moved.
         fetch: Fetch = sh.params.pull if sh.aggregator is None else \
@@ -144,15 +145,14 @@ def _worker_main(sh: _Shared, index: int, incarnation: int, link: Link,
             if slot is None:
                 break
             grad = gradient_step(worker, fetch, sh.program.sync_every)
-            sh.out_q.put(_send(sh, worker, grad, link, slot))
+            out.send(_send(sh, worker, grad, link, slot))
         worker.close()
-        sh.out_q.cancel_join_thread()
     except SystemExit:
-        sh.out_q.cancel_join_thread()
+        pass
     except Exception:
-        sh.out_q.put(ErrorMsg(index, incarnation, traceback.format_exc()))
-        sh.out_q.close()
-        sh.out_q.join_thread()  # the error must reach the main process before we end
+        out.send(ErrorMsg(index, incarnation, traceback.format_exc()))
+    finally:
+        out.close()
 
 
 class _Saver:
@@ -160,8 +160,8 @@ class _Saver:
     between two work() calls (so the replay is never caught mid-write)."""
 
     def __init__(self, sh: _Shared, worker: GradientWorker, incarnation: int,
-                 answered: int) -> None:
-        self.sh, self.worker, self.incarnation = sh, worker, incarnation
+                 answered: int, out: Connection) -> None:
+        self.sh, self.worker, self.incarnation, self.out = sh, worker, incarnation, out
         self.answered = answered  # the last request before this worker was started
 
     def __call__(self) -> None:
@@ -170,7 +170,7 @@ class _Saver:
             return
         path = os.path.join(self.sh.save_dir, f"worker{self.worker.index}-{request}.safetensors")
         save_numpy(self.worker.replay_state(), path)
-        self.sh.out_q.put(SavedMsg(self.worker.index, self.incarnation, request, path))
+        self.out.send(SavedMsg(self.worker.index, self.incarnation, request, path))
         self.answered = request
 
 
@@ -221,7 +221,8 @@ class ProcessesGradientRunner(GlobalSide):
         self.params.publish(self.aggregator.model, self.aggregator.version)
         self.server = None if self.shared_replay is None else \
             ReplayServer(self.shared_replay, self.ctx.Value("q", 0, lock=False))
-        self.sh = _Shared(program, self.ctx.Queue(), self.params,
+        self.inbox = Inbox(self.ctx)
+        self.sh = _Shared(program, self.params,
                           self.aggregator if program.hogwild else None, Flag(self.ctx),
                           None if self.server is None else self.server.size,
                           self.shared_replay is not None and self.shared_replay.prioritized,
@@ -251,13 +252,13 @@ class ProcessesGradientRunner(GlobalSide):
         old = self.links.pop((index, incarnation - 2), None)  # no message can still name it
         if old is not None:
             old.close()
+        self.inbox.drop((index, incarnation - 2))
         if self.sh.pause is not None:
             self.sh.pause.clear(index)  # a killed predecessor may have died mid-step
-        process = self.ctx.Process(target=_worker_main, name=f"qfleet-worker-{index}",
-                                   daemon=True, args=(self.sh, index, incarnation, link,
-                                                      self.restored_replay(index),
-                                                      self.sh.save_request.value))
-        process.start()
+        process = self.inbox.start((index, incarnation), lambda out: self.ctx.Process(
+            target=_worker_main, name=f"qfleet-worker-{index}", daemon=True,
+            args=(self.sh, index, incarnation, link, out, self.restored_replay(index),
+                  self.sh.save_request.value)))
         return _Worker(index, incarnation, process, link)
 
     def step(self) -> RoundReport:
@@ -273,7 +274,7 @@ class ProcessesGradientRunner(GlobalSide):
         """Serve what has arrived, for at most ROUND_S: Hogwild workers never wait for the
         main process, so the stream may not run dry, and the loop must still log."""
         deferred, self.deferred = self.deferred, []
-        fresh = arrived(self.sh.out_q, wait and not deferred, "worker",
+        fresh = arrived(self.inbox, wait and not deferred, "worker",
                         time.monotonic() + ROUND_S)
         for msg in itertools.chain(deferred, fresh):
             if isinstance(msg, SavedMsg):
@@ -341,7 +342,7 @@ class ProcessesGradientRunner(GlobalSide):
             if time.monotonic() > deadline:
                 raise WorkerError(f"workers did not save their replays within "
                                   f"{SAVE_TIMEOUT_S:.0f} s for the checkpoint")
-            for msg in arrived(self.sh.out_q, True, "worker"):
+            for msg in arrived(self.inbox, True, "worker"):
                 if isinstance(msg, SavedMsg) and msg.request == request and \
                         msg.incarnation == self.workers[msg.worker].incarnation:
                     paths[msg.worker] = msg.path
@@ -370,6 +371,7 @@ class ProcessesGradientRunner(GlobalSide):
                         for i, state in enumerate(meta["workers"])]
         for key in [k for k in self.links if k[1] != self.workers[k[0]].incarnation]:
             self.links.pop(key).close()  # what workers sent before the restore is void
+            self.inbox.drop(key)
 
     def freeze(self) -> None:
         """Hogwild workers write the shared model on their own: stop them so the final
@@ -378,12 +380,11 @@ class ProcessesGradientRunner(GlobalSide):
             self._stop_workers()
 
     def _stop_workers(self) -> None:
-        stop_processes([w.process for w in self.workers], self.sh.stop)
+        stop_processes([w.process for w in self.workers], self.sh.stop, self.inbox)
 
     def close(self) -> None:
         self._stop_workers()
         shutil.rmtree(self.sh.save_dir, ignore_errors=True)
-        self.sh.out_q.close()
-        self.sh.out_q.cancel_join_thread()
+        self.inbox.close()
         for link in self.links.values():
             link.close()

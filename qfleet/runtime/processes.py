@@ -21,6 +21,8 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing import get_context
+from multiprocessing.connection import Connection
+from multiprocessing.connection import wait as wait_for_readers
 from multiprocessing.process import BaseProcess
 from typing import Any, Protocol, cast
 
@@ -36,6 +38,8 @@ SLOTS_PER_ACTOR = 4
 POLL_S = 0.05  # how long the learner waits for data when it is ahead of the actors
 SHUTDOWN_S = 10.0
 STACKS_S = 0.5  # for a stalled worker to print its stacks
+
+
 @dataclass(frozen=True)
 class ChunkMsg:
     actor: int
@@ -69,7 +73,7 @@ def leave_signals_to_main() -> None:
 
 
 def _actor_main(program: ActorLearnerProgram, index: int, incarnation: int,
-                slots: ChunkSlots, out_q: Any, params: SharedParams, stop: Flag) -> None:
+                slots: ChunkSlots, out: Connection, params: SharedParams, stop: Flag) -> None:
     leave_signals_to_main()
     pin_torch(1)
     try:
@@ -81,16 +85,15 @@ def _actor_main(program: ActorLearnerProgram, index: int, incarnation: int,
             if slot is None:
                 break
             rows = slots.write(slot, chunk.transitions, chunk.priorities_N)
-            out_q.put(ChunkMsg(index, incarnation, slot, rows, chunk.env_steps,
-                               chunk.episode_returns, chunk.episode_lengths,
-                               chunk.param_version, chunk.epsilon,
-                               chunk.priorities_N is not None, chunk.times))
+            out.send(ChunkMsg(index, incarnation, slot, rows, chunk.env_steps,
+                              chunk.episode_returns, chunk.episode_lengths,
+                              chunk.param_version, chunk.epsilon,
+                              chunk.priorities_N is not None, chunk.times))
         loop.actor.close()
-        out_q.cancel_join_thread()  # stopping: chunks still buffered are not needed
     except Exception:
-        out_q.put(ErrorMsg(index, incarnation, traceback.format_exc()))
-        out_q.close()
-        out_q.join_thread()  # the error must reach the learner before this process ends
+        out.send(ErrorMsg(index, incarnation, traceback.format_exc()))
+    finally:
+        out.close()
 
 
 def _take_slot(slots: ChunkSlots, stop: Flag) -> int | None:
@@ -107,21 +110,81 @@ def death_cause(process: BaseProcess) -> str:
     return signal.Signals(-code).name if code < 0 else f"exit code {code}"
 
 
-def arrived(out_q: Any, wait: bool, role: str, until: float = float("inf")) -> Iterator[Any]:
-    """The messages on a workers' queue, waiting POLL_S for the first if ``wait``, until
-    the queue is empty or the monotonic clock passes ``until``. A worker's ErrorMsg (its
-    own code raised) stops the run with the worker's traceback."""
+class Inbox:
+    """What worker processes send the main process: one pipe per worker incarnation, whose
+    only writer is that worker.
+
+    Not one multiprocessing.Queue for all: its writers share a lock that a worker's feeder
+    thread holds across each write, and a worker that ends or is killed while holding it
+    leaves it held, so every later message of every worker is lost and the run hangs (a
+    resumed run did, on a loaded CI machine). A dying worker spoils only its own pipe; a
+    message it left half-written reads as the end of that pipe."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.readers: dict[tuple[int, int], Connection] = {}  # by (worker, incarnation)
+        self.held: list[Any] = []  # read while stopping workers, handed out next
+
+    def start(self, key: tuple[int, int], process: Callable[[Connection], BaseProcess],
+              ) -> BaseProcess:
+        """Start the process ``process(writer)`` builds; its messages arrive here."""
+        reader, writer = self.ctx.Pipe(duplex=False)
+        started = process(writer)
+        started.start()
+        writer.close()  # the worker's copy is the only one: its end is this pipe's end
+        self.drop(key)
+        self.readers[key] = reader
+        return started
+
+    def drop(self, key: tuple[int, int]) -> None:
+        """Forget an incarnation's pipe: nothing it sends any more counts."""
+        reader = self.readers.pop(key, None)
+        if reader is not None:
+            reader.close()
+
+    def ready(self, timeout: float) -> list[Any]:
+        """One whole message from each pipe that has one, waiting up to ``timeout`` s."""
+        if self.held:
+            held, self.held = self.held, []
+            return held
+        return self._read(timeout)
+
+    def _read(self, timeout: float) -> list[Any]:
+        by_reader = {id(r): k for k, r in self.readers.items()}
+        messages = []
+        for reader in wait_for_readers(list(self.readers.values()), timeout):
+            assert isinstance(reader, Connection)
+            try:
+                messages.append(reader.recv())
+            except (EOFError, OSError):  # its worker ended: nothing more will come
+                self.drop(by_reader[id(reader)])
+        return messages
+
+    def hold(self, timeout: float) -> None:
+        """Read what is there into ``held``, so no worker blocks on a full pipe while
+        the main process waits for it to stop."""
+        self.held += self._read(timeout)
+
+    def close(self) -> None:
+        for key in list(self.readers):
+            self.drop(key)
+
+
+def arrived(inbox: Inbox, wait: bool, role: str, until: float = float("inf")) -> Iterator[Any]:
+    """The messages workers sent, waiting POLL_S for the first if ``wait``, until none is
+    left or the monotonic clock passes ``until``. A worker's ErrorMsg (its own code
+    raised) stops the run with the worker's traceback."""
     block = wait
     while time.monotonic() < until:
-        try:
-            msg = out_q.get(timeout=POLL_S) if block else out_q.get_nowait()
-        except queue.Empty:
+        messages = inbox.ready(POLL_S if block else 0.0)
+        if not messages:
             return
         block = False
-        if isinstance(msg, ErrorMsg):
-            raise WorkerError(f"{role} {msg.actor} (incarnation {msg.incarnation}) failed:"
-                              f"\n{msg.traceback}")
-        yield msg
+        for msg in messages:
+            if isinstance(msg, ErrorMsg):
+                raise WorkerError(f"{role} {msg.actor} (incarnation {msg.incarnation}) "
+                                  f"failed:\n{msg.traceback}")
+            yield msg
 
 
 class _HasProcess(Protocol):
@@ -130,8 +193,8 @@ class _HasProcess(Protocol):
 
 def dead_workers(workers: Sequence[_HasProcess], drain: Callable[[RoundReport, bool], None],
                  restarts: list[int], role: str, report: RoundReport) -> Iterator[int]:
-    """The index of each worker process that died, counted as a restart. The queue is
-    drained first: a worker's own error (an ErrorMsg) explains its death and raises."""
+    """The index of each worker process that died, counted as a restart. Messages are
+    read first: a worker's own error (an ErrorMsg) explains its death and raises."""
     for i, worker in enumerate(workers):
         if not worker.process.is_alive():
             drain(report, False)
@@ -149,12 +212,13 @@ def signal_stacks(workers: Sequence[_HasProcess], indices: list[int], role: str)
     return f"each {role}'s stack (faulthandler, on stderr) is printed above"
 
 
-def stop_processes(processes: list[BaseProcess], stop: Flag) -> None:
-    """Ask workers to stop, give them SHUTDOWN_S together, then kill what is left."""
+def stop_processes(processes: list[BaseProcess], stop: Flag, inbox: Inbox) -> None:
+    """Ask workers to stop, give them SHUTDOWN_S together, then kill what is left.
+    Meanwhile their messages are read and held: a worker may be sending one."""
     stop.set()
     deadline = time.monotonic() + SHUTDOWN_S
-    for p in processes:
-        p.join(timeout=max(0.0, deadline - time.monotonic()))
+    while any(p.is_alive() for p in processes) and time.monotonic() < deadline:
+        inbox.hold(POLL_S)
     for p in processes:
         if p.is_alive():
             p.kill()
@@ -179,7 +243,7 @@ class ProcessesRunner(LearnerSide):
         self.ctx = context(start_method)
         self.params = SharedParams(self.learner.online, self.ctx)
         self._publish()
-        self.out_q: Any = self.ctx.Queue()
+        self.inbox = Inbox(self.ctx)
         self.stop = Flag(self.ctx)
         self.slots: dict[tuple[int, int], ChunkSlots] = {}
         self.restarts = [0] * program.num_actors
@@ -191,17 +255,17 @@ class ProcessesRunner(LearnerSide):
         slots = ChunkSlots(SLOTS_PER_ACTOR, p.max_chunk_rows, p.record, self.ctx)
         self.slots[(index, incarnation)] = slots
         self.slots.pop((index, incarnation - 2), None)  # no message can still name it
-        process = self.ctx.Process(
+        self.inbox.drop((index, incarnation - 2))
+        process = self.inbox.start((index, incarnation), lambda out: self.ctx.Process(
             target=_actor_main, name=f"qfleet-actor-{index}", daemon=True,
-            args=(p, index, incarnation, slots, self.out_q, self.params, self.stop))
-        process.start()
+            args=(p, index, incarnation, slots, out, self.params, self.stop)))
         return _Worker(index, incarnation, process, slots)
 
     def _publish(self) -> None:
         self.params.publish(self.learner.online, self.learner.version)
 
     def _drain(self, report: RoundReport, wait: bool) -> None:
-        for msg in arrived(self.out_q, wait, "actor"):
+        for msg in arrived(self.inbox, wait, "actor"):
             self._receive(msg, report)
 
     def _receive(self, msg: ChunkMsg, report: RoundReport) -> None:
@@ -232,10 +296,10 @@ class ProcessesRunner(LearnerSide):
         self.workers[i] = self._spawn(worker.index, incarnation)
         for key in [k for k in self.slots if k[0] == i and k[1] != incarnation]:
             self.slots.pop(key).close()  # chunks collected before the restore are void
+            self.inbox.drop(key)
 
     def close(self) -> None:
-        stop_processes([w.process for w in self.workers], self.stop)
-        self.out_q.close()
-        self.out_q.cancel_join_thread()
+        stop_processes([w.process for w in self.workers], self.stop, self.inbox)
+        self.inbox.close()
         for slots in self.slots.values():
             slots.close()

@@ -7,6 +7,7 @@ import contextlib
 import faulthandler
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from ray.util.scheduling_strategies import (
 )
 
 from qfleet.config import ConfigError
+from qfleet.errors import QfleetFailure
 from qfleet.runtime.errors import WorkerError
 
 POLL_S = 0.05  # how long the driver waits for results when there is nothing else to do
@@ -37,6 +39,8 @@ STACKS_S = 2.0  # for stalled actors to print their stacks and Ray to forward th
 # Ray starts workers at nice 15, so on a machine shared with anything else the actors get
 # a fraction of the CPU the processes backend's actors (nice 0) get. Ours are the workload.
 LOCAL_SYSTEM_CONFIG = {"worker_niceness": 0}
+CLIENT_TRIES = 3
+CLIENT_RETRY_S = 2.0
 
 
 def connect(address: str, num_actors: int) -> tuple[bool, str | None]:
@@ -49,9 +53,32 @@ def connect(address: str, num_actors: int) -> tuple[bool, str | None]:
         # address="local": a new instance even when another Ray runs on this machine.
         ctx = ray.init(address="local", num_cpus=max(os.cpu_count() or 1, num_actors),
                        include_dashboard=None, _system_config=LOCAL_SYSTEM_CONFIG)
+    elif address.startswith("ray://"):
+        ctx = _connect_client(address)
     else:
         ctx = ray.init(address=address)
     return True, getattr(ctx, "dashboard_url", None) or None
+
+
+def _connect_client(address: str) -> Any:
+    """ray.init over Ray Client. The head node starts a server process for each
+    connection, and that start can fail on a loaded head (CI saw it once); the next
+    connection gets a fresh server on another port, so a failed start is tried again."""
+    for attempt in range(1, CLIENT_TRIES + 1):
+        try:
+            return ray.init(address=address)
+        except ConnectionAbortedError as err:
+            why = str(err).strip().splitlines()[-1]
+            if attempt == CLIENT_TRIES:
+                raise QfleetFailure(
+                    f"runtime.address = {address!r}: the cluster's Ray Client server failed "
+                    f"to start {CLIENT_TRIES} times ({why}); its logs on the head node "
+                    f"(ray_client_server_*.err in the session's logs folder) say why") from err
+            print(f"qfleet: runtime.address = {address!r}: the cluster's Ray Client server "
+                  f"did not start ({why}); trying again ({attempt + 1}/{CLIENT_TRIES})",
+                  file=sys.stderr, flush=True)
+            time.sleep(CLIENT_RETRY_S)
+    raise AssertionError("unreachable")
 
 
 def place_bundles(count: int, role: str, name: str = "") -> PlacementGroup:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import queue
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from typing import Any
 
 import numpy as np
@@ -63,10 +64,10 @@ class ReplayLink:
 class ReplayClient:
     """What a worker process calls ``replay``; every call ends in the main process."""
 
-    def __init__(self, link: ReplayLink, worker: int, incarnation: int, out_q: Any,
+    def __init__(self, link: ReplayLink, worker: int, incarnation: int, out: Connection,
                  size: Any, prioritized: bool, stop: Flag) -> None:
         self.link, self.worker, self.incarnation = link, worker, incarnation
-        self.out_q, self.size, self.prioritized, self.stop = out_q, size, prioritized, stop
+        self.out, self.size, self.prioritized, self.stop = out, size, prioritized, stop
         self.rng = np.random.default_rng(0)  # unused: the server's replay draws the samples
         self.requested = 0  # rows of the batch in flight, 0 if none
 
@@ -99,23 +100,23 @@ class ReplayClient:
             shard: int | None = None) -> None:
         slot = int(self._wait(self.link.chunks.free))
         rows = self.link.chunks.write(slot, chunk, priorities_N)
-        self.out_q.put(AddMsg(self.worker, self.incarnation, slot, rows))
+        self.out.send(AddMsg(self.worker, self.incarnation, slot, rows))
 
     def sample(self, batch_size: int) -> Batch:
         if self.requested != batch_size:
             if self.requested:  # a batch of another size is in flight: drop it
                 self._wait(self.link.replies)
-            self.out_q.put(SampleMsg(self.worker, self.incarnation, batch_size))
+            self.out.send(SampleMsg(self.worker, self.incarnation, batch_size))
         indices_B, has_weights = self._wait(self.link.replies)
         data, weights_B = self.link.batch.read(0, len(indices_B), has_weights)
         copy = data.map(np.array)
         batch = Batch(copy, indices_B, None if weights_B is None else np.array(weights_B))
-        self.out_q.put(SampleMsg(self.worker, self.incarnation, batch_size))  # the next one
+        self.out.send(SampleMsg(self.worker, self.incarnation, batch_size))  # the next one
         self.requested = batch_size
         return batch
 
     def update_priorities(self, indices_B: np.ndarray, td_abs_B: np.ndarray) -> None:
-        self.out_q.put(PriorityMsg(indices_B, td_abs_B.astype(np.float32)))
+        self.out.send(PriorityMsg(indices_B, td_abs_B.astype(np.float32)))
 
 
 class ReplayServer:
