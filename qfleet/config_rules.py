@@ -50,6 +50,10 @@ def _check_ray_fields(cfg: Config) -> None:
             raise ConfigError(f"runtime.{key} = {value!r}: only the ray backend places roles "
                               f"on a cluster; runtime.backend = {rt.backend!r} keeps "
                               f"{default!r}")
+    if rt.replay_on != "learner" and cfg.learner.background_sample == "on":
+        raise ConfigError(f"learner.background_sample = 'on': runtime.replay_on = "
+                          f"{rt.replay_on!r} keeps the replay on other Ray actors, whose "
+                          "calls already run ahead of the learner; set it to 'auto' or 'off'")
     if rt.replay_on != "learner" and cfg.algo.name not in ("dqn", "apex"):
         raise ConfigError(f"runtime.replay_on = {rt.replay_on!r}: only dqn and apex keep a "
                           f"replay of actors' transitions; algo.name = {cfg.algo.name!r} "

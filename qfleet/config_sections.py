@@ -143,6 +143,11 @@ class LearnerConfig:
                        "priorities written back after all of them (Ape-X prefetching)")
     device: str = _f("auto", choices=("auto", "cpu", "cuda"),
                      help="where the learner trains; auto = cuda when torch sees a GPU")
+    background_sample: str = _f("auto", choices=("auto", "on", "off"),
+                                help="prioritized replay: draw the next batches (and copy "
+                                "them to the device) in a thread while the current ones "
+                                "train, so their priorities go back one group later; "
+                                "auto = on when the learner trains on cuda")
 
 
 @dataclass

@@ -101,7 +101,10 @@ class RowIdLearner:
         self.version = 0
         self.batches: list[tuple[Batch, int]] = []
 
-    def update_many(self, batch: Batch, count: int) -> list[UpdateStats]:
+    def stage(self, batch: Batch) -> None:
+        return None  # learner.background_sample: nothing to put on a device
+
+    def update_many(self, batch: Batch, count: int, staged: None = None) -> list[UpdateStats]:
         self.batches.append((batch, count))
         size = len(batch) // count
         self.version += count
@@ -119,10 +122,12 @@ def _rows_with_ids(first: int, count: int) -> Transitions:
 
 
 @pytest.mark.parametrize("preset", ["cartpole-apex", "cartpole-per"])
-@pytest.mark.parametrize("prefetch", [1, 4])
-def test_written_back_priorities_belong_to_their_own_rows(preset: str, prefetch: int) -> None:
+@pytest.mark.parametrize(("prefetch", "background"), [(1, "off"), (4, "off"), (1, "on"),
+                                                      (4, "on")])
+def test_written_back_priorities_belong_to_their_own_rows(preset: str, prefetch: int,
+                                                          background: str) -> None:
     program = _program(preset, f"learner.prefetch={prefetch}", "replay.alpha=0.5",
-                       "replay.eps=0.125")
+                       "replay.eps=0.125", f"learner.background_sample='{background}'")
     stub = RowIdLearner()
     side = LearnerSide(dataclasses.replace(program, make_learner=lambda: cast(Any, stub)))
     replay = side.replay

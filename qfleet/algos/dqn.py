@@ -22,6 +22,7 @@ from qfleet.nets import QNetwork, make_q_network
 from qfleet.policies import EpsilonSchedule
 from qfleet.replay import Replay, make_replay, transition_spec
 from qfleet.roles import Actor, DQNLearner
+from qfleet.roles.learner import pick_device
 from qfleet.schedules import LrSchedule
 
 Epsilon = Callable[[int], float]  # env steps -> exploration rate
@@ -76,6 +77,14 @@ class Parts:
                            anneal_steps=self.cfg.train.total_env_steps)
 
 
+def background_sample(cfg: Config) -> bool:
+    """learner.background_sample resolved: auto is on where the learner trains on CUDA
+    and the replay is in its process (a replay on Ray actors prefetches by itself)."""
+    if cfg.learner.background_sample != "auto":
+        return cfg.learner.background_sample == "on"
+    return cfg.runtime.replay_on == "learner" and pick_device(cfg.learner.device).type == "cuda"
+
+
 def wire(cfg: Config, epsilons: tuple[Epsilon, ...], scores: bool,
          replay_cfg: ReplayConfig, shard_per_actor: bool = False) -> ActorLearnerProgram:
     obs_shape, obs_dtype, num_actions = probe_spaces(cfg.env)
@@ -97,7 +106,8 @@ def wire(cfg: Config, epsilons: tuple[Epsilon, ...], scores: bool,
                           updates_per_round=cfg.learner.updates_per_round,
                           chunk_steps=cfg.actors.chunk_size,
                           max_replay_ratio=cfg.learner.max_replay_ratio,
-                          prefetch=cfg.learner.prefetch),
+                          prefetch=cfg.learner.prefetch,
+                          background_sample=background_sample(cfg)),
         sync_every=cfg.actors.sync_every,
         record=transition_spec(obs_shape, obs_dtype),
         # every env emits at most one transition per step, plus its n-1 pending at an end

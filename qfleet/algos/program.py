@@ -27,6 +27,7 @@ class Schedule:
     chunk_steps: int  # vector steps per actor chunk
     max_replay_ratio: float = 0.0  # 0 = no cap beyond the round schedule
     prefetch: int = 1  # prioritized batches drawn before their priorities are written back
+    background_sample: bool = False  # draw the next prioritized group while this one trains
     on_policy: bool = False  # the replay is a queue: one update per batch_size rows in it
 
     @property

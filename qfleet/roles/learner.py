@@ -33,12 +33,16 @@ def make_optimizer(params: list[nn.Parameter], cfg: LearnerConfig) -> torch.opti
     return torch.optim.Adam(params, lr=cfg.lr, eps=cfg.adam_eps, fused=True)
 
 
-def to_torch(batch: Batch, device: torch.device) -> TorchBatch:
+def to_torch(batch: Batch, device: torch.device, pin: bool = False) -> TorchBatch:
+    """The batch as tensors on ``device`` (CPU: the same memory). ``pin``: through page-
+    locked memory, so the copy to a GPU runs while the caller goes on."""
     d = batch.data
 
     def put(a: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(a)
-        return t if device.type == "cpu" else t.to(device, non_blocking=True)
+        if device.type == "cpu":
+            return t
+        return (t.pin_memory() if pin else t).to(device, non_blocking=True)
 
     return TorchBatch(put(d.obs_NO), put(d.action_N), put(d.reward_N), put(d.discount_N),
                       put(d.next_obs_NO), None if batch.weights_B is None else put(batch.weights_B))
@@ -65,13 +69,20 @@ class DQNLearner:
     def update(self, batch: Batch) -> UpdateStats:
         return self.update_many(batch, 1)[0]
 
-    def update_many(self, batch: Batch, count: int) -> list[UpdateStats]:
-        """``count`` sequential updates on consecutive equal slices of one big batch.
+    def stage(self, batch: Batch) -> TorchBatch:
+        """The batch on the learner's device, copied through pinned memory (for a thread
+        that prepares the next batches while this learner trains)."""
+        return to_torch(batch, self.device, pin=True)
+
+    def update_many(self, batch: Batch, count: int,
+                    staged: TorchBatch | None = None) -> list[UpdateStats]:
+        """``count`` sequential updates on consecutive equal slices of one big batch
+        (``staged``: the batch already on the device, from ``stage``).
 
         Between hard target copies the target net is frozen, so target(next_obs) for all
         those slices is one forward pass instead of ``count`` small ones.
         """
-        data = to_torch(batch, self.device)
+        data = to_torch(batch, self.device) if staged is None else staged
         size = len(batch.indices_B) // count
         stats: list[UpdateStats] = []
         while len(stats) < count:

@@ -6,17 +6,20 @@ the update schedule and the checkpoint layout are the same everywhere, so they l
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeAlias
+from typing import Any, Protocol, TypeAlias, cast
 
 import numpy as np
 import torch
 
 from qfleet.algos.program import ActorLearnerProgram, GradientProgram
 from qfleet.checkpoint import flatten_optimizer, unflatten_optimizer, with_prefix
-from qfleet.replay import Replay
+from qfleet.losses import TorchBatch
+from qfleet.replay import Batch, Replay
 from qfleet.replay import describe as describe_replay
-from qfleet.roles import Chunk, UpdateStats
+from qfleet.roles import Chunk, DQNLearner, UpdateStats
 from qfleet.roles.clock import Clock
 from qfleet.schedules import follow
 
@@ -83,6 +86,33 @@ class RoundReport:
 
 
 OUTSIDE = "outside"  # a clock's time between rounds (logging, evals): no role's
+
+
+class Ahead:
+    """``fn(*args)`` running in a thread from now on; ``result()`` waits and returns it
+    (or raises what it raised)."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
+        self._out: Any = None
+        self._err: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn, args), daemon=True,
+                                        name="qfleet-sample-ahead")
+        self._thread.start()
+
+    def _run(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        try:
+            self._out = fn(*args)
+        except BaseException as err:  # handed to the caller of result()
+            self._err = err
+
+    def wait(self) -> None:
+        self._thread.join()
+
+    def result(self) -> Any:
+        self.wait()
+        if self._err is not None:
+            raise self._err
+        return self._out
 
 Tensors: TypeAlias = dict[str, torch.Tensor]
 Meta: TypeAlias = dict[str, Any]
@@ -238,23 +268,49 @@ class LearnerSide:
             uniform_stats = self.learner.update_many(batch, count)
             clock.lap("update")
             return uniform_stats
-        # Prioritized: draw `prefetch` batches at once (an Ape-X learner's prefetch queue),
-        # update on each, then write their priorities back. prefetch = 1 is strictly
-        # sequential. Stratified draws come out sorted, so shuffle before slicing.
-        stats: list[UpdateStats] = []
-        while len(stats) < count:
-            group = min(self.program.schedule.prefetch, count - len(stats))
-            batch = self.replay.sample(group * batch_size)
-            if group > 1:
-                batch = batch.take(self.replay.rng.permutation(len(batch)))
-            clock.lap("sample")
-            group_stats = self.learner.update_many(batch, group)
-            clock.lap("update")
-            td_abs = torch.cat([s.td_abs_B for s in group_stats]).cpu().numpy()
-            self.replay.update_priorities(batch.indices_B, td_abs)
-            clock.lap("priorities")
-            stats += group_stats
-        return stats
+        return self._train_prioritized(count, batch_size)
+
+    def _train_prioritized(self, count: int, batch_size: int) -> list[UpdateStats]:
+        """Draw `prefetch` batches at once (an Ape-X learner's prefetch queue), update on
+        each, then write their priorities back; prefetch = 1 is strictly sequential. With
+        background_sample the next group is drawn in a thread while this one trains, so
+        it comes from the priorities before this group's are written."""
+        groups = [min(self.program.schedule.prefetch, count - done)
+                  for done in range(0, count, self.program.schedule.prefetch)]
+        learner = cast(DQNLearner, self.learner)  # the only learner of a prioritized replay
+        ahead: Ahead | None = None
+        try:
+            drawn, stats = self._draw(groups[0], batch_size, learner), list[UpdateStats]()
+            for k, group in enumerate(groups):
+                (batch, staged), later = drawn, groups[k + 1] if k + 1 < len(groups) else 0
+                if later and self.program.schedule.background_sample:
+                    ahead = Ahead(self._draw, later, batch_size, learner)
+                self.clock.lap("sample")
+                group_stats = learner.update_many(batch, group, staged)
+                self.clock.lap("update")
+                td_abs = torch.cat([s.td_abs_B for s in group_stats]).cpu().numpy()
+                if ahead is not None:  # the thread must be done with the tree first
+                    drawn, ahead = ahead.result(), None
+                    self.clock.lap("sample")
+                self.replay.update_priorities(batch.indices_B, td_abs)
+                self.clock.lap("priorities")
+                if later and not self.program.schedule.background_sample:
+                    drawn = self._draw(later, batch_size, learner)
+                stats += group_stats
+            return stats
+        finally:
+            if ahead is not None:  # an update raised: leave the replay to no thread
+                ahead.wait()
+
+    def _draw(self, group: int, batch_size: int,
+              learner: DQNLearner) -> tuple[Batch, TorchBatch | None]:
+        """``group`` batches in one draw (shuffled: stratified draws come out sorted), and,
+        for a background draw, already on the learner's device."""
+        batch = self.replay.sample(group * batch_size)
+        if group > 1:
+            batch = batch.take(self.replay.rng.permutation(len(batch)))
+        staged = learner.stage(batch) if self.program.schedule.background_sample else None
+        return batch, staged
 
     # ------------------------------------------------------------ checkpoint state
 
