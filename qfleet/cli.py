@@ -143,7 +143,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         from qfleet.evaluate import evaluate
 
-        res = evaluate(net, cfg.env, args.episodes, cfg.seed)
+        res = evaluate(net, cfg.env, args.episodes, cfg.seed, epsilon=cfg.train.eval_epsilon)
     out.print(f"eval return {res.mean:.1f} ± {res.std:.1f} over {len(res.returns)} episodes "
               f"({_escape(cfg.env.id)})", highlight=False)
     return 0

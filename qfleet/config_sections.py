@@ -200,6 +200,9 @@ class TrainConfig:
                               "length")
     eval_every: int = _f(5_000, lo=0, help="env steps between greedy evals; 0 = only at the end")
     eval_episodes: int = _f(20, lo=1, help="greedy episodes per evaluation")
+    eval_epsilon: float = _f(0.0, lo=0.0, hi=1.0, help="chance of a random action in every "
+                             "evaluation (Nature DQN's Atari protocol: 0.05, so an agent "
+                             "that never presses FIRE does not stall a game); 0 = greedy")
     target_return: float | None = _f(None, help="stop once a greedy eval reaches it")
     max_wall_s: float = _f(0.0, lo=0, help="seconds of training (a resumed run counts its "
                            "earlier time) after which the run ends as if its steps were "

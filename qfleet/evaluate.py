@@ -47,18 +47,22 @@ def _greedy(net: nn.Module, obs_EO: np.ndarray) -> np.ndarray:
 
 
 def evaluate(net: nn.Module, env_cfg: EnvConfig, episodes: int, seed: int,
-             should_stop: Callable[[], bool] = lambda: False) -> EvalResult:
-    """Run ``episodes`` greedy episodes; each env in a wave counts only its first episode,
-    so short episodes are not over-represented. ``should_stop`` is asked every step:
-    True abandons the evaluation (EvalInterrupted)."""
+             should_stop: Callable[[], bool] = lambda: False,
+             epsilon: float = 0.0) -> EvalResult:
+    """Run ``episodes`` greedy episodes (``epsilon``: each action random with that chance,
+    drawn from the eval's own seeded stream); each env in a wave counts only its first
+    episode, so short episodes are not over-represented. ``should_stop`` is asked every
+    step: True abandons the evaluation (EvalInterrupted)."""
     result = EvalResult([], [])
     seeds = seeds_for(seed, EVAL_STREAM, episodes)
+    rng = np.random.default_rng([seed, EVAL_STREAM])
     was_training = net.training
     net.eval()
     try:
         while (done := len(result.returns)) < episodes:
             wave = min(MAX_PARALLEL, episodes - done)
-            returns, lengths = _wave(net, env_cfg, seeds[done: done + wave], should_stop)
+            returns, lengths = _wave(net, env_cfg, seeds[done: done + wave], should_stop,
+                                     Explore(epsilon, rng))
             result.returns += returns
             result.lengths += lengths
     finally:
@@ -66,18 +70,36 @@ def evaluate(net: nn.Module, env_cfg: EnvConfig, episodes: int, seed: int,
     return result
 
 
+@dataclass
+class Explore:
+    """An evaluation's exploration: each action random with chance ``epsilon``."""
+
+    epsilon: float
+    rng: np.random.Generator
+
+    def __call__(self, action_E: np.ndarray, num_actions: int) -> np.ndarray:
+        if self.epsilon == 0.0:
+            return action_E  # greedy: no draw, so greedy evals stay as they were
+        random_E = self.rng.random(len(action_E)) < self.epsilon
+        return np.where(random_E, self.rng.integers(num_actions, size=len(action_E)),
+                        action_E)
+
+
 def _wave(net: nn.Module, env_cfg: EnvConfig, seeds: list[int | None],
-          should_stop: Callable[[], bool]) -> tuple[list[float], list[int]]:
+          should_stop: Callable[[], bool], explore: Explore) -> tuple[list[float], list[int]]:
     """One episode in each of ``len(seeds)`` envs stepped together: returns and lengths."""
     env = make_vec_env(env_cfg, num_envs=len(seeds))
     try:
         obs_EO, _ = reset_vec_env(env, seeds)
+        space = env.single_action_space
+        num_actions = int(space.n) if isinstance(space, gym.spaces.Discrete) else 0
         ret_E, alive_E = np.zeros(len(seeds)), np.ones(len(seeds), dtype=bool)
         len_E = np.zeros(len(seeds), dtype=np.int64)
         while alive_E.any():
             if should_stop():
                 raise EvalInterrupted
-            obs_EO, reward_E, term_E, trunc_E, _ = env.step(_greedy(net, obs_EO))
+            action_E = explore(_greedy(net, obs_EO), num_actions)
+            obs_EO, reward_E, term_E, trunc_E, _ = env.step(action_E)
             ret_E += reward_E * alive_E
             len_E += alive_E
             alive_E &= ~(term_E | trunc_E)

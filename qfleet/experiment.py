@@ -288,7 +288,8 @@ class Experiment:
         t0 = time.perf_counter()
         try:
             res = evaluate(self.runner.policy_net, self.cfg.env, self.cfg.train.eval_episodes,
-                           self.cfg.seed, should_stop=lambda: self.stop.signum is not None)
+                           self.cfg.seed, should_stop=lambda: self.stop.signum is not None,
+                           epsilon=self.cfg.train.eval_epsilon)
         except EvalInterrupted:
             return None
         finally:

@@ -68,7 +68,8 @@ def _score(policy: Policy, run_dir: Path | None, episodes: int) -> dict[str, Any
         return result
     from qfleet.evaluate import evaluate
 
-    res = evaluate(policy.net, policy.config.env, episodes, policy.config.seed)
+    res = evaluate(policy.net, policy.config.env, episodes, policy.config.seed,
+                   epsilon=policy.config.train.eval_epsilon)
     return {"eval_return_mean": res.mean, "eval_return_std": res.std,
             "eval_episodes": len(res.returns), "env_steps": steps}
 
