@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import TypeAlias
 
 import numpy as np
 import torch
@@ -48,6 +49,9 @@ def to_torch(batch: Batch, device: torch.device, pin: bool = False) -> TorchBatc
                       put(d.next_obs_NO), None if batch.weights_B is None else put(batch.weights_B))
 
 
+Staged: TypeAlias = TorchBatch  # a batch already on the learner's device (``stage``)
+
+
 @dataclass
 class UpdateStats:
     loss: torch.Tensor  # detached scalar; .item() only when logged (no per-update sync)
@@ -69,13 +73,13 @@ class DQNLearner:
     def update(self, batch: Batch) -> UpdateStats:
         return self.update_many(batch, 1)[0]
 
-    def stage(self, batch: Batch) -> TorchBatch:
+    def stage(self, batch: Batch) -> Staged:
         """The batch on the learner's device, copied through pinned memory (for a thread
         that prepares the next batches while this learner trains)."""
         return to_torch(batch, self.device, pin=True)
 
     def update_many(self, batch: Batch, count: int,
-                    staged: TorchBatch | None = None) -> list[UpdateStats]:
+                    staged: Staged | None = None) -> list[UpdateStats]:
         """``count`` sequential updates on consecutive equal slices of one big batch
         (``staged``: the batch already on the device, from ``stage``).
 

@@ -16,11 +16,11 @@ import torch
 
 from qfleet.algos.program import ActorLearnerProgram, GradientProgram
 from qfleet.checkpoint import flatten_optimizer, unflatten_optimizer, with_prefix
-from qfleet.losses import TorchBatch
 from qfleet.replay import Batch, Replay
 from qfleet.replay import describe as describe_replay
 from qfleet.roles import Chunk, DQNLearner, UpdateStats
 from qfleet.roles.clock import Clock
+from qfleet.roles.learner import Staged
 from qfleet.schedules import follow
 
 
@@ -303,7 +303,7 @@ class LearnerSide:
                 ahead.wait()
 
     def _draw(self, group: int, batch_size: int,
-              learner: DQNLearner) -> tuple[Batch, TorchBatch | None]:
+              learner: DQNLearner) -> tuple[Batch, Staged | None]:
         """``group`` batches in one draw (shuffled: stratified draws come out sorted), and,
         for a background draw, already on the learner's device."""
         batch = self.replay.sample(group * batch_size)
