@@ -71,9 +71,9 @@ def recording(runner: Any) -> Iterator[list[Batch]]:
     seen: list[Batch] = []
     real = runner.learner.update_many
 
-    def update_many(batch: Batch, count: int) -> Any:
+    def update_many(batch: Batch, count: int, staged: Any = None) -> Any:
         seen.append(batch)
-        return real(batch, count)
+        return real(batch, count) if staged is None else real(batch, count, staged)
 
     runner.learner.update_many = update_many
     yield seen
