@@ -286,7 +286,8 @@ class LearnerSide:
                 if later and self.program.schedule.background_sample:
                     ahead = Ahead(self._draw, later, batch_size, learner)
                 self.clock.lap("sample")
-                group_stats = learner.update_many(batch, group, staged)
+                group_stats = (learner.update_many(batch, group) if staged is None
+                               else learner.update_many(batch, group, staged))
                 self.clock.lap("update")
                 td_abs = torch.cat([s.td_abs_B for s in group_stats]).cpu().numpy()
                 if ahead is not None:  # the thread must be done with the tree first
