@@ -2,10 +2,11 @@
 
 Roles keep ``Clock``s and their rounds report seconds as "role.activity": actors
 (``waiting``: for the learner to take their chunk; ``params``, ``inference``, ``env``,
-``other``), gradient workers (the same, plus ``learn``), the learner (``wait`` for data,
-``ingest``, ``sample``, ``update``, ``priorities``, ``publish``; inline, ``actors``) and the
-aggregator (``wait``, ``apply``; inline, ``workers``). A side that waits ``WAIT`` of its time
-or more is held up by the other.
+``other``), gradient workers (the same, plus ``learn``; in a sync group without a
+server, ``sync`` for the others' gradients and ``apply`` for the replica's step), the
+learner (``wait`` for data, ``ingest``, ``sample``, ``update``, ``priorities``,
+``publish``; inline, ``actors``) and the aggregator (``wait``, ``apply``; inline,
+``workers``). A side that waits ``WAIT`` of its time or more is held up by the other.
 """
 
 from __future__ import annotations

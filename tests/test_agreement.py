@@ -162,9 +162,11 @@ def test_sync_gorila_agrees_with_inline(backend: str) -> None:
     same global model and every worker has seen the same episodes."""
     with _runner(backend, _cfg("cartpole-gorila-sync", GORILA, backend)) as runner:
         reports = run_until(runner, lambda r, _: r.updates >= 40, DEADLINE_S)
+        runner.freeze()  # processes: the workers' replicas step on their own until then
         version, model = runner.updates, _model(runner)
-    assert sum(r.updates for r in reports) == version
-    assert sum(r.grads_applied for r in reports) == 2 * version  # two per sync step
+    counted = sum(r.updates for r in reports)
+    assert 40 <= counted <= version  # the last steps' reports may come after the freeze
+    assert sum(r.grads_applied for r in reports) == 2 * counted  # two per sync step
     assert sum(r.staleness_sum for r in reports) == 0
     assert sum(r.grads_dropped for r in reports) == 0
     inline, inline_returns = _inline_to("cartpole-gorila-sync", GORILA, version)
@@ -181,9 +183,10 @@ def test_a2c_agrees_with_inline(backend: str) -> None:
     lengths weighted by their rows on every backend)."""
     with _runner(backend, _cfg("cartpole-a2c", A2C, backend)) as runner:
         reports = run_until(runner, lambda r, _: r.updates >= 25, DEADLINE_S)
+        runner.freeze()
         version, model = runner.updates, _model(runner)
         opt = copy.deepcopy(runner.aggregator.opt.state_dict()["state"])
-    assert sum(r.grads_applied for r in reports) == 2 * version
+    assert sum(r.grads_applied for r in reports) == 2 * sum(r.updates for r in reports)
     inline, _ = _inline_to("cartpole-a2c", A2C, version)
     _assert_same_model(backend, model, inline.aggregator.model.state_dict())
     inline_opt = inline.aggregator.opt.state_dict()["state"]

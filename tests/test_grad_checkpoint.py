@@ -114,7 +114,8 @@ def test_workers_own_replays_are_saved_and_restored(backend: str, tmp_path: Path
     else:  # a worker may have collected one or two chunks the main process had not counted
         assert meta["env_steps"] <= sum(sizes) <= meta["env_steps"] + 2 * 2 * 4
 
-    exp = Experiment(cfg, tmp_path / "run")
+    cfg.train.total_env_steps *= 2  # continued with a budget left: a sync group on
+    exp = Experiment(cfg, tmp_path / "run")  # processes steps only until its budget
     try:
         exp.restore_latest()
         runner = exp.runner

@@ -66,7 +66,7 @@ def test_a_hogwild_worker_steps_at_the_rate_of_the_runs_env_steps() -> None:
     """A Hogwild worker steps the shared model itself, with the env steps the main process
     last counted (its own optimizer copy: checked here on the worker's send path)."""
     from qfleet.roles.gradients import Gradient
-    from qfleet.runtime.grad_processes import Link, _send
+    from qfleet.runtime.grad_worker import Link, _send
     from qfleet.runtime.shm import PauseGate
 
     cfg = qfleet.load_config("cartpole-a3c", [

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from qfleet.config import Config, group_size_of
+from qfleet.config import Config, aggregation_of, group_size_of
 from qfleet.replay import RecordSpec, Replay
 from qfleet.roles import Actor, DQNLearner
 from qfleet.roles.ac_learner import ACLearner
@@ -100,6 +100,9 @@ class GradientProgram:
     record: RecordSpec  # the fields of the transitions workers write to a shared replay
     max_chunk_rows: int
     local_replay: bool = False  # each worker keeps its own replay (checkpointed by the backend)
+    sync: bool = False  # aggregation sync: one group of all workers, every step waits for all
+    total_env_steps: int = 0  # the run's budget (0: none): a sync group that steps on its own
+    # stops there
 
     @property
     def num_actors(self) -> int:
@@ -121,5 +124,6 @@ def gradient_program(cfg: Config, *, make_worker: Callable[[int, int, Replay | N
         max_staleness=cfg.algo.max_staleness, stale=cfg.algo.stale,
         wait_for_restart=cfg.algo.on_worker_loss == "wait", sync_every=cfg.algo.sync_every,
         hogwild=hogwild, batch_size=batch_size or cfg.learner.batch_size, record=record,
-        local_replay=local_replay,
+        local_replay=local_replay, sync=aggregation_of(cfg) == "sync",
+        total_env_steps=cfg.train.total_env_steps,
         max_chunk_rows=(cfg.actors.chunk_size + cfg.algo.n_step - 1) * cfg.env.num_envs)

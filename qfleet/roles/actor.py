@@ -69,9 +69,13 @@ class Actor:
     def set_params(self, snapshot: ParamSnapshot) -> None:
         if snapshot.version != self.version:
             self.net.load_state_dict(snapshot.params)
-            self.version = snapshot.version
-            # the current state's values (computed at the last chunk's end) are stale now
-            self.block.has_values_L[self.block.steps] = False
+            self.moved(snapshot.version)
+
+    def moved(self, version: int) -> None:
+        """The net's parameters are now ``version`` (loaded, or stepped in place)."""
+        self.version = version
+        # the current state's values (computed at the last chunk's end) are stale now
+        self.block.has_values_L[self.block.steps] = False
 
     @torch.no_grad()
     def _forward(self, obs_NO: np.ndarray) -> np.ndarray:

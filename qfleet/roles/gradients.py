@@ -60,6 +60,10 @@ class Gradient:
     rows: int = 0  # transitions in the batch behind grads_P (0 = unknown: equal weights)
     episode_lengths: list[int] = field(default_factory=list)
     times: dict[str, float] = field(default_factory=dict)  # seconds by activity (Clock)
+    # A sync group member's report (allreduce), merged over the steps since its last one:
+    groups: list[int] = field(default_factory=list)  # gradients in each step, the last
+    # made version ``applied_at``
+    reports: int = 1  # gradients whose loss and q_mean are summed here
 
 
 class GradientWorker:
@@ -90,6 +94,14 @@ class GradientWorker:
             self.model.load_state_dict(snapshot.params)
             self.actor.version = snapshot.version
         self.sent = 0
+
+    def share(self, model: nn.ModuleDict, version: int) -> None:
+        """Act and compute on ``model`` itself from now on: a sync group member's replica,
+        which its step moves in place (each step then calls ``actor.moved``)."""
+        self.model = model
+        self.actor.net = model["online"].eval()
+        self.params = list(model["online"].parameters())
+        self.actor.moved(version)
 
     def pulled(self, snapshot: ParamSnapshot | None) -> None:
         """A pull happened: new parameters, or None when the ones held are the newest."""
@@ -180,8 +192,14 @@ class Aggregator:
     def apply(self, grads: list[torch.Tensor], weights: list[float]) -> int:
         """One optimizer step on the weighted mean of ``grads`` (sync: W equal weights);
         returns the global version it produced."""
-        mean_P = torch.stack(grads).mul_(torch.tensor(weights).unsqueeze(1)).sum(0) / len(grads)
-        set_grads(self.params, mean_P)
+        mean_P = grads[0].mul(weights[0])  # summed in list order, in place: a sync group's
+        for grads_P, weight in zip(grads[1:], weights[1:], strict=True):  # replicas do this
+            mean_P.add_(grads_P, alpha=weight)  # same arithmetic, bit for bit
+        mean_P.div_(len(grads))
+        offset = 0
+        for p in self.params:  # views, not copies: mean_P is this step's own
+            p.grad = mean_P[offset: offset + p.numel()].view_as(p)
+            offset += p.numel()
         if self.cfg.max_grad_norm > 0:
             nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm, foreach=True)
         self.opt.step()
@@ -265,7 +283,14 @@ class GradientGate:
             self.staleness_sum += staleness
             self.applied += 1
             kept.append((g, g.grads_P, scale))
-        mean_rows = sum(g.rows for g, _, _ in kept) / max(1, len(kept))
         grads = [grads_P for _, grads_P, _ in kept]
-        weights = [scale * (g.rows / mean_rows if mean_rows else 1.0) for g, _, scale in kept]
+        weights = row_weights([g.rows for g, _, _ in kept], [scale for _, _, scale in kept])
         return (grads, weights) if grads else None
+
+
+def row_weights(rows: list[int], scales: list[float]) -> list[float]:
+    """Each gradient's weight in a step's mean: its rows over the group's mean rows (so the
+    step is the mean over all rows), times its staleness scale."""
+    mean_rows = sum(rows) / max(1, len(rows))
+    return [scale * (r / mean_rows if mean_rows else 1.0) for r, scale in zip(rows, scales,
+                                                                             strict=True)]

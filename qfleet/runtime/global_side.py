@@ -147,13 +147,26 @@ class GlobalSide:
             return
         report.loss_sum += grad.loss
         report.q_sum += grad.q_mean
-        report.loss_count += 1
+        report.loss_count += grad.reports
+        if grad.groups:  # a sync group stepped its replicas: each member reports the steps
+            self._count_group_step(grad, report)
+            return
         if grad.applied_at >= 0:  # a Hogwild worker applied it to the shared model itself
             report.updates += 1
             report.grads_applied += 1
             report.staleness_sum += grad.applied_at - 1 - grad.base_version
             return
         self._step_if_ready(lambda version: self.gate.offer(grad, version, live), report)
+
+    def _count_group_step(self, grad: Gradient, report: RoundReport) -> None:
+        """Each step counted once, by the first member's report of its version (with the
+        group's gradients then, whoever of them is still alive to tell)."""
+        new = grad.applied_at - self.updates
+        if new <= 0:
+            return
+        report.updates += new
+        report.grads_applied += sum(grad.groups[-new:])
+        self.aggregator.version_1.fill_(grad.applied_at)
 
     def flush(self, worker: int, live: Collection[int], report: RoundReport) -> None:
         """A worker left ``live``: its group may now be complete without it."""

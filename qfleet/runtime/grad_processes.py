@@ -1,205 +1,66 @@
-"""The processes backend for gradient schemes: one worker process per gradient worker.
+"""The processes backend for gradient schemes: one worker process per gradient worker
+(its side is grad_worker).
 
-Parameter-server mode (sync / async / grouped): a worker writes its flat gradient into
-one of its shared gradient slots and sends the slot id; the main process (the aggregator)
+Sync (gorila sync, A2C): no server in the loop. The workers reduce their gradients among
+themselves and each steps its own replica of the global model (allreduce); the main
+process counts their reports, follows the parameters the leader publishes for
+evaluations, and takes the model and optimizer state from a replica for a checkpoint.
+
+Parameter-server mode (async / grouped): a worker writes its flat gradient into one of
+its shared gradient slots and sends the slot id; the main process (the aggregator)
 offers it to the gate, steps when a group is complete, publishes the new parameters in
-SharedParams and only then hands the slot back. A sync worker has one slot, so taking
-it back is the barrier: it pulls the new parameters and computes its next gradient on
-them. Async workers have two slots and never wait for the others.
+SharedParams and only then hands the slot back. A grouped worker has one slot, so taking
+it back is its group's barrier. Async workers have two slots and never wait.
 
 Hogwild mode (A3C): the global model, the optimizer state and the version counter live
 in shared memory; each worker applies its own gradients lock-free and only reports.
 
-Faults: a killed worker is restarted with fresh seeds (counted); in sync mode its group
-proceeds with the live workers until the replacement's first gradient arrives, or waits
-for it (``algo.on_worker_loss``). A worker that raises stops the run with its traceback.
-"""
+Faults: a killed worker is restarted with fresh seeds (counted); a sync group or a
+group proceeds with the live workers until the replacement's first gradient arrives, or
+waits for it (``algo.on_worker_loss``). A worker that raises stops the run with its
+traceback."""
 
 from __future__ import annotations
 
 import itertools
 import os
-import queue
 import shutil
 import tempfile
 import time
-import traceback
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
 
 import numpy as np
 import torch
 from safetensors.numpy import load_file as load_numpy
-from safetensors.numpy import save_file as save_numpy
 
 from qfleet.algos.program import GradientProgram
-from qfleet.compute import pin_torch
-from qfleet.roles import Fetch, gradient_step
-from qfleet.roles.gradients import Aggregator, Gradient, GradientWorker
+from qfleet.roles.gradients import Gradient
+from qfleet.runtime.allreduce import Keeper, ReduceGroup, load_replica
 from qfleet.runtime.base import RoundReport
 from qfleet.runtime.errors import WorkerError
 from qfleet.runtime.global_side import GlobalSide
+from qfleet.runtime.grad_worker import GradMsg, Link, SavedMsg, Shared, worker_main
 from qfleet.runtime.processes import (
-    ErrorMsg,
     Inbox,
     arrived,
     context,
     dead_workers,
-    leave_signals_to_main,
     signal_stacks,
     stop_processes,
 )
 from qfleet.runtime.replay_rpc import (
     AddMsg,
     PriorityMsg,
-    ReplayClient,
     ReplayLink,
     ReplayServer,
     SampleMsg,
 )
-from qfleet.runtime.shm import Flag, PauseGate, SharedParams, main_alive
-from qfleet.schedules import follow
+from qfleet.runtime.shm import Flag, PauseGate, SharedParams
 
 ROUND_S = 0.1
 SAVE_TIMEOUT_S = 120.0  # for every worker to write its own replay for a checkpoint
-
-
-@dataclass(frozen=True)
-class GradMsg:
-    worker: int
-    incarnation: int
-    slot: int  # -1: no gradient in a slot (still filling its replay, or Hogwild)
-    base_version: int
-    env_steps: int
-    returns: list[float]
-    loss: float
-    q_mean: float
-    epsilon: float | None
-    applied_at: int
-    rows: int
-    lengths: list[int]
-    times: dict[str, float]
-
-
-@dataclass(frozen=True)
-class SavedMsg:
-    """A worker wrote its own replay for checkpoint request ``request`` to ``path``."""
-
-    worker: int
-    incarnation: int
-    request: int
-    path: str
-
-
-@dataclass
-class Link:
-    """Everything one worker incarnation shares with the main process."""
-
-    grads: torch.Tensor  # (slots, P) in shared memory
-    free: Any  # queue of slot ids the worker may write
-    replay: ReplayLink | None
-
-    def close(self) -> None:
-        self.free.close()
-        self.free.cancel_join_thread()
-        if self.replay is not None:
-            self.replay.close()
-
-
-@dataclass
-class _Shared:
-    """What the main process hands every worker process."""
-
-    program: GradientProgram
-    params: SharedParams
-    aggregator: Aggregator | None  # Hogwild only: the shared-memory global model
-    stop: Flag
-    replay_size: Any
-    replay_prioritized: bool
-    pause: PauseGate | None  # Hogwild: lets a checkpoint copy the shared model whole
-    save_request: Any  # a counter: when it moves, each worker saves its own replay ...
-    save_dir: str  # ... into this folder
-    env_steps: Any  # the run's env steps as the main process last counted them (Hogwild
-    # workers set their learning rate from it)
-
-
-def _worker_main(sh: _Shared, index: int, incarnation: int, link: Link, out: Connection,
-                 replay_state: dict[str, np.ndarray], save_request: int) -> None:
-    leave_signals_to_main()
-    pin_torch(1)
-    try:
-        replay = None if link.replay is None else ReplayClient(
-            link.replay, index, incarnation, out, sh.replay_size,
-            sh.replay_prioritized, sh.stop)
-        worker = sh.program.make_worker(index, incarnation, replay)
-        worker.load_replay_state(replay_state)
-        saver = _Saver(sh, worker, incarnation, save_request, out)
-        # Hogwild: a fresh copy of the shared model, whatever its version; else the
-        # published snapshot when its version moved.
-        fetch: Fetch = sh.params.pull if sh.aggregator is None else \
-            (lambda version: sh.aggregator.snapshot())  # type: ignore[union-attr]
-        while not sh.stop.is_set() and main_alive():
-            slot = _take(link.free, sh, saver)
-            if slot is None:
-                break
-            grad = gradient_step(worker, fetch, sh.program.sync_every)
-            out.send(_send(sh, worker, grad, link, slot))
-        worker.close()
-    except SystemExit:
-        pass
-    except Exception:
-        out.send(ErrorMsg(index, incarnation, traceback.format_exc()))
-    finally:
-        out.close()
-
-
-class _Saver:
-    """Answers the main process's checkpoint requests with this worker's own replay,
-    between two work() calls (so the replay is never caught mid-write)."""
-
-    def __init__(self, sh: _Shared, worker: GradientWorker, incarnation: int,
-                 answered: int, out: Connection) -> None:
-        self.sh, self.worker, self.incarnation, self.out = sh, worker, incarnation, out
-        self.answered = answered  # the last request before this worker was started
-
-    def __call__(self) -> None:
-        request = self.sh.save_request.value
-        if request == self.answered:
-            return
-        path = os.path.join(self.sh.save_dir, f"worker{self.worker.index}-{request}.safetensors")
-        save_numpy(self.worker.replay_state(), path)
-        self.out.send(SavedMsg(self.worker.index, self.incarnation, request, path))
-        self.answered = request
-
-
-def _send(sh: _Shared, worker: GradientWorker, grad: Gradient, link: Link,
-          slot: int) -> GradMsg:
-    if grad.grads_P is not None and sh.aggregator is not None:
-        assert sh.pause is not None
-        follow(sh.aggregator, int(sh.env_steps.value))  # as of the main's last round
-        with sh.pause.step(worker.index):
-            grad.applied_at = sh.aggregator.apply([grad.grads_P], [1.0])
-        grad.grads_P = None
-    if grad.grads_P is None:
-        link.free.put(slot)  # nothing to hand over: the slot stays this worker's
-        slot = -1
-    else:
-        link.grads[slot].copy_(grad.grads_P)
-    return GradMsg(worker.index, worker.actor.incarnation, slot, grad.base_version,
-                   grad.env_steps, grad.episode_returns, grad.loss, grad.q_mean, grad.epsilon,
-                   grad.applied_at, grad.rows, grad.episode_lengths, grad.times)
-
-
-def _take(free: Any, sh: _Shared, saver: _Saver) -> int | None:
-    while not sh.stop.is_set() and main_alive():
-        saver()  # also while a sync worker waits for its group
-        try:
-            return int(free.get(timeout=0.1))
-        except queue.Empty:
-            continue
-    return None
 
 
 @dataclass
@@ -222,13 +83,23 @@ class ProcessesGradientRunner(GlobalSide):
         self.server = None if self.shared_replay is None else \
             ReplayServer(self.shared_replay, self.ctx.Value("q", 0, lock=False))
         self.inbox = Inbox(self.ctx)
-        self.sh = _Shared(program, self.params,
+        size = sum(v.numel() for v in self.aggregator.online.parameters())
+        group = ReduceGroup(program.num_workers, size, self.ctx, self.aggregator.version) \
+            if program.sync and not program.hogwild else None
+        self.sh = Shared(program, self.params,
                           self.aggregator if program.hogwild else None, Flag(self.ctx),
                           None if self.server is None else self.server.size,
                           self.shared_replay is not None and self.shared_replay.prioritized,
                           PauseGate(program.num_workers, self.ctx) if program.hogwild else None,
                           self.ctx.Value("q", 0, lock=False),
-                          tempfile.mkdtemp(prefix="qfleet-replays-"), self.ctx.RawValue("q", 0))
+                          tempfile.mkdtemp(prefix="qfleet-replays-"), self.ctx.RawValue("q", 0),
+                          self.ctx.RawValue("b", 1), group)
+        self.keeper = None if group is None else \
+            Keeper(group, self.sh.save_dir, program.wait_for_restart)
+        if self.keeper is not None:
+            self.keeper.start(self.aggregator, self.env_steps)
+        self.frozen = False  # sync group: the main's copy is the model, its workers are gone
+        self.fetched: dict[int, dict[str, np.ndarray]] = {}  # their replays, when frozen
         self.deferred: list[Any] = []  # messages that came while a checkpoint waited
         self.restarts = [0] * program.num_workers
         self.links: dict[tuple[int, int], Link] = {}
@@ -238,6 +109,7 @@ class ProcessesGradientRunner(GlobalSide):
     def _new_link(self) -> Link:
         p = self.program
         slots = 2 if p.group_size == 1 else 1  # one slot makes a synchronous group's barrier
+        slots = 0 if self.keeper is not None else slots  # the group reduces in its own memory
         size = sum(v.numel() for v in self.aggregator.online.parameters())
         free = self.ctx.Queue()
         for s in range(slots):
@@ -246,7 +118,7 @@ class ProcessesGradientRunner(GlobalSide):
             p.max_chunk_rows, p.batch_size, p.record, self.ctx)
         return Link(torch.zeros(slots, size).share_memory_(), free, replay)
 
-    def _spawn(self, index: int, incarnation: int) -> _Worker:
+    def _spawn(self, index: int, incarnation: int, joins: bool = False) -> _Worker:
         link = self._new_link()
         self.links[(index, incarnation)] = link
         old = self.links.pop((index, incarnation - 2), None)  # no message can still name it
@@ -256,9 +128,9 @@ class ProcessesGradientRunner(GlobalSide):
         if self.sh.pause is not None:
             self.sh.pause.clear(index)  # a killed predecessor may have died mid-step
         process = self.inbox.start((index, incarnation), lambda out: self.ctx.Process(
-            target=_worker_main, name=f"qfleet-worker-{index}", daemon=True,
+            target=worker_main, name=f"qfleet-worker-{index}", daemon=True,
             args=(self.sh, index, incarnation, link, out, self.restored_replay(index),
-                  self.sh.save_request.value)))
+                  self.sh.save_request.value, joins)))
         return _Worker(index, incarnation, process, link)
 
     def step(self) -> RoundReport:
@@ -266,6 +138,12 @@ class ProcessesGradientRunner(GlobalSide):
         self.clock_in()
         self._drain(report, wait=True)
         self._check_health(report)
+        if self.keeper is not None:
+            alive = [w.process.is_alive() for w in self.workers]
+            self.waiting = self.keeper.tend(alive, self.aggregator, self.params, self.env_steps)
+            self.keeper.refresh(self.aggregator, self.params)
+            if self.keeper.spent(alive):
+                self.env_steps = max(self.env_steps, self.program.total_env_steps)
         self.sh.env_steps.value = self.env_steps
         self.clock_out(report)
         return report
@@ -297,12 +175,13 @@ class ProcessesGradientRunner(GlobalSide):
         grads_P = None if msg.slot < 0 else link.grads[msg.slot].clone()
         grad = Gradient(msg.worker, msg.base_version, msg.env_steps, msg.returns, grads_P,
                         msg.loss, msg.q_mean, msg.epsilon, msg.applied_at, msg.rows,
-                        msg.lengths, msg.times)
+                        msg.lengths, msg.times, msg.groups, msg.reports)
         current = self.workers[msg.worker].incarnation == msg.incarnation
         self.take(grad, current, (link, msg.slot), report)
 
     def _publish(self) -> None:
-        if not self.program.hogwild:  # Hogwild workers read the shared model itself
+        if not self.program.hogwild and self.keeper is None:  # Hogwild workers read the
+            # shared model itself; a sync group's leader publishes its replica
             self.params.publish(self.aggregator.model, self.aggregator.version)
 
     def _release(self, token: tuple[Link, int]) -> None:
@@ -311,13 +190,18 @@ class ProcessesGradientRunner(GlobalSide):
 
     def _check_health(self, report: RoundReport) -> None:
         for i in dead_workers(self.workers, self._drain, self.restarts, "worker", report):
-            self.workers[i] = self._spawn(i, self.workers[i].incarnation + 1)
+            if self.keeper is not None:
+                self.keeper.lost(i)
+            self.workers[i] = self._spawn(i, self.workers[i].incarnation + 1,
+                                          joins=self.keeper is not None)
             self.lost(i, report)
 
     # ------------------------------------------------------------ checkpoint state
 
     def state(self, with_replay: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any],
                                                 dict[str, np.ndarray]]:
+        if self.keeper is not None and not self.frozen:
+            self._from_group(with_replay and self.program.local_replay)
         if self.sh.pause is None:
             tensors, meta, replay = super().state(with_replay)
         else:  # Hogwild workers write the model lock-free: copy it between their steps
@@ -333,25 +217,55 @@ class ProcessesGradientRunner(GlobalSide):
         return signal_stacks(self.workers, workers, "worker")
 
     def local_replays(self) -> dict[int, dict[str, np.ndarray]]:
-        """Ask every worker to write its own replay, wait for the answers (serving nothing
-        else meanwhile: other messages wait for the next round), read them back."""
+        if self.keeper is not None:  # fetched with the replicas (_from_group)
+            fetched, self.fetched = self.fetched, {}
+            return fetched
+        return {i: self._read(msg.path) for i, msg in self._saves(True).items()}
+
+    def _from_group(self, with_replays: bool) -> None:
+        """A sync group's model and optimizer state come from its lowest member's replica
+        (all are the same, give or take the step under way); its replays with it."""
+        saves = self._saves(with_replays)
+        replicas = [msg.replica for _, msg in sorted(saves.items()) if msg.replica]
+        if replicas:
+            replica = load_replica(replicas[0], self.aggregator)
+            os.unlink(replicas[0])
+            assert self.keeper is not None
+            self.keeper.seen = max(self.keeper.seen, replica.version)
+        for msg in saves.values():
+            if msg.replica and os.path.exists(msg.replica):
+                os.unlink(msg.replica)
+        self.fetched = {i: self._read(msg.path) for i, msg in saves.items()}
+        if not with_replays:
+            self.fetched = {}
+
+    @staticmethod
+    def _read(path: str) -> dict[str, np.ndarray]:
+        arrays = load_numpy(path)
+        os.unlink(path)
+        return arrays
+
+    def _saves(self, with_replays: bool) -> dict[int, SavedMsg]:
+        """Ask every worker to write its own replay (``with_replays``) and a sync member
+        its replica, wait for the answers (serving the replay meanwhile; gradients wait
+        for the next round)."""
+        self.sh.save_replays.value = int(with_replays)
         self.sh.save_request.value += 1
-        request, paths = self.sh.save_request.value, dict[int, str]()
+        request, saves = self.sh.save_request.value, dict[int, SavedMsg]()
         deadline = time.monotonic() + SAVE_TIMEOUT_S
-        while len(paths) < sum(w.process.is_alive() for w in self.workers):
+        while len(saves) < sum(w.process.is_alive() for w in self.workers):
             if time.monotonic() > deadline:
                 raise WorkerError(f"workers did not save their replays within "
                                   f"{SAVE_TIMEOUT_S:.0f} s for the checkpoint")
             for msg in arrived(self.inbox, True, "worker"):
                 if isinstance(msg, SavedMsg) and msg.request == request and \
                         msg.incarnation == self.workers[msg.worker].incarnation:
-                    paths[msg.worker] = msg.path
+                    saves[msg.worker] = msg
+                elif isinstance(msg, AddMsg | SampleMsg | PriorityMsg):
+                    self._serve_replay(msg)  # a worker waiting on its replay cannot answer
                 elif not isinstance(msg, SavedMsg):
                     self.deferred.append(msg)
-        arrays = {i: load_numpy(path) for i, path in paths.items()}
-        for path in paths.values():
-            os.unlink(path)
-        return arrays
+        return saves
 
     def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
                 replay: dict[str, np.ndarray]) -> None:
@@ -364,6 +278,9 @@ class ProcessesGradientRunner(GlobalSide):
         if self.server is not None:
             self.server.size.value = len(self.server.replay)
         self.params.publish(self.aggregator.model, self.aggregator.version)
+        if self.keeper is not None:
+            self.keeper.start(self.aggregator, self.env_steps)
+            self.frozen = False
         self.sh.stop.clear()
         self.sh.env_steps.value = self.env_steps
         self._forget_workers()
@@ -378,6 +295,10 @@ class ProcessesGradientRunner(GlobalSide):
         eval, the result and the checkpoint all see one model."""
         if self.program.hogwild:
             self._stop_workers()
+        elif self.keeper is not None and not self.frozen:  # a sync group steps on its own
+            self._from_group(self.program.local_replay)
+            self._stop_workers()
+            self.frozen = True
 
     def _stop_workers(self) -> None:
         stop_processes([w.process for w in self.workers], self.sh.stop, self.inbox)

@@ -90,10 +90,11 @@ class SharedParams:
         self.version.value = version
         self.seq.value += 1
 
-    def pull(self, known_version: int) -> ParamSnapshot | None:
+    def pull(self, known_version: int, patience: int = 0) -> ParamSnapshot | None:
         """A private copy of the newest parameters, or None if ``known_version`` is newest
         or the publisher died mid-write (its ``seq`` stays odd for ever: the caller's own
-        ``main_alive`` check then ends the worker)."""
+        ``main_alive`` check then ends the worker; the main process, where that never
+        fails, gives up after ``patience`` tries instead)."""
         if self.version.value == known_version:
             return None
         tries = 0
@@ -104,7 +105,8 @@ class SharedParams:
                 if self.seq.value == seq:  # no publish began meanwhile: one version
                     return ParamSnapshot(version, self._views(flat))
             tries += 1
-            if tries % 1000 == 0 and not main_alive():  # ~0.1 s of odd seq: killed?
+            # ~0.1 s of odd seq: killed?
+            if tries == patience or (tries % 1000 == 0 and not main_alive()):
                 return None
             time.sleep(0.0001)
 

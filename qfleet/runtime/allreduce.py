@@ -1,0 +1,370 @@
+"""Synchronous aggregation among worker processes, with no server in the loop.
+
+Every worker of a sync group holds a replica of the global model and its optimizer. Round
+``v`` is the step from version ``v``: each member writes its flat gradient (with its rows
+and the env steps it took since its last post) into its row of the buffer for ``v``'s
+parity and then marks ``posted[parity, i] = v``. Once every member has posted ``v``, each
+worker averages the posted gradients in worker order with the aggregator's own arithmetic
+(``Aggregator.apply``, the gate's row weights) and steps its replica: the same start, the
+same mean, the same optimizer state, so the replicas stay bit-identical to each other and
+to the inline run. The main process only counts, evaluates and checkpoints.
+
+Why two buffers: a worker writes round v+2 only after every member posted v+1, i.e. after
+each finished reading round v.
+
+Membership (``member_from[i]``: the first round worker i takes part in; -1: out). The main
+process takes a dead worker out (``on_worker_loss = proceed``) or leaves it in (``wait``:
+the group waits for the replacement). A round's gradients are those with
+``posted == v``, read after the membership: a dead worker's marks no longer change, so
+every survivor decides the same set. A replacement collects with the published
+parameters until it has a gradient to give, then asks to join; the leader (the lowest
+live member, named by the main process) writes its replica to a file between two rounds
+(or, if the replacement is a member, while it waits for it) and makes it a member from
+its current version. With no live member left, the main process answers from its own
+copy: the newest published parameters and the optimizer state it last saw.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import time
+from collections.abc import Callable
+from multiprocessing.context import BaseContext
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from qfleet.checkpoint import flatten_optimizer, unflatten_optimizer
+from qfleet.roles import gradient_step
+from qfleet.roles.gradients import Aggregator, Gradient, GradientWorker, row_weights
+from qfleet.runtime.shm import SharedParams
+from qfleet.schedules import follow
+
+POSTED = 0  # rows 0 and 1: the round posted into each parity's buffer
+MEMBER_FROM, JOIN_ASK, JOIN_DONE = 2, 3, 4
+SPENT = 5  # 1: this worker stopped at the run's budget
+# Between looks at the group's marks while waiting for a round: from SLEEP_S, doubling to
+# MAX_SLEEP_S. A worker that looked every 20 us took CPU from the one it waited for (two
+# workers and the main process on 2 cores: W = 2 made 1.24x W = 1's env steps/s).
+SLEEP_S, MAX_SLEEP_S = 20e-6, 0.1e-3
+REPORT_S = 0.02  # a member reports to the main process at most this often (Outbox)
+PUBLISH_S = 0.05  # the leader publishes its replica for the main's evaluations this often
+
+
+class Replica:
+    """A worker's copy of the global model and optimizer, and the run's env steps as the
+    group counts them (what the learning-rate schedule follows)."""
+
+    def __init__(self, aggregator: Aggregator, env_steps: int) -> None:
+        self.agg, self.env_steps = aggregator, env_steps
+
+    @property
+    def version(self) -> int:
+        return self.agg.version
+
+    def fetch(self, version: int) -> Any:
+        return None if version == self.version else self.agg.snapshot()
+
+    def step(self, grads: list[torch.Tensor], weights: list[float], env_steps: int) -> int:
+        self.env_steps += env_steps
+        follow(self.agg, self.env_steps)
+        return self.agg.apply(grads, weights)
+
+    def save(self, path: str) -> None:
+        save_replica(path, self.agg, self.env_steps)
+
+
+def save_replica(path: str, agg: Aggregator, env_steps: int, version: int | None = None) -> None:
+    """The model, the optimizer state, the version and the env steps, written whole
+    (a reader never sees half a file: it is renamed into place)."""
+    opt_tensors, opt_meta = flatten_optimizer(agg.opt.state_dict())
+    tensors = {k: v.detach().clone().contiguous()
+               for k, v in (agg.model.state_dict() | opt_tensors).items()}
+    meta = {"version": agg.version if version is None else version, "env_steps": env_steps,
+            "optimizer": opt_meta}
+    save_file(tensors, path + ".part", metadata={"replica": json.dumps(meta)})
+    os.replace(path + ".part", path)
+
+
+def load_replica(path: str, agg: Aggregator) -> Replica:
+    """``agg`` becomes the replica saved at ``path``, in tensors of its own: a spawned
+    worker's program arrives with its tensors in shared memory, one copy for every
+    process, and each replica must step its own (measured: W steps on one model)."""
+    with torch.no_grad():
+        for t in itertools.chain(agg.model.parameters(), agg.model.buffers()):
+            t.data = t.data.clone()
+    with safe_open(path, framework="pt") as f:
+        meta = json.loads(f.metadata()["replica"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    agg.model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("opt.")})
+    agg.opt.load_state_dict(unflatten_optimizer(tensors, meta["optimizer"]))
+    agg.version_1.fill_(meta["version"])
+    return Replica(agg, int(meta["env_steps"]))
+
+
+def join_path(folder: str, worker: int, incarnation: int) -> str:
+    return os.path.join(folder, f"join-{worker}-{incarnation}.safetensors")
+
+
+def start_path(folder: str) -> str:
+    return os.path.join(folder, "start.safetensors")
+
+
+class ReduceGroup:
+    """The shared memory of one sync group: the main process creates it, every worker
+    process reads and writes it (no lock: each mark has one writer at a time)."""
+
+    def __init__(self, num_workers: int, size: int, ctx: BaseContext, version: int) -> None:
+        self.grads = torch.zeros(2, num_workers, size).share_memory_()
+        self.info = torch.zeros(2, num_workers, 2, dtype=torch.float64).share_memory_()
+        self.marks = torch.full((6, num_workers), -1, dtype=torch.int64).share_memory_()
+        self.leader = ctx.RawValue("q", 0)
+        self.reset(version)
+
+    def reset(self, version: int) -> None:
+        """Every worker a member from ``version``, nothing posted or asked (a fresh start)."""
+        self.marks.fill_(-1)
+        self.marks[MEMBER_FROM] = version
+        self.leader.value = 0
+
+    def post(self, worker: int, v: int, grads_P: torch.Tensor, rows: int, steps: int) -> None:
+        p = v % 2
+        self.grads[p, worker].copy_(grads_P)
+        self.info[p, worker, 0], self.info[p, worker, 1] = rows, steps
+        self.marks[POSTED + p, worker] = v  # last: the gradient is whole once this is seen
+
+    def complete(self, v: int) -> list[int] | None:
+        """The workers whose gradients round ``v`` averages, once every member posted it."""
+        posted = self.marks[POSTED + v % 2].tolist()
+        member_from = self.marks[MEMBER_FROM].tolist()  # after the posts: see the docstring
+        if any(0 <= first <= v and posted[i] != v for i, first in enumerate(member_from)):
+            return None
+        posted = self.marks[POSTED + v % 2].tolist()  # the dead's marks are final by now
+        return [i for i, mark in enumerate(posted) if mark == v]
+
+    def gradients(self, v: int, included: list[int]) -> tuple[list[torch.Tensor], list[float],
+                                                              int]:
+        p = v % 2
+        rows = [int(self.info[p, i, 0]) for i in included]
+        steps = sum(int(self.info[p, i, 1]) for i in included)
+        return ([self.grads[p, i] for i in included], row_weights(rows, [1.0] * len(rows)),
+                steps)
+
+    def answer_joins(self, index: int, replica: Replica, folder: str, between: bool) -> None:
+        """The leader hands its replica to each replacement that asked. One that is not a
+        member joins from this version, only ``between`` rounds (no one can complete the
+        round this worker has not posted)."""
+        if self.leader.value != index:
+            return
+        ask, done = self.marks[JOIN_ASK].tolist(), self.marks[JOIN_DONE].tolist()
+        for k in [k for k in range(len(ask)) if ask[k] >= 0 and ask[k] != done[k]]:
+            if int(self.marks[MEMBER_FROM, k]) < 0:
+                if not between:
+                    continue
+                self.marks[MEMBER_FROM, k] = replica.version
+            replica.save(join_path(folder, k, ask[k]))
+            self.marks[JOIN_DONE, k] = ask[k]
+
+    def wait_round(self, v: int, idle: Callable[[], bool]) -> list[int] | None:
+        """Wait until round ``v`` is complete; ``idle`` runs meanwhile and returns False
+        when the worker must stop (then None)."""
+        pause = SLEEP_S
+        while (included := self.complete(v)) is None:
+            if not idle():
+                return None
+            time.sleep(pause)
+            pause = min(2 * pause, MAX_SLEEP_S)
+        return included
+
+    def join(self, index: int, incarnation: int, folder: str, agg: Aggregator,
+             idle: Callable[[], bool]) -> Replica | None:
+        self.marks[JOIN_ASK, index] = incarnation
+        while int(self.marks[JOIN_DONE, index]) != incarnation:
+            if not idle():
+                return None
+            time.sleep(0.001)
+        return load_replica(join_path(folder, index, incarnation), agg)
+
+
+def run_member(worker: GradientWorker, group: ReduceGroup, replica: Replica | None,
+               params: SharedParams, folder: str, sync_every: int,
+               idle: Callable[[Replica | None], bool], send: Callable[[Gradient], None],
+               make_aggregator: Callable[[], Aggregator], budget: int = 0,
+               report_s: float = REPORT_S) -> None:
+    """One worker's loop in a sync group. ``replica`` None: a replacement, which collects
+    with the published parameters until its first gradient, drops that one (computed on
+    whatever version it pulled) and joins. ``idle`` answers checkpoint requests and says
+    whether to go on. Once the group counts ``budget`` env steps (0: never) every member
+    stops at the same round and waits to be stopped: no main process paces the group.
+    Reports go out merged every ``report_s`` (0: each round)."""
+    member = Member(worker, group, folder, sync_every, idle)
+    outbox = Outbox(send, report_s)
+    published = time.monotonic()
+    while idle(replica):
+        if replica is not None and 0 < budget <= replica.env_steps:
+            outbox.flush()
+            group.marks[SPENT, worker.index] = 1
+            time.sleep(0.01)
+            continue
+        if replica is not None:
+            grad = member.round(replica)
+            if grad is None:
+                break
+        else:
+            grad = gradient_step(worker, params.pull, sync_every)
+            member.steps += grad.env_steps
+            if grad.grads_P is not None:
+                grad.grads_P = None
+                replica = group.join(worker.index, worker.actor.incarnation, folder,
+                                     make_aggregator(), lambda: idle(None))
+        outbox.add(grad)
+        if replica is not None and group.leader.value == worker.index and \
+                time.monotonic() - published > PUBLISH_S:
+            params.publish(replica.agg.model, replica.version)
+            published = time.monotonic()
+    outbox.flush()
+
+
+class Outbox:
+    """A member's reports, merged and sent at most every REPORT_S: each message wakes the
+    main process, which on 2 cores cost the sender 0.2-0.5 ms of a 5 ms round."""
+
+    def __init__(self, send: Callable[[Gradient], None], every_s: float) -> None:
+        self.send, self.every_s, self.sent = send, every_s, time.monotonic()
+        self.held: Gradient | None = None
+
+    def add(self, grad: Gradient) -> None:
+        self.held = grad if self.held is None else merge(self.held, grad)
+        if time.monotonic() - self.sent >= self.every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.held is not None:
+            self.send(self.held)
+        self.held, self.sent = None, time.monotonic()
+
+
+def merge(held: Gradient, grad: Gradient) -> Gradient:
+    """``grad``'s counts added to ``held`` (a member's reports; losses summed over the
+    steps that had a gradient, with ``reports`` saying how many)."""
+    held.env_steps += grad.env_steps
+    held.episode_returns += grad.episode_returns
+    held.episode_lengths += grad.episode_lengths
+    for activity, seconds in grad.times.items():
+        held.times[activity] = held.times.get(activity, 0.0) + seconds
+    held.epsilon = held.epsilon if grad.epsilon is None else grad.epsilon
+    if grad.groups:
+        if not held.groups:  # nothing of held's counted in the losses
+            held.loss, held.q_mean, held.reports = 0.0, 0.0, 0
+        held.loss, held.q_mean = held.loss + grad.loss, held.q_mean + grad.q_mean
+        held.reports += grad.reports
+        held.groups += grad.groups
+        held.applied_at, held.base_version = grad.applied_at, grad.base_version
+    return held
+
+
+class Member:
+    """One round of a group member: work, post, wait for the others, step the replica."""
+
+    def __init__(self, worker: GradientWorker, group: ReduceGroup, folder: str,
+                 sync_every: int, idle: Callable[[Replica | None], bool]) -> None:
+        self.worker, self.group, self.folder, self.sync_every = worker, group, folder, sync_every
+        self.idle = idle
+        self.steps = 0  # env steps since this worker's last post
+
+    def round(self, replica: Replica) -> Gradient | None:
+        """The gradient's report (``applied_at``: the version the step made; no
+        gradient while the replay fills), or None when the worker must stop."""
+        index, group = self.worker.index, self.group
+        if self.sync_every == 1 and self.worker.model is not replica.agg.model:
+            self.worker.share(replica.agg.model, replica.version)  # no copy each round
+        group.answer_joins(index, replica, self.folder, between=True)
+        v, grad = replica.version, gradient_step(self.worker, replica.fetch, self.sync_every)
+        self.steps += grad.env_steps
+        if grad.grads_P is None:  # still filling its replay
+            return grad
+        clock = self.worker.actor.clock  # its laps go into the next round's report
+        group.post(index, v, grad.grads_P, grad.rows, self.steps)
+        self.steps = 0
+        included = group.wait_round(v, lambda: self._idle(replica))
+        if included is None:
+            return None
+        clock.lap("sync")
+        grad.applied_at = replica.step(*group.gradients(v, included))
+        if self.worker.model is replica.agg.model:
+            self.worker.actor.moved(grad.applied_at)
+        clock.lap("apply")
+        grad.grads_P, grad.groups = None, [len(included)]
+        return grad
+
+    def _idle(self, replica: Replica) -> bool:
+        self.group.answer_joins(self.worker.index, replica, self.folder, between=False)
+        return self.idle(replica)
+
+
+class Keeper:
+    """The main process's side of a sync group: the replica every first worker starts
+    from, the leader (kept until it dies: two publishers would break the seqlock), members
+    taken out, and joins answered from its own copy when no member is left."""
+
+    def __init__(self, group: ReduceGroup, folder: str, wait_for_restart: bool) -> None:
+        self.group, self.folder, self.wait = group, folder, wait_for_restart
+        self.seen = -1  # the published version last loaded into the main's model
+
+    def start(self, agg: Aggregator, env_steps: int) -> None:
+        """Before the first workers start (a run's start or a restore)."""
+        save_replica(start_path(self.folder), agg, env_steps)
+        self.group.reset(agg.version)
+        self.seen = agg.version
+
+    def lost(self, worker: int) -> None:
+        if not self.wait:  # proceed: the group's rounds go on without it
+            self.group.marks[MEMBER_FROM, worker] = -1
+
+    def refresh(self, agg: Aggregator, params: SharedParams) -> None:
+        """The main's model follows what the leader publishes (evaluations, the result)."""
+        snapshot = params.pull(self.seen, patience=100)
+        if snapshot is not None:
+            agg.model.load_state_dict(snapshot.params)
+            self.seen = snapshot.version
+
+    def tend(self, alive: list[bool], agg: Aggregator, params: SharedParams,
+             env_steps: int) -> set[int]:
+        """Each round: name a new leader if the old one died; answer joins if no member
+        is left. Returns the workers that are not members (replacements not yet joined)."""
+        marks = self.group.marks
+        member_from = marks[MEMBER_FROM].tolist()
+        joined = (marks[JOIN_ASK] == marks[JOIN_DONE]).tolist()
+        members = [i for i, up in enumerate(alive) if up and member_from[i] >= 0 and joined[i]]
+        leader = int(self.group.leader.value)
+        if leader < 0 or leader not in members:
+            if leader >= 0 and not alive[leader] and params.seq.value % 2:
+                params.seq.value += 1  # it died while publishing: the buffer is whole again
+            self.group.leader.value = leader = min(members, default=-1)
+        if leader < 0:
+            self._answer(agg, params, env_steps)
+        return {i for i, first in enumerate(marks[MEMBER_FROM].tolist()) if first < 0}
+
+    def spent(self, alive: list[bool]) -> bool:
+        """Every live worker stopped at the run's budget (the main process's count may
+        fall short of it by reports a killed worker never sent: it must stop anyway)."""
+        spent = self.group.marks[SPENT].tolist()
+        return any(alive) and all(spent[i] == 1 for i, up in enumerate(alive) if up)
+
+    def _answer(self, agg: Aggregator, params: SharedParams, env_steps: int) -> None:
+        marks = self.group.marks
+        ask, done = marks[JOIN_ASK].tolist(), marks[JOIN_DONE].tolist()
+        asking = [k for k in range(len(ask)) if ask[k] >= 0 and ask[k] != done[k]]
+        if not asking:
+            return
+        self.refresh(agg, params)
+        marks[POSTED:POSTED + 2] = -1  # no one waits in a round: marks of the dead go
+        for k in asking:
+            if int(marks[MEMBER_FROM, k]) < 0:
+                marks[MEMBER_FROM, k] = self.seen
+            save_replica(join_path(self.folder, k, ask[k]), agg, env_steps, self.seen)
+            marks[JOIN_DONE, k] = ask[k]

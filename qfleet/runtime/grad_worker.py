@@ -1,0 +1,208 @@
+"""What runs in a gradient worker process of the processes backend (grad_processes):
+its loop, its messages to the main process, its answers to checkpoint requests. A sync
+group's member runs allreduce.run_member instead of the parameter-server loop."""
+
+from __future__ import annotations
+
+import os
+import queue
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.numpy import save_file as save_numpy
+
+from qfleet.algos.program import GradientProgram
+from qfleet.compute import pin_torch
+from qfleet.roles import Fetch, gradient_step
+from qfleet.roles.gradients import Aggregator, Gradient, GradientWorker
+from qfleet.runtime.allreduce import (
+    REPORT_S,
+    ReduceGroup,
+    Replica,
+    load_replica,
+    run_member,
+    start_path,
+)
+from qfleet.runtime.processes import ErrorMsg, leave_signals_to_main
+from qfleet.runtime.replay_rpc import ReplayClient, ReplayLink
+from qfleet.runtime.shm import Flag, PauseGate, SharedParams, main_alive
+from qfleet.schedules import follow
+
+
+@dataclass(frozen=True)
+class GradMsg:
+    worker: int
+    incarnation: int
+    slot: int  # -1: no gradient in a slot (still filling its replay, or Hogwild)
+    base_version: int
+    env_steps: int
+    returns: list[float]
+    loss: float
+    q_mean: float
+    epsilon: float | None
+    applied_at: int
+    rows: int
+    lengths: list[int]
+    times: dict[str, float]
+    groups: list[int]  # sync among workers: gradients in each step reported (else [])
+    reports: int
+
+
+@dataclass(frozen=True)
+class SavedMsg:
+    """A worker wrote its own replay for checkpoint request ``request`` to ``path``."""
+
+    worker: int
+    incarnation: int
+    request: int
+    path: str  # its replay's arrays ({} unless asked for)
+    replica: str  # a sync group member's replica (allreduce.save_replica), else ""
+
+
+@dataclass
+class Link:
+    """Everything one worker incarnation shares with the main process."""
+
+    grads: torch.Tensor  # (slots, P) in shared memory
+    free: Any  # queue of slot ids the worker may write
+    replay: ReplayLink | None
+
+    def close(self) -> None:
+        self.free.close()
+        self.free.cancel_join_thread()
+        if self.replay is not None:
+            self.replay.close()
+
+
+@dataclass
+class Shared:
+    """What the main process hands every worker process."""
+
+    program: GradientProgram
+    params: SharedParams
+    aggregator: Aggregator | None  # Hogwild only: the shared-memory global model
+    stop: Flag
+    replay_size: Any
+    replay_prioritized: bool
+    pause: PauseGate | None  # Hogwild: lets a checkpoint copy the shared model whole
+    save_request: Any  # a counter: when it moves, each worker saves its own replay ...
+    save_dir: str  # ... into this folder
+    env_steps: Any  # the run's env steps as the main process last counted them (Hogwild
+    # workers set their learning rate from it)
+    save_replays: Any  # whether a checkpoint request wants the workers' replays
+    group: ReduceGroup | None  # sync: the workers reduce among themselves
+
+
+def worker_main(sh: Shared, index: int, incarnation: int, link: Link, out: Connection,
+                 replay_state: dict[str, np.ndarray], save_request: int, joins: bool) -> None:
+    leave_signals_to_main()
+    pin_torch(1)
+    try:
+        replay = None if link.replay is None else ReplayClient(
+            link.replay, index, incarnation, out, sh.replay_size,
+            sh.replay_prioritized, sh.stop)
+        worker = sh.program.make_worker(index, incarnation, replay)
+        worker.load_replay_state(replay_state)
+        saver = _Saver(sh, worker, incarnation, save_request, out)
+        if sh.group is not None:
+            _member_main(sh, worker, saver, out, joins)
+            worker.close()
+            return
+        # Hogwild: a fresh copy of the shared model, whatever its version; else the
+        # published snapshot when its version moved.
+        fetch: Fetch = sh.params.pull if sh.aggregator is None else \
+            (lambda version: sh.aggregator.snapshot())  # type: ignore[union-attr]
+        while not sh.stop.is_set() and main_alive():
+            slot = _take(link.free, sh, saver)
+            if slot is None:
+                break
+            grad = gradient_step(worker, fetch, sh.program.sync_every)
+            out.send(_send(sh, worker, grad, link, slot))
+        worker.close()
+    except SystemExit:
+        pass
+    except Exception:
+        out.send(ErrorMsg(index, incarnation, traceback.format_exc()))
+    finally:
+        out.close()
+
+
+def _member_main(sh: Shared, worker: GradientWorker, saver: _Saver, out: Connection,
+                 joins: bool) -> None:
+    """A worker of a sync group (allreduce): it starts from the replica the main process
+    wrote, or (a replacement) joins the group."""
+    assert sh.group is not None
+    replica = None if joins else load_replica(start_path(sh.save_dir),
+                                              sh.program.make_aggregator())
+
+    def idle(member: Replica | None) -> bool:
+        saver(member)
+        return not sh.stop.is_set() and main_alive()
+
+    run_member(worker, sh.group, replica, sh.params, sh.save_dir, sh.program.sync_every, idle,
+               lambda grad: out.send(_message(worker, grad, -1)), sh.program.make_aggregator,
+               sh.program.total_env_steps,
+               # a replay in the main process hears of every chunk anyway: count each round
+               # with it, so the count never trails the replay by more than a round
+               0.0 if sh.replay_size is not None else REPORT_S)
+
+
+class _Saver:
+    """Answers the main process's checkpoint requests with this worker's own replay,
+    between two work() calls (so the replay is never caught mid-write)."""
+
+    def __init__(self, sh: Shared, worker: GradientWorker, incarnation: int,
+                 answered: int, out: Connection) -> None:
+        self.sh, self.worker, self.incarnation, self.out = sh, worker, incarnation, out
+        self.answered = answered  # the last request before this worker was started
+
+    def __call__(self, replica: Replica | None = None) -> None:
+        request = self.sh.save_request.value
+        if request == self.answered:
+            return
+        path = os.path.join(self.sh.save_dir, f"worker{self.worker.index}-{request}")
+        save_numpy(self.worker.replay_state() if self.sh.save_replays.value else {},
+                   path + ".safetensors")
+        if replica is not None:
+            replica.save(path + ".replica.safetensors")
+        self.out.send(SavedMsg(self.worker.index, self.incarnation, request,
+                               path + ".safetensors",
+                               "" if replica is None else path + ".replica.safetensors"))
+        self.answered = request
+
+
+def _send(sh: Shared, worker: GradientWorker, grad: Gradient, link: Link,
+          slot: int) -> GradMsg:
+    if grad.grads_P is not None and sh.aggregator is not None:
+        assert sh.pause is not None
+        follow(sh.aggregator, int(sh.env_steps.value))  # as of the main's last round
+        with sh.pause.step(worker.index):
+            grad.applied_at = sh.aggregator.apply([grad.grads_P], [1.0])
+        grad.grads_P = None
+    if grad.grads_P is None:
+        link.free.put(slot)  # nothing to hand over: the slot stays this worker's
+        slot = -1
+    else:
+        link.grads[slot].copy_(grad.grads_P)
+    return _message(worker, grad, slot)
+
+
+def _message(worker: GradientWorker, grad: Gradient, slot: int) -> GradMsg:
+    return GradMsg(worker.index, worker.actor.incarnation, slot, grad.base_version,
+                   grad.env_steps, grad.episode_returns, grad.loss, grad.q_mean, grad.epsilon,
+                   grad.applied_at, grad.rows, grad.episode_lengths, grad.times, grad.groups,
+                   grad.reports)
+
+
+def _take(free: Any, sh: Shared, saver: _Saver) -> int | None:
+    while not sh.stop.is_set() and main_alive():
+        saver()  # also while a sync worker waits for its group
+        try:
+            return int(free.get(timeout=0.1))
+        except queue.Empty:
+            continue
+    return None
