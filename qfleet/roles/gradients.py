@@ -36,10 +36,13 @@ def flat_grads(params: list[nn.Parameter]) -> torch.Tensor:
                       for p in params])
 
 
-def set_grads(params: list[nn.Parameter], flat_P: torch.Tensor) -> None:
+def set_grads(params: list[nn.Parameter], flat_P: torch.Tensor, copy: bool = True) -> None:
+    """Each parameter's grad from its slice of ``flat_P``: a copy, or (``copy`` False, for
+    a caller that owns ``flat_P`` until the next step) a view."""
     offset = 0
     for p in params:
-        p.grad = flat_P[offset: offset + p.numel()].view_as(p).clone()
+        grad = flat_P[offset: offset + p.numel()].view_as(p)
+        p.grad = grad.clone() if copy else grad
         offset += p.numel()
 
 
@@ -196,10 +199,7 @@ class Aggregator:
         for grads_P, weight in zip(grads[1:], weights[1:], strict=True):  # replicas do this
             mean_P.add_(grads_P, alpha=weight)  # same arithmetic, bit for bit
         mean_P.div_(len(grads))
-        offset = 0
-        for p in self.params:  # views, not copies: mean_P is this step's own
-            p.grad = mean_P[offset: offset + p.numel()].view_as(p)
-            offset += p.numel()
+        set_grads(self.params, mean_P, copy=False)  # mean_P is this step's own
         if self.cfg.max_grad_norm > 0:
             nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm, foreach=True)
         self.opt.step()

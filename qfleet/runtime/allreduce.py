@@ -32,7 +32,6 @@ import os
 import time
 from collections.abc import Callable
 from multiprocessing.context import BaseContext
-from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -41,6 +40,7 @@ from safetensors.torch import save_file
 from qfleet.checkpoint import flatten_optimizer, unflatten_optimizer
 from qfleet.roles import gradient_step
 from qfleet.roles.gradients import Aggregator, Gradient, GradientWorker, row_weights
+from qfleet.roles.params import ParamSnapshot
 from qfleet.runtime.shm import SharedParams
 from qfleet.schedules import follow
 
@@ -66,7 +66,7 @@ class Replica:
     def version(self) -> int:
         return self.agg.version
 
-    def fetch(self, version: int) -> Any:
+    def fetch(self, version: int) -> ParamSnapshot | None:
         return None if version == self.version else self.agg.snapshot()
 
     def step(self, grads: list[torch.Tensor], weights: list[float], env_steps: int) -> int:
@@ -154,20 +154,30 @@ class ReduceGroup:
         return ([self.grads[p, i] for i in included], row_weights(rows, [1.0] * len(rows)),
                 steps)
 
+    def asking(self) -> list[int]:
+        """The replacements that asked to join and have no answer yet."""
+        ask, done = self.marks[JOIN_ASK].tolist(), self.marks[JOIN_DONE].tolist()
+        return [k for k in range(len(ask)) if ask[k] >= 0 and ask[k] != done[k]]
+
+    def hand_over(self, k: int, version: int, write: Callable[[str], None],
+                  folder: str) -> None:
+        """Make replacement ``k`` a member from ``version`` (if it is not one), ``write``
+        the replica it starts from into its file, then tell it."""
+        if int(self.marks[MEMBER_FROM, k]) < 0:
+            self.marks[MEMBER_FROM, k] = version
+        incarnation = int(self.marks[JOIN_ASK, k])
+        write(join_path(folder, k, incarnation))
+        self.marks[JOIN_DONE, k] = incarnation
+
     def answer_joins(self, index: int, replica: Replica, folder: str, between: bool) -> None:
         """The leader hands its replica to each replacement that asked. One that is not a
         member joins from this version, only ``between`` rounds (no one can complete the
         round this worker has not posted)."""
         if self.leader.value != index:
             return
-        ask, done = self.marks[JOIN_ASK].tolist(), self.marks[JOIN_DONE].tolist()
-        for k in [k for k in range(len(ask)) if ask[k] >= 0 and ask[k] != done[k]]:
-            if int(self.marks[MEMBER_FROM, k]) < 0:
-                if not between:
-                    continue
-                self.marks[MEMBER_FROM, k] = replica.version
-            replica.save(join_path(folder, k, ask[k]))
-            self.marks[JOIN_DONE, k] = ask[k]
+        for k in self.asking():
+            if between or int(self.marks[MEMBER_FROM, k]) >= 0:
+                self.hand_over(k, replica.version, replica.save, folder)
 
     def wait_round(self, v: int, idle: Callable[[], bool]) -> list[int] | None:
         """Wait until round ``v`` is complete; ``idle`` runs meanwhile and returns False
@@ -356,15 +366,11 @@ class Keeper:
         return any(alive) and all(spent[i] == 1 for i, up in enumerate(alive) if up)
 
     def _answer(self, agg: Aggregator, params: SharedParams, env_steps: int) -> None:
-        marks = self.group.marks
-        ask, done = marks[JOIN_ASK].tolist(), marks[JOIN_DONE].tolist()
-        asking = [k for k in range(len(ask)) if ask[k] >= 0 and ask[k] != done[k]]
+        asking = self.group.asking()
         if not asking:
             return
         self.refresh(agg, params)
-        marks[POSTED:POSTED + 2] = -1  # no one waits in a round: marks of the dead go
+        self.group.marks[POSTED:POSTED + 2] = -1  # no one waits in a round: the dead's go
         for k in asking:
-            if int(marks[MEMBER_FROM, k]) < 0:
-                marks[MEMBER_FROM, k] = self.seen
-            save_replica(join_path(self.folder, k, ask[k]), agg, env_steps, self.seen)
-            marks[JOIN_DONE, k] = ask[k]
+            self.group.hand_over(k, self.seen, lambda path: save_replica(
+                path, agg, env_steps, self.seen), self.folder)

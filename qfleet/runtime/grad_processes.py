@@ -83,8 +83,8 @@ class ProcessesGradientRunner(GlobalSide):
         self.server = None if self.shared_replay is None else \
             ReplayServer(self.shared_replay, self.ctx.Value("q", 0, lock=False))
         self.inbox = Inbox(self.ctx)
-        size = sum(v.numel() for v in self.aggregator.online.parameters())
-        group = ReduceGroup(program.num_workers, size, self.ctx, self.aggregator.version) \
+        self.size_P = sum(v.numel() for v in self.aggregator.online.parameters())
+        group = ReduceGroup(program.num_workers, self.size_P, self.ctx, self.aggregator.version) \
             if program.sync and not program.hogwild else None
         self.sh = Shared(program, self.params,
                           self.aggregator if program.hogwild else None, Flag(self.ctx),
@@ -108,15 +108,14 @@ class ProcessesGradientRunner(GlobalSide):
 
     def _new_link(self) -> Link:
         p = self.program
-        slots = 2 if p.group_size == 1 else 1  # one slot makes a synchronous group's barrier
-        slots = 0 if self.keeper is not None else slots  # the group reduces in its own memory
-        size = sum(v.numel() for v in self.aggregator.online.parameters())
+        # one slot makes a group's barrier; a sync group reduces in its own memory
+        slots = 0 if self.keeper is not None else 2 if p.group_size == 1 else 1
         free = self.ctx.Queue()
         for s in range(slots):
             free.put(s)
         replay = None if self.shared_replay is None else ReplayLink(
             p.max_chunk_rows, p.batch_size, p.record, self.ctx)
-        return Link(torch.zeros(slots, size).share_memory_(), free, replay)
+        return Link(torch.zeros(slots, self.size_P).share_memory_(), free, replay)
 
     def _spawn(self, index: int, incarnation: int, joins: bool = False) -> _Worker:
         link = self._new_link()
@@ -225,19 +224,16 @@ class ProcessesGradientRunner(GlobalSide):
     def _from_group(self, with_replays: bool) -> None:
         """A sync group's model and optimizer state come from its lowest member's replica
         (all are the same, give or take the step under way); its replays with it."""
+        assert self.keeper is not None
         saves = self._saves(with_replays)
         replicas = [msg.replica for _, msg in sorted(saves.items()) if msg.replica]
         if replicas:
             replica = load_replica(replicas[0], self.aggregator)
-            os.unlink(replicas[0])
-            assert self.keeper is not None
             self.keeper.seen = max(self.keeper.seen, replica.version)
-        for msg in saves.values():
-            if msg.replica and os.path.exists(msg.replica):
-                os.unlink(msg.replica)
-        self.fetched = {i: self._read(msg.path) for i, msg in saves.items()}
-        if not with_replays:
-            self.fetched = {}
+        for path in replicas:
+            os.unlink(path)
+        replays = {i: self._read(msg.path) for i, msg in saves.items()}  # removes the files
+        self.fetched = replays if with_replays else {}
 
     @staticmethod
     def _read(path: str) -> dict[str, np.ndarray]:
