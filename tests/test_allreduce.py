@@ -28,9 +28,9 @@ from qfleet.runtime.allreduce import (
     ReduceGroup,
     Replica,
     load_replica,
-    merge,
     save_replica,
 )
+from qfleet.runtime.reports import merge
 from qfleet.runtime.shm import SharedParams
 
 SMALL = ["actors.count=2", "env.num_envs=1", "actors.chunk_size=4", "net.hidden=[32]",
@@ -46,7 +46,9 @@ def _group(workers: int = 3, size: int = 4) -> ReduceGroup:
 
 def _post(group: ReduceGroup, worker: int, v: int, value: float, rows: int = 8,
           steps: int = 4) -> None:
-    group.post(worker, v, torch.full((group.grads.shape[2],), value), rows, steps)
+    grad = Gradient(worker, base_version=v, env_steps=steps, rows=rows,
+                    grads_P=torch.full((group.grads.shape[2],), value))
+    group.post(worker, v, grad, steps)
 
 
 def _aggregator() -> Aggregator:

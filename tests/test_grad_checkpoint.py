@@ -15,7 +15,7 @@ from _runners import closing, gradient_program, run_until, workers_gone
 from qfleet import checkpoint
 from qfleet.config import Config
 from qfleet.experiment import Experiment, train
-from qfleet.runtime import InlineGradientRunner, ProcessesGradientRunner
+from qfleet.runtime import InlineGradientRunner, ProcessesGradientRunner, make_runner
 from qfleet.runtime.shm import PauseGate
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -143,3 +143,25 @@ def test_without_the_replay_setting_workers_refill(tmp_path: Path,
         assert _steps_to_first_gradient(exp.runner) >= 600
     finally:
         exp.close()
+
+
+@pytest.mark.parametrize("backend", ["inline", "processes"])
+def test_restored_workers_continue_their_epsilon_schedules(
+        backend: str, make_cfg: Callable[..., Config]) -> None:
+    """A checkpoint keeps each worker's env steps and a resumed worker's actor starts from
+    them: it explores as much as it did, not as a fresh worker (epsilon 1)."""
+    cfg = make_cfg("actors.count=2", "env.num_envs=1", "actors.chunk_size=4",
+                   "net.hidden=[32]", "learner.batch_size=16", "learner.learning_starts=32",
+                   "train.total_env_steps=4000", f"runtime.backend='{backend}'",
+                   preset="cartpole-gorila-async")
+    runner = make_runner(backend, gradient_program(cfg))
+    with closing(runner, workers_gone if backend == "processes" else None):
+        reports = run_until(runner, lambda r, _: r.env_steps >= 400, 60.0)
+        before = [r.epsilon for r in reports if r.epsilon is not None][-1]
+        tensors, meta, replay = runner.state(with_replay=False)
+        runner.restore(tensors, meta, replay)
+        after = run_until(runner, lambda r, reps: any(x.epsilon is not None for x in reps),
+                          60.0)
+    epsilon = next(r.epsilon for r in after if r.epsilon is not None)
+    assert sum(w["env_steps"] for w in meta["workers"]) == meta["env_steps"] >= 400
+    assert epsilon <= before < 0.85, (before, epsilon)

@@ -94,10 +94,10 @@ def test_lost_node_in_sync_rebuilds_the_group_and_training_goes_on(
             cluster.workers.remove(victim)
 
             def recovered(r: RayGradientRunner, reps: list[RoundReport]) -> bool:
-                # ... and the replacement contributes again: its first rounds, while its
-                # fresh local replay refills, send zeros counted 0.
+                # ... and the replacement contributes again, once its fresh local replay
+                # refilled (until then the survivor steps alone).
                 return any(x.actor_restarts for x in reps) and r.updates >= updates + 60 \
-                    and r.group == [0, 1] and reps[-1].grads_applied == 2
+                    and r.group == [0, 1] and 0 < reps[-1].updates * 2 == reps[-1].grads_applied
 
             reports = run_until(runner, recovered, 60.0)
             info = runner.worker_info()
@@ -139,6 +139,8 @@ def test_sync_worker_killed_for_good_is_replaced_and_wait_mode_never_steps_alone
     assert _total(reports, "actor_restarts") == 1
     waiting = {version for recovering, version in seen if recovering}
     assert len(waiting) == 1, "a step was taken while the replacement was not up"
+    # ... nor while it refilled its replay: every step has both gradients
+    assert _total(reports, "grads_applied") == 2 * _total(reports, "updates")
 
 
 # ------------------------------------------------------------------ async, grouped, A3C, A2C
@@ -207,6 +209,32 @@ def test_checkpoint_state_round_trips_through_the_replay_actor(cluster: RayClust
         assert runner.replay_size >= size
         version = runner.updates
         run_until(runner, lambda r, _: r.updates >= version + 10, 45.0)
+
+
+def test_sync_checkpoint_holds_the_groups_replica_and_resumes_as_inline_does(
+        cluster: RayCluster) -> None:
+    """The checkpoint's model and optimizer are the members' replica (the driver steps
+    nothing); restored from it, Ray continues exactly as an inline run restored from the
+    same checkpoint (fresh incarnations, same seeds), bit for bit."""
+    cfg = _cfg("cartpole-a2c")  # its RMSprop state shows in the optimizer's tensors
+    with ray_grad_runner(cfg) as runner:
+        run_until(runner, lambda r, _: r.updates >= 15, 45.0)
+        tensors, meta, replay = runner.state(with_replay=False)
+        assert meta["updates"] == runner.updates >= 15
+        runner.restore(tensors, meta, replay)
+        run_until(runner, lambda r, _: r.updates >= meta["updates"] + 15, 45.0)
+        runner.freeze()
+        version = runner.updates
+        ours = {k: v.clone() for k, v in runner.aggregator.model.state_dict().items()}
+    inline = InlineGradientRunner(gradient_program(cfg))
+    with closing(inline):
+        inline.restore(tensors, meta, replay)
+        while inline.updates < version:
+            assert inline.step().updates <= 1
+        reference = inline.aggregator.model.state_dict()
+        assert all(torch.equal(v, reference[k]) for k, v in ours.items())
+        assert not torch.equal(tensors["online.policy.weight"], reference[
+            "online.policy.weight"])  # it trained on after the checkpoint
 
 
 @pytest.mark.slow

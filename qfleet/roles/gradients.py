@@ -26,6 +26,7 @@ from qfleet.roles.params import ParamSnapshot
 from qfleet.schedules import LrSchedule
 
 COLLECTED = "worker.collected"  # beside a worker's replay arrays in a checkpoint
+ACTED = "worker.env_steps"  # handed to a restored worker: its actor's env steps so far
 
 # (online, target or None, batch) -> loss and per-sample TD errors / advantages
 LossFn = Callable[[nn.Module, nn.Module | None, TorchBatch], LossOut]
@@ -67,6 +68,7 @@ class Gradient:
     groups: list[int] = field(default_factory=list)  # gradients in each step, the last
     # made version ``applied_at``
     reports: int = 1  # gradients whose loss and q_mean are summed here
+    stale: list[int] = field(default_factory=list)  # each step's staleness sum (as groups)
 
 
 class GradientWorker:
@@ -142,6 +144,13 @@ class GradientWorker:
         if not self.owns_replay or self.replay is None:
             return {}
         return self.replay.state_dict() | {COLLECTED: np.array([self.collected])}
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        """A restored worker: its actor's env steps (its epsilon schedule continues) and
+        its own replay, if the checkpoint kept them."""
+        if ACTED in state:
+            self.actor.env_steps = int(state[ACTED][0])
+        self.load_replay_state({k: v for k, v in state.items() if k != ACTED})
 
     def load_replay_state(self, state: dict[str, np.ndarray]) -> None:
         """Refill this worker's own replay from a checkpoint: it trains again at once."""

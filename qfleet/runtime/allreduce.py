@@ -41,6 +41,7 @@ from qfleet.checkpoint import flatten_optimizer, unflatten_optimizer
 from qfleet.roles import gradient_step
 from qfleet.roles.gradients import Aggregator, Gradient, GradientWorker, row_weights
 from qfleet.roles.params import ParamSnapshot
+from qfleet.runtime.reports import Outbox
 from qfleet.runtime.shm import SharedParams
 from qfleet.schedules import follow
 
@@ -78,32 +79,45 @@ class Replica:
         save_replica(path, self.agg, self.env_steps)
 
 
-def save_replica(path: str, agg: Aggregator, env_steps: int, version: int | None = None) -> None:
-    """The model, the optimizer state, the version and the env steps, written whole
-    (a reader never sees half a file: it is renamed into place)."""
+def replica_tensors(agg: Aggregator, env_steps: int,
+                    version: int | None = None) -> tuple[dict[str, torch.Tensor], str]:
+    """The model, the optimizer state, the version and the env steps: tensors of their
+    own and one JSON string (a file's metadata, or a Ray object)."""
     opt_tensors, opt_meta = flatten_optimizer(agg.opt.state_dict())
     tensors = {k: v.detach().clone().contiguous()
                for k, v in (agg.model.state_dict() | opt_tensors).items()}
     meta = {"version": agg.version if version is None else version, "env_steps": env_steps,
             "optimizer": opt_meta}
-    save_file(tensors, path + ".part", metadata={"replica": json.dumps(meta)})
-    os.replace(path + ".part", path)
+    return tensors, json.dumps(meta)
 
 
-def load_replica(path: str, agg: Aggregator) -> Replica:
-    """``agg`` becomes the replica saved at ``path``, in tensors of its own: a spawned
+def as_replica(agg: Aggregator, tensors: dict[str, torch.Tensor], meta_json: str) -> Replica:
+    """``agg`` becomes the replica in ``tensors``, in tensors of its own: a spawned
     worker's program arrives with its tensors in shared memory, one copy for every
     process, and each replica must step its own (measured: W steps on one model)."""
     with torch.no_grad():
         for t in itertools.chain(agg.model.parameters(), agg.model.buffers()):
             t.data = t.data.clone()
-    with safe_open(path, framework="pt") as f:
-        meta = json.loads(f.metadata()["replica"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    meta = json.loads(meta_json)
     agg.model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("opt.")})
     agg.opt.load_state_dict(unflatten_optimizer(tensors, meta["optimizer"]))
     agg.version_1.fill_(meta["version"])
     return Replica(agg, int(meta["env_steps"]))
+
+
+def save_replica(path: str, agg: Aggregator, env_steps: int, version: int | None = None) -> None:
+    """``replica_tensors`` written whole (a reader never sees half a file: it is renamed
+    into place)."""
+    tensors, meta = replica_tensors(agg, env_steps, version)
+    save_file(tensors, path + ".part", metadata={"replica": meta})
+    os.replace(path + ".part", path)
+
+
+def load_replica(path: str, agg: Aggregator) -> Replica:
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata()["replica"]
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    return as_replica(agg, tensors, meta)
 
 
 def join_path(folder: str, worker: int, incarnation: int) -> str:
@@ -120,7 +134,8 @@ class ReduceGroup:
 
     def __init__(self, num_workers: int, size: int, ctx: BaseContext, version: int) -> None:
         self.grads = torch.zeros(2, num_workers, size).share_memory_()
-        self.info = torch.zeros(2, num_workers, 2, dtype=torch.float64).share_memory_()
+        # rows, env steps, base version of each posted gradient
+        self.info = torch.zeros(2, num_workers, 3, dtype=torch.float64).share_memory_()
         self.marks = torch.full((6, num_workers), -1, dtype=torch.int64).share_memory_()
         self.leader = ctx.RawValue("q", 0)
         self.reset(version)
@@ -131,10 +146,12 @@ class ReduceGroup:
         self.marks[MEMBER_FROM] = version
         self.leader.value = 0
 
-    def post(self, worker: int, v: int, grads_P: torch.Tensor, rows: int, steps: int) -> None:
+    def post(self, worker: int, v: int, grad: Gradient, steps: int) -> None:
         p = v % 2
-        self.grads[p, worker].copy_(grads_P)
-        self.info[p, worker, 0], self.info[p, worker, 1] = rows, steps
+        assert grad.grads_P is not None
+        self.grads[p, worker].copy_(grad.grads_P)
+        self.info[p, worker] = torch.tensor([grad.rows, steps, grad.base_version],
+                                            dtype=torch.float64)
         self.marks[POSTED + p, worker] = v  # last: the gradient is whole once this is seen
 
     def complete(self, v: int) -> list[int] | None:
@@ -153,6 +170,11 @@ class ReduceGroup:
         steps = sum(int(self.info[p, i, 1]) for i in included)
         return ([self.grads[p, i] for i in included], row_weights(rows, [1.0] * len(rows)),
                 steps)
+
+    def staleness(self, v: int, included: list[int]) -> int:
+        """How many versions older than ``v`` the round's gradients are, summed (pulls
+        every ``sync_every`` > 1 gradients compute on older parameters)."""
+        return sum(v - int(self.info[v % 2, i, 2]) for i in included)
 
     def asking(self) -> list[int]:
         """The replacements that asked to join and have no answer yet."""
@@ -239,42 +261,23 @@ def run_member(worker: GradientWorker, group: ReduceGroup, replica: Replica | No
     outbox.flush()
 
 
-class Outbox:
-    """A member's reports, merged and sent at most every REPORT_S: each message wakes the
-    main process, which on 2 cores cost the sender 0.2-0.5 ms of a 5 ms round."""
-
-    def __init__(self, send: Callable[[Gradient], None], every_s: float) -> None:
-        self.send, self.every_s, self.sent = send, every_s, time.monotonic()
-        self.held: Gradient | None = None
-
-    def add(self, grad: Gradient) -> None:
-        self.held = grad if self.held is None else merge(self.held, grad)
-        if time.monotonic() - self.sent >= self.every_s:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.held is not None:
-            self.send(self.held)
-        self.held, self.sent = None, time.monotonic()
+def work_on(worker: GradientWorker, replica: Replica, sync_every: int) -> Gradient:
+    """A member's gradient_step: it pulls from its own replica (with ``sync_every`` 1 it
+    acts and computes on the replica's model itself, no copy each round; again when the
+    member is re-seated on a replica, which may reuse the model object)."""
+    if sync_every == 1 and (worker.model is not replica.agg.model or
+                            worker.version != replica.version):
+        worker.share(replica.agg.model, replica.version)
+    return gradient_step(worker, replica.fetch, sync_every)
 
 
-def merge(held: Gradient, grad: Gradient) -> Gradient:
-    """``grad``'s counts added to ``held`` (a member's reports; losses summed over the
-    steps that had a gradient, with ``reports`` saying how many)."""
-    held.env_steps += grad.env_steps
-    held.episode_returns += grad.episode_returns
-    held.episode_lengths += grad.episode_lengths
-    for activity, seconds in grad.times.items():
-        held.times[activity] = held.times.get(activity, 0.0) + seconds
-    held.epsilon = held.epsilon if grad.epsilon is None else grad.epsilon
-    if grad.groups:
-        if not held.groups:  # nothing of held's counted in the losses
-            held.loss, held.q_mean, held.reports = 0.0, 0.0, 0
-        held.loss, held.q_mean = held.loss + grad.loss, held.q_mean + grad.q_mean
-        held.reports += grad.reports
-        held.groups += grad.groups
-        held.applied_at, held.base_version = grad.applied_at, grad.base_version
-    return held
+def step_replica(worker: GradientWorker, replica: Replica, grads: list[torch.Tensor],
+                 weights: list[float], env_steps: int) -> int:
+    """The group's step on this member's replica; returns the version it made."""
+    version = replica.step(grads, weights, env_steps)
+    if worker.model is replica.agg.model:
+        worker.actor.moved(version)  # its net moved under it
+    return version
 
 
 class Member:
@@ -290,25 +293,22 @@ class Member:
         """The gradient's report (``applied_at``: the version the step made; no
         gradient while the replay fills), or None when the worker must stop."""
         index, group = self.worker.index, self.group
-        if self.sync_every == 1 and self.worker.model is not replica.agg.model:
-            self.worker.share(replica.agg.model, replica.version)  # no copy each round
         group.answer_joins(index, replica, self.folder, between=True)
-        v, grad = replica.version, gradient_step(self.worker, replica.fetch, self.sync_every)
+        v, grad = replica.version, work_on(self.worker, replica, self.sync_every)
         self.steps += grad.env_steps
         if grad.grads_P is None:  # still filling its replay
             return grad
         clock = self.worker.actor.clock  # its laps go into the next round's report
-        group.post(index, v, grad.grads_P, grad.rows, self.steps)
+        group.post(index, v, grad, self.steps)
         self.steps = 0
         included = group.wait_round(v, lambda: self._idle(replica))
         if included is None:
             return None
         clock.lap("sync")
-        grad.applied_at = replica.step(*group.gradients(v, included))
-        if self.worker.model is replica.agg.model:
-            self.worker.actor.moved(grad.applied_at)
+        grad.applied_at = step_replica(self.worker, replica, *group.gradients(v, included))
         clock.lap("apply")
         grad.grads_P, grad.groups = None, [len(included)]
+        grad.stale = [group.staleness(v, included)]
         return grad
 
     def _idle(self, replica: Replica) -> bool:

@@ -9,7 +9,8 @@ who is in a group, when a replacement joins, and when a slot goes back are here.
 
 Workers' own replays (replay.scope local) go into the checkpoint under ``worker<i>.``;
 each backend fetches them from wherever its workers run (``local_replays``) and hands
-them back to the restarted workers (``restored_replay``).
+them back to the restarted workers (``restored_worker``), with the env steps each
+worker's actor had taken (so epsilon schedules continue).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from qfleet.algos.program import GradientProgram
 from qfleet.checkpoint import flatten_optimizer, unflatten_optimizer, with_prefix
 from qfleet.replay import describe as describe_replay
 from qfleet.roles.clock import Clock
-from qfleet.roles.gradients import Gradient, GradientGate, Ready
+from qfleet.roles.gradients import ACTED, Gradient, GradientGate, Ready
 from qfleet.runtime.base import OUTSIDE, RoundReport
 from qfleet.schedules import follow
 
@@ -42,6 +43,7 @@ class GlobalSide:
         self.held: dict[int, Any] = {}  # worker -> the token of its gradient in the gate
         self.clock = Clock()  # the aggregator's own time split
         self.saved_replays: dict[int, dict[str, np.ndarray]] = {}  # by worker, from restore
+        self.worker_steps = [0] * program.num_workers  # env steps each worker's data had
 
     @property
     def updates(self) -> int:
@@ -134,6 +136,7 @@ class GlobalSide:
         """Count a worker's message; take a global step if it completed its group."""
         self.clock.lap("wait")
         self.env_steps += grad.env_steps
+        self.worker_steps[grad.worker] += grad.env_steps
         report.env_steps += grad.env_steps
         report.steps_by_actor[grad.worker] = report.steps_by_actor.get(grad.worker, 0) + \
             grad.env_steps
@@ -166,6 +169,7 @@ class GlobalSide:
             return
         report.updates += new
         report.grads_applied += sum(grad.groups[-new:])
+        report.staleness_sum += sum(grad.stale[-new:])
         self.aggregator.version_1.fill_(grad.applied_at)
 
     def flush(self, worker: int, live: Collection[int], report: RoundReport) -> None:
@@ -189,9 +193,10 @@ class GlobalSide:
     def state(self, with_replay: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any],
                                                 dict[str, np.ndarray]]:
         agg = self.aggregator
-        tensors = dict(agg.model.state_dict())  # online.* (+ target.*), as LearnerSide saves
+        # online.* (+ target.*), as LearnerSide saves; copies, since the model and optimizer
+        # move on in place (a sync group's driver loads each new model into its own)
         opt_tensors, opt_meta = flatten_optimizer(agg.opt.state_dict())
-        tensors |= opt_tensors
+        tensors = {k: v.detach().clone() for k, v in (agg.model.state_dict() | opt_tensors).items()}
         tensors["torch_rng"] = torch.get_rng_state()
         meta = {"env_steps": self.env_steps, "updates": agg.version, "optimizer": opt_meta,
                 "workers": self._worker_states()}
@@ -207,8 +212,9 @@ class GlobalSide:
 
     def _worker_states(self) -> list[dict[str, Any]]:
         """What a checkpoint keeps of each worker: its incarnation (a resumed run restarts
-        each as the next one, with fresh seeds)."""
-        return [{"incarnation": k} for k in self._incarnations()]
+        each as the next one, with fresh seeds) and its env steps."""
+        return [{"incarnation": k, "env_steps": steps}
+                for k, steps in zip(self._incarnations(), self.worker_steps, strict=True)]
 
     def _incarnations(self) -> list[int]:
         raise NotImplementedError
@@ -217,8 +223,9 @@ class GlobalSide:
         """Each live worker's own replay arrays (GradientWorker.replay_state), by index."""
         return {}
 
-    def restored_replay(self, worker: int) -> dict[str, np.ndarray]:
-        """The arrays a checkpoint saved for ``worker``'s own replay, handed out once."""
+    def restored_worker(self, worker: int) -> dict[str, np.ndarray]:
+        """What ``worker`` restarts from after a restore (GradientWorker.load_state): its
+        env steps and its own replay's arrays, handed out once."""
         return self.saved_replays.pop(worker, {})
 
     def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
@@ -230,8 +237,10 @@ class GlobalSide:
         agg.version_1.fill_(meta["updates"])
         torch.set_rng_state(tensors["torch_rng"])
         self.env_steps = meta["env_steps"]
-        self.saved_replays = {i: part for i in range(self.program.num_workers)
-                              if (part := with_prefix(replay, f"worker{i}."))}
+        workers = meta["workers"]
+        self.worker_steps = [int(w.get("env_steps", 0)) for w in workers]
+        self.saved_replays = {i: with_prefix(replay, f"worker{i}.") | {
+            ACTED: np.array([self.worker_steps[i]])} for i in range(len(workers))}
         if self.shared_replay is not None:
             self.shared_replay.rng.bit_generator.state = meta["replay_rng"]
             shared = {k: v for k, v in replay.items() if not k.startswith("worker")}

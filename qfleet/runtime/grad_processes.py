@@ -128,7 +128,7 @@ class ProcessesGradientRunner(GlobalSide):
             self.sh.pause.clear(index)  # a killed predecessor may have died mid-step
         process = self.inbox.start((index, incarnation), lambda out: self.ctx.Process(
             target=worker_main, name=f"qfleet-worker-{index}", daemon=True,
-            args=(self.sh, index, incarnation, link, out, self.restored_replay(index),
+            args=(self.sh, index, incarnation, link, out, self.restored_worker(index),
                   self.sh.save_request.value, joins)))
         return _Worker(index, incarnation, process, link)
 
@@ -174,7 +174,7 @@ class ProcessesGradientRunner(GlobalSide):
         grads_P = None if msg.slot < 0 else link.grads[msg.slot].clone()
         grad = Gradient(msg.worker, msg.base_version, msg.env_steps, msg.returns, grads_P,
                         msg.loss, msg.q_mean, msg.epsilon, msg.applied_at, msg.rows,
-                        msg.lengths, msg.times, msg.groups, msg.reports)
+                        msg.lengths, msg.times, msg.groups, msg.reports, msg.stale)
         current = self.workers[msg.worker].incarnation == msg.incarnation
         self.take(grad, current, (link, msg.slot), report)
 
@@ -205,8 +205,7 @@ class ProcessesGradientRunner(GlobalSide):
             tensors, meta, replay = super().state(with_replay)
         else:  # Hogwild workers write the model lock-free: copy it between their steps
             with self.sh.pause.paused(lambda i: self.workers[i].process.is_alive()):
-                tensors, meta, replay = super().state(with_replay)
-                tensors = {k: v.clone() for k, v in tensors.items()}
+                tensors, meta, replay = super().state(with_replay)  # copies
         return tensors, meta, replay
 
     def _incarnations(self) -> list[int]:

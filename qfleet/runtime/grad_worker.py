@@ -50,6 +50,7 @@ class GradMsg:
     times: dict[str, float]
     groups: list[int]  # sync among workers: gradients in each step reported (else [])
     reports: int
+    stale: list[int]
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,7 @@ class Shared:
 
 
 def worker_main(sh: Shared, index: int, incarnation: int, link: Link, out: Connection,
-                 replay_state: dict[str, np.ndarray], save_request: int, joins: bool) -> None:
+                 restored: dict[str, np.ndarray], save_request: int, joins: bool) -> None:
     leave_signals_to_main()
     pin_torch(1)
     try:
@@ -106,7 +107,7 @@ def worker_main(sh: Shared, index: int, incarnation: int, link: Link, out: Conne
             link.replay, index, incarnation, out, sh.replay_size,
             sh.replay_prioritized, sh.stop)
         worker = sh.program.make_worker(index, incarnation, replay)
-        worker.load_replay_state(replay_state)
+        worker.load_state(restored)
         saver = _Saver(sh, worker, incarnation, save_request, out)
         if sh.group is not None:
             _member_main(sh, worker, saver, out, joins)
@@ -195,7 +196,7 @@ def _message(worker: GradientWorker, grad: Gradient, slot: int) -> GradMsg:
     return GradMsg(worker.index, worker.actor.incarnation, slot, grad.base_version,
                    grad.env_steps, grad.episode_returns, grad.loss, grad.q_mean, grad.epsilon,
                    grad.applied_at, grad.rows, grad.episode_lengths, grad.times, grad.groups,
-                   grad.reports)
+                   grad.reports, grad.stale)
 
 
 def _take(free: Any, sh: Shared, saver: _Saver) -> int | None:

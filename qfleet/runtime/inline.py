@@ -102,9 +102,8 @@ class InlineGradientRunner(GlobalSide):
         self.clock_out(report)
         return report
 
-    def _worker_states(self) -> list[dict[str, Any]]:
-        return [{"env_steps": w.actor.env_steps, "incarnation": w.actor.incarnation}
-                for w in self.workers]
+    def _incarnations(self) -> list[int]:
+        return [w.actor.incarnation for w in self.workers]
 
     def local_replays(self) -> dict[int, dict[str, np.ndarray]]:
         return {i: w.replay_state() for i, w in enumerate(self.workers)}
@@ -117,8 +116,7 @@ class InlineGradientRunner(GlobalSide):
         for i, state in enumerate(meta["workers"]):
             self.workers[i].close()
             worker = self.program.make_worker(i, state["incarnation"] + 1, self.shared_replay)
-            worker.actor.env_steps = state["env_steps"]
-            worker.load_replay_state(self.restored_replay(i))
+            worker.load_state(self.restored_worker(i))
             self.workers[i] = worker
         self._snapshot()
 

@@ -3,12 +3,8 @@ GradientWorker (``GradHost``) or the replay every worker shares (``ReplayHost``)
 they send back, and where the driver places them. The driver half is
 ``ray_gradients.RayGradientRunner``.
 
-Sync averaging is a ``torch.distributed`` all_reduce among the workers (gloo: workers
-compute on CPU). Every member contributes the same vector in every round, also a worker
-whose replay is still filling (zeros, counted 0) or whose own code raised (it raises only
-after the collective): so a round never leaves a peer waiting for a member that will not
-come. The vector carries the gradient weighted by its rows and three counters (gradients in
-it, their staleness, rows), so the sum is all the driver needs for the mean over all rows.
+Sync: the workers form a ``torch.distributed`` group (gloo: workers compute on CPU) and
+each steps its own replica of the global model on the gathered gradients (``ray_sync``).
 """
 
 from __future__ import annotations
@@ -31,12 +27,12 @@ from qfleet.compute import pin_torch
 from qfleet.replay import Batch, Replay, Transitions
 from qfleet.replay import describe as describe_replay
 from qfleet.roles import ParamSnapshot, gradient_step
-from qfleet.roles.gradients import Gradient, GradientWorker
+from qfleet.roles.gradients import Aggregator, Gradient, GradientWorker
+from qfleet.runtime.allreduce import replica_tensors
 from qfleet.runtime.ray_common import Host
+from qfleet.runtime.ray_sync import Rounds, SyncSeat
 
 CALL_S = 0.02  # async: a call runs work() for at most this long while no gradient comes
-# after the gradient in a reduced vector: included, staleness sum, rows
-COUNTERS = 3
 
 
 @dataclass(frozen=True)
@@ -45,25 +41,25 @@ class HostSpec:
     does not depend on an object that lived on a lost node."""
 
     make_worker: Callable[[int, int, Replay | None], GradientWorker]
-    num_params: int  # of the global online net: the length of a flat gradient
+    make_aggregator: Callable[[], Aggregator]  # a sync member's replica
     sync_every: int
     timeout_s: float  # of the process group's rendezvous and of each collective
     # The ReplayHost's actor name (replay.scope shared/sharded), or "": a name, not a
     # handle, since Ray warns that a restartable actor built from a handle may not restart.
     replay: str = ""
     prioritized: bool = False
+    budget: int = 0  # sync: the group stops at this many env steps (0: never)
+    wait: bool = False  # sync: on_worker_loss = wait (every member's gradient in each step)
 
 
 @dataclass
 class Sent:
-    """One call's result: the counters of each ``work()`` it ran (gradients stripped) and
-    one flat vector: async, the last work's gradient; sync, on rank 0 only, the reduced
-    sum with its counters. ``failed``: sync, the collective failed (a peer was lost)."""
+    """An async call's result: the counters of each ``work()`` it ran (gradients
+    stripped) and the last work's flat gradient, if it computed one."""
 
     works: list[Gradient] = field(default_factory=list)
     grads_P: np.ndarray | None = None
-    has_grad: bool = False  # the last work computed a gradient
-    failed: str = ""
+    has_grad: bool = False
 
 
 def _stripped(grad: Gradient) -> Gradient:
@@ -84,6 +80,7 @@ class GradHost(Host):
         self.spec, self.index = spec, index
         self.worker: GradientWorker | None = None
         self.restored: tuple[int, dict[str, np.ndarray]] | None = None  # incarnation, replay
+        self.seat: SyncSeat | None = None  # sync: this member's replica
 
     def info(self) -> dict[str, Any]:
         joined = dist.is_initialized()
@@ -99,12 +96,17 @@ class GradHost(Host):
             port = int(sock.getsockname()[1])
         return ray.util.get_node_ip_address(), port
 
-    def init_group(self, ip: str, port: int, rank: int, world: int) -> str:
-        """Leave the old process group and join a new one; '' when joined, else why not
-        (a member that never came is a fault the driver handles by rebuilding again)."""
+    def init_group(self, ip: str, port: int, rank: int, world: int,
+                   replica: tuple[dict[str, torch.Tensor], str]) -> str:
+        """Leave the old process group, join a new one and seat this member on ``replica``
+        (tensors, meta); '' when joined, else why not (a member that never came is a
+        fault the driver handles by rebuilding again)."""
         if dist.is_initialized():
             with contextlib.suppress(Exception):  # a broken group: we build a new one anyway
                 dist.destroy_process_group()
+        held = None if self.seat is None else self.seat.held
+        self.seat = SyncSeat(self.spec.make_aggregator(), *replica, self.spec.wait)
+        self.seat.keep_if_current(held)
         try:
             dist.init_process_group("gloo", init_method=f"tcp://{ip}:{port}", rank=rank,
                                     world_size=world,
@@ -113,9 +115,8 @@ class GradHost(Host):
             return _first_line(err)
         return ""
 
-    def _work(self, incarnation: int, version: int, params: list[ray.ObjectRef]) -> Gradient:
-        """One gradient_step of the slot's worker for ``incarnation`` (built on its first
-        call), pulling the published parameters if due and they moved."""
+    def _worker(self, incarnation: int) -> GradientWorker:
+        """The slot's worker for ``incarnation``, built on its first call."""
         spec, worker = self.spec, self.worker
         if worker is None or worker.actor.incarnation != incarnation:
             if worker is not None:
@@ -124,13 +125,18 @@ class GradHost(Host):
                 ReplayActorClient(ray.get_actor(spec.replay), spec.prioritized)
             worker = self.worker = spec.make_worker(self.index, incarnation, replay)
             if self.restored is not None and self.restored[0] == incarnation:
-                worker.load_replay_state(self.restored[1])
+                worker.load_state(self.restored[1])
             self.restored = None
+            if self.seat is not None:
+                self.seat.held = None  # the old incarnation's
+        return worker
 
+    def _work(self, incarnation: int, version: int, params: list[ray.ObjectRef]) -> Gradient:
+        """One gradient_step, pulling the published parameters if due and they moved."""
         def fetch(held: int) -> ParamSnapshot | None:
             return None if held == version else ray.get(params[0])
 
-        return gradient_step(worker, fetch, spec.sync_every)
+        return gradient_step(self._worker(incarnation), fetch, self.spec.sync_every)
 
     def replay_state(self, incarnation: int) -> dict[str, np.ndarray]:
         """The worker's own replay for a checkpoint ({} if it has none yet)."""
@@ -139,8 +145,9 @@ class GradHost(Host):
             return {}
         return worker.replay_state()
 
-    def load_replay_state(self, incarnation: int, state: dict[str, np.ndarray]) -> None:
-        """Fill the replay of this slot's worker ``incarnation`` when it is built."""
+    def load_state(self, incarnation: int, state: dict[str, np.ndarray]) -> None:
+        """What this slot's worker ``incarnation`` starts from when it is built
+        (GradientWorker.load_state)."""
         self.restored = (incarnation, state)
 
     def work(self, incarnation: int, version: int, params: list[ray.ObjectRef]) -> Sent:
@@ -157,44 +164,24 @@ class GradHost(Host):
             if time.monotonic() >= t_end:
                 return sent
 
-    def sync_step(self, incarnation: int, version: int, params: list[ray.ObjectRef]) -> Sent:
-        """Sync: one work() and one all_reduce of its (weighted) gradient; rank 0 returns
-        the sum for the driver's aggregator, which takes the one optimizer step."""
-        error: Exception | None = None
-        grad = None
-        try:
-            grad = self._work(incarnation, version, params)
-        except Exception as err:  # raised after the collective
-            error = err
-        vec_P = self._contribution(grad, version)
-        try:
-            dist.all_reduce(vec_P)
-        except Exception as err:  # a peer lost or timed out: a fault
-            if error is not None:
-                raise error from None
-            return Sent([_stripped(grad)] if grad else [], failed=_first_line(err))
-        if error is not None:  # our own code raised: a bug, after the peers got their sum
-            raise error
-        assert grad is not None
-        leader = dist.get_rank() == 0
-        return Sent([_stripped(grad)], vec_P.numpy() if leader else None,
-                    grad.grads_P is not None)
+    def sync_rounds(self, incarnation: int, count: int) -> Rounds:
+        """Sync: ``count`` rounds on this member's replica (``ray_sync``); rank 0 hands
+        back its model for the driver's evaluations."""
+        assert self.seat is not None, "init_group seats a member before its first round"
+        worker = self._worker(incarnation)
+        out = self.seat.run(worker, self.spec.sync_every, count, self.spec.budget,
+                            _first_line)
+        if dist.get_rank() == 0:
+            out.params = {k: v.detach().clone()
+                          for k, v in self.seat.replica.agg.model.state_dict().items()}
+        return out
 
-    def _contribution(self, grad: Gradient | None, version: int) -> torch.Tensor:
-        size = self.spec.num_params
-        vec_P = torch.zeros(size + COUNTERS)
-        if grad is None or grad.grads_P is None:
-            return vec_P
-        # Sync averages every member's gradient, however many updates old its parameters
-        # are (GradientGate applies no staleness rule to a group of all workers).
-        staleness = version - grad.base_version
-        # Weighted by its rows, as the gate weights it: the driver divides the sum by the
-        # total rows, so the step is the mean over all rows even when rollouts differ in
-        # length (rows 0 = unknown: equal weights).
-        rows = float(grad.rows or 1)
-        vec_P[:size] = grad.grads_P * rows
-        vec_P[size], vec_P[size + 1], vec_P[size + 2] = 1.0, float(staleness), rows
-        return vec_P
+    def replica(self) -> tuple[dict[str, torch.Tensor], str] | None:
+        """This member's replica (tensors, meta), or None if it has none."""
+        if self.seat is None:
+            return None
+        replica = self.seat.replica
+        return replica_tensors(replica.agg, replica.env_steps)
 
 
 class ReplayHost:

@@ -6,15 +6,17 @@ the aggregator (global model, its one optimizer), the gate and the counters. Par
 one ``ray.put`` of a ParamSnapshot per global version; a worker fetches it when the version
 moved and it is due a pull (``algo.sync_every``).
 
-Sync (group_size == W): every round each worker computes one gradient and the workers
-average them with a ``torch.distributed`` all_reduce (gloo) in a process group set up
-through Ray: rank 0 names its node's IP and a free port, every member joins. Rank 0
-returns the sum and the driver takes the step with its aggregator, so the optimizer state,
-checkpoints and evals are the same as on the other backends; only the averaging moved onto
-the collective. A lost worker breaks the group: the driver counts it, Ray restarts it, and
-the group is rebuilt (destroy, then init on a new port) with the live workers
-(``algo.on_worker_loss = "proceed"``) or once the replacement is up ("wait"). Collectives
-and rendezvous have a timeout, so nothing waits forever on a member that is gone.
+Sync (group_size == W): the workers form a ``torch.distributed`` process group (gloo),
+set up through Ray: rank 0 names its node's IP and a free port, every member joins, each
+seated on the same replica of the global model and optimizer. Each call runs several
+rounds; in each the members all_gather their gradients and every one takes the same step
+on its own replica (``ray_sync``), bit-identical to the inline run. The driver only counts
+what the members report, follows the model rank 0 hands back for its evaluations, and
+takes a replica for checkpoints. A lost worker breaks the group: the driver counts it, Ray
+restarts it, and the group is rebuilt (destroy, then init on a new port) from the newest
+live replica with the live workers (``algo.on_worker_loss = "proceed"``) or once the
+replacement is up ("wait"). Collectives and rendezvous have a timeout, so nothing waits
+forever on a member that is gone.
 
 Async / grouped: no collective. The driver keeps calls in flight per worker (two for
 async; one for a group member, reissued once its group stepped, which is the barrier),
@@ -29,6 +31,7 @@ driver's node; workers reach it through a client, and checkpoints ask it for its
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -45,16 +48,21 @@ from ray.exceptions import (
 from ray.util.placement_group import PlacementGroup
 
 from qfleet.algos.program import GradientProgram
-from qfleet.roles.gradients import Gradient
 from qfleet.runtime import ray_common as rc
+from qfleet.runtime.allreduce import as_replica, replica_tensors
 from qfleet.runtime.base import RayOptions, RoundReport
 from qfleet.runtime.errors import count_restart
 from qfleet.runtime.global_side import GlobalSide
-from qfleet.runtime.ray_grad_hosts import COUNTERS, GradHost, HostSpec, ReplayHost, Sent
-from qfleet.schedules import follow
+from qfleet.runtime.ray_grad_hosts import GradHost, HostSpec, ReplayHost, Sent
+from qfleet.runtime.ray_sync import Rounds
 
 COLLECTIVE_TIMEOUT_S = 30.0  # a collective or rendezvous waiting longer has lost a member
 CALL_TIMEOUT_S = 30.0  # for the driver's own small calls (a free port, a replay's state)
+# Sync: a call runs as many rounds as take about SYNC_CALL_S (measured by rank 0). Each
+# call costs every member 15-20 ms of Ray round trip and driver loop (measured): 0.05 s
+# calls gave 96 updates/s, 0.2 s calls 128. The driver counts and follows the model once
+# per call.
+SYNC_CALL_S, MAX_ROUNDS = 0.2, 256
 HOGWILD_NOTE = ("a3c hogwild: Ray workers on different nodes cannot share memory, so each "
                 "gradient goes to the driver's aggregator and is applied on arrival (async)")
 
@@ -75,7 +83,7 @@ class _Call:
     incarnation: int
     rank: int
     done: bool = False
-    result: Sent | str | None = None  # None: the actor was lost
+    result: Rounds | Sent | str | None = None  # None: the actor was lost
 
 
 class RayGradientRunner(GlobalSide):
@@ -95,16 +103,19 @@ class RayGradientRunner(GlobalSide):
         self.group: list[int] = []  # sync: the process group's members, in rank order
         self.round: dict[ray.ObjectRef, _Call] = {}
         self.round_members: list[int] | None = None  # an init round's members; None: a step
+        self.per_call = 1  # sync: rounds per call
+        self.own_is_newest = True  # sync: the driver's model and optimizer start a group
+        self.frozen = False
         try:
             self.replay_name = f"qfleet-replay-{uuid.uuid4().hex[:12]}"
             self.replay_host = self._new_replay_host()
             prioritized = self.replay_host is not None and \
                 ray.get(self.replay_host.describe.remote(), timeout=CALL_TIMEOUT_S)[1]
-            self.spec = HostSpec(program.make_worker,
-                                 sum(p.numel() for p in self.aggregator.params),
+            self.spec = HostSpec(program.make_worker, program.make_aggregator,
                                  program.sync_every, collective_timeout_s,
                                  "" if self.replay_host is None else self.replay_name,
-                                 prioritized)
+                                 prioritized, program.total_env_steps,
+                                 program.wait_for_restart)
             self.pg = rc.place_bundles(program.num_workers, "gradient workers", opts.group_name)
             self._put_params()
             self.slots = [_Slot(i, 0, self._new_host(i)) for i in range(program.num_workers)]
@@ -203,7 +214,7 @@ class RayGradientRunner(GlobalSide):
         if all(call.done for call in self.round.values()):
             calls, members, self.round = list(self.round.values()), self.round_members, {}
             if members is None:
-                self._finish_step(calls, report)
+                self._finish_rounds(calls, report)
             else:
                 failed = [c.result for c in calls if c.result]
                 self.group = members if all(c.result == "" for c in calls) else []
@@ -213,7 +224,9 @@ class RayGradientRunner(GlobalSide):
 
     def _start_round(self, report: RoundReport) -> None:
         ready = [s.index for s in self.slots if not s.recovering]
-        if not ready or (self.program.wait_for_restart and len(ready) < len(self.slots)):
+        budget = self.program.total_env_steps
+        if self.frozen or not ready or 0 < budget <= self.env_steps or \
+                (self.program.wait_for_restart and len(ready) < len(self.slots)):
             return
         if ready != self.group:
             self._join_group(ready, report)
@@ -221,13 +234,13 @@ class RayGradientRunner(GlobalSide):
         self.round_members = None
         for rank, i in enumerate(self.group):
             slot = self.slots[i]
-            ref = slot.handle.sync_step.remote(slot.incarnation, self.params_version,
-                                               [self.params_ref])
+            ref = slot.handle.sync_rounds.remote(slot.incarnation, self.per_call)
             self.round[ref] = _Call(slot, slot.incarnation, rank)
 
     def _join_group(self, members: list[int], report: RoundReport) -> None:
-        """A new process group for ``members``, rendezvous at rank 0's node on a new port:
-        after a loss the old group's peers are gone, so it cannot be reused."""
+        """A new process group for ``members``, rendezvous at rank 0's node on a new port
+        (after a loss the old group's peers are gone, so it cannot be reused), every
+        member seated on the newest replica."""
         self.group = []
         leader = self.slots[members[0]]
         try:
@@ -237,58 +250,68 @@ class RayGradientRunner(GlobalSide):
         except (RayActorError, ObjectLostError) as err:
             self._lost(leader, err, report)
             return
+        self._take_replica(members)
+        replica = ray.put(replica_tensors(self.aggregator, self.env_steps))
         self.round_members = members
         for rank, i in enumerate(members):
             slot = self.slots[i]
-            ref = slot.handle.init_group.remote(ip, port, rank, len(members))
+            ref = slot.handle.init_group.remote(ip, port, rank, len(members), replica)
             self.round[ref] = _Call(slot, slot.incarnation, rank)
 
-    def _finish_step(self, calls: list[_Call], report: RoundReport) -> None:
-        """Count every member's work; step on rank 0's sum if the collective went through."""
+    def _take_replica(self, members: list[int]) -> None:
+        """The driver's model and optimizer become the newest of ``members``' replicas
+        (asked after their calls in flight). Not at the start or after a restore (the
+        driver's own are the run's then), nor when no member has one (all were lost: the
+        driver keeps the model rank 0 last handed back and the optimizer state it last
+        took, as the processes backend does)."""
+        if self.own_is_newest:
+            self.own_is_newest = False
+            return
+        refs = [self.slots[i].handle.replica.remote() for i in members]
+        newest: tuple[dict[str, torch.Tensor], str] | None = None
+        for ref in refs:
+            try:
+                got = ray.get(ref, timeout=COLLECTIVE_TIMEOUT_S)
+            except (RayActorError, ObjectLostError, GetTimeoutError):
+                continue  # lost meanwhile: its next call tells
+            if got is not None and (newest is None or _version(got) > _version(newest)):
+                newest = got
+        if newest is not None:
+            as_replica(self.aggregator, *newest)
+
+    def _finish_rounds(self, calls: list[_Call], report: RoundReport) -> None:
+        """Count every member's report; follow rank 0's model."""
         for call in calls:
-            if isinstance(call.result, Sent):
-                for grad in call.result.works:
-                    self._count(grad, call.result.has_grad, report)
+            if isinstance(call.result, Rounds) and call.result.report is not None:
+                self.receive(call.result.report, self.live, report)
         leader = calls[0].result
-        if isinstance(leader, Sent) and not leader.failed and leader.grads_P is not None:
-            self._apply_sum(leader.grads_P, report)
-        if any(not isinstance(c.result, Sent) or c.result.failed for c in calls):
+        if isinstance(leader, Rounds) and leader.params is not None:
+            self.aggregator.model.load_state_dict(leader.params)
+            if leader.rounds:
+                per_round_s = max(leader.seconds / leader.rounds, 1e-6)
+                self.per_call = max(1, min(MAX_ROUNDS, int(SYNC_CALL_S / per_round_s)))
+            if leader.spent:  # a lost member's last steps may never have been reported
+                self.env_steps = max(self.env_steps, self.program.total_env_steps)
+        if any(not isinstance(c.result, Rounds) or c.result.failed for c in calls):
             self.group = []  # a member was lost mid-round: rebuild before the next one
             why = next((c.result.failed for c in calls
-                        if isinstance(c.result, Sent) and c.result.failed), "")
+                        if isinstance(c.result, Rounds) and c.result.failed), "")
             if why:
                 report.notes.append(f"ray: collective failed ({why}); rebuilding the group")
 
-    def _count(self, grad: Gradient, has_grad: bool, report: RoundReport) -> None:
-        self.receive(grad, self.live, report)  # stripped: counts steps and returns only
-        if has_grad:
-            report.loss_sum += grad.loss
-            report.q_sum += grad.q_mean
-            report.loss_count += 1
-
-    def _apply_sum(self, vec: np.ndarray, report: RoundReport) -> None:
-        size = len(vec) - COUNTERS
-        included, staleness = (round(float(x)) for x in vec[size:size + 2])
-        rows = float(vec[size + 2])
-        self.gate.applied += included
-        self.gate.staleness_sum += staleness
-        report.grads_applied += included
-        report.staleness_sum += staleness
-        if included:
-            mean_P = torch.from_numpy(vec[:size].copy()) / rows
-            self.clock.lap("wait")
-            follow(self.aggregator, self.env_steps)
-            self.aggregator.apply([mean_P], [1.0])
-            self.clock.lap("apply")
-            report.updates += 1
-            self._put_params()
+    def freeze(self) -> None:
+        """Sync: no more rounds; the driver takes a member's replica (its steps stop once
+        the calls in flight end)."""
+        if self.collective and not self.frozen:
+            self._take_replica(self.group)
+            self.frozen = True
 
     # ------------------------------------------------------------ faults
 
     def _get(self, slot: _Slot, ref: ray.ObjectRef, tag: int,
-             report: RoundReport) -> Sent | str | None:
+             report: RoundReport) -> Rounds | Sent | str | None:
         """A call's result; None if the actor was lost (counted once per incarnation)."""
-        result: Sent | str | None = slot.result(
+        result: Rounds | Sent | str | None = slot.result(
             ref, tag, "worker", lambda err: self._lost(slot, err, report))
         return result if tag == slot.incarnation else None  # an old incarnation's is void
 
@@ -326,6 +349,8 @@ class RayGradientRunner(GlobalSide):
 
     def state(self, with_replay: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any],
                                                 dict[str, np.ndarray]]:
+        if self.collective and not self.frozen:
+            self._take_replica(self.group)  # the model and optimizer the group holds
         tensors, meta, replay = super().state(with_replay)
         if self.replay_host is not None:
             meta["replay_rng"], replay = ray.get(self.replay_host.state.remote(with_replay))
@@ -358,11 +383,12 @@ class RayGradientRunner(GlobalSide):
             ray.get(self.replay_host.restore.remote(meta["replay_rng"], replay))
         self._forget_workers()
         self.round, self.round_members = {}, None
+        self.group, self.own_is_newest, self.frozen = [], True, False
         for i, (slot, saved) in enumerate(zip(self.slots, meta.get("workers", []), strict=False)):
             slot.incarnation = saved["incarnation"] + 1
             slot.calls.clear()
-            if part := self.restored_replay(i):
-                slot.handle.load_replay_state.remote(slot.incarnation, ray.put(part))
+            if part := self.restored_worker(i):
+                slot.handle.load_state.remote(slot.incarnation, ray.put(part))
         self._put_params()
 
     def close(self) -> None:
@@ -372,3 +398,7 @@ class RayGradientRunner(GlobalSide):
         rc.teardown([s.handle for s in slots] + ([] if host is None else [host]), pg,
                  self.started_ray)
         self.started_ray = False
+
+
+def _version(replica: tuple[dict[str, torch.Tensor], str]) -> int:
+    return int(json.loads(replica[1])["version"])
