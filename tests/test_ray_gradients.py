@@ -137,9 +137,10 @@ def test_sync_worker_killed_for_good_is_replaced_and_wait_mode_never_steps_alone
         assert [i["world_size"] for i in runner.worker_info()] == [2, 2]
     assert any("ActorDiedError" in n for r in reports for n in r.notes)
     assert _total(reports, "actor_restarts") == 1
-    waiting = {version for recovering, version in seen if recovering}
-    assert len(waiting) == 1, "a step was taken while the replacement was not up"
-    # ... nor while it refilled its replay: every step has both gradients
+    assert any(recovering for recovering, _ in seen)  # the driver saw the replacement come
+    # No step without both workers' gradients: not while the replacement was not up, nor
+    # while it refilled its replay. (The version may still move while it is recovering:
+    # the survivor's call reports the rounds both took before the kill.)
     assert _total(reports, "grads_applied") == 2 * _total(reports, "updates")
 
 
