@@ -53,7 +53,7 @@ def _total(reports: list[RoundReport], name: str) -> Any:
 
 # ------------------------------------------------------------------ sync: the collective
 
-def test_gorila_sync_spreads_workers_and_averages_with_a_gloo_all_reduce(
+def test_gorila_sync_spreads_workers_and_steps_their_replicas_over_gloo(
         cluster: RayCluster) -> None:
     with ray_grad_runner(_cfg("cartpole-gorila-sync")) as runner:
         assert runner.collective
