@@ -250,7 +250,10 @@ class RayGradientRunner(GlobalSide):
         except (RayActorError, ObjectLostError) as err:
             self._lost(leader, err, report)
             return
-        self._take_replica(members)
+        if self.own_is_newest:  # the start or a restore: the driver's own are the run's
+            self.own_is_newest = False
+        else:
+            self._take_replica(members)
         replica = ray.put(replica_tensors(self.aggregator, self.env_steps))
         self.round_members = members
         for rank, i in enumerate(members):
@@ -260,12 +263,11 @@ class RayGradientRunner(GlobalSide):
 
     def _take_replica(self, members: list[int]) -> None:
         """The driver's model and optimizer become the newest of ``members``' replicas
-        (asked after their calls in flight). Not at the start or after a restore (the
-        driver's own are the run's then), nor when no member has one (all were lost: the
-        driver keeps the model rank 0 last handed back and the optimizer state it last
-        took, as the processes backend does)."""
+        (asked after their calls in flight). Not before a group formed on the driver's
+        own (the start, a restore: members still hold the old run's), nor when no member
+        has one (all were lost: the driver keeps the model rank 0 last handed back and the
+        optimizer state it last took, as the processes backend does)."""
         if self.own_is_newest:
-            self.own_is_newest = False
             return
         refs = [self.slots[i].handle.replica.remote() for i in members]
         newest: tuple[dict[str, torch.Tensor], str] | None = None
