@@ -7,7 +7,9 @@ Schemes (each from its CartPole preset, ``runtime.backend = "processes"``, torch
                   single-worker computation (gradient on the worker, one global step each);
   gorila async    cartpole-gorila-async;
   grouped         cartpole-batchsync: W = 1 (G = 1), W = 2 with G = 1 and with G = 2 (the
-                  interesting pair: async vs sync inside one group), and W = 4, G = 2;
+                  interesting pair: async vs sync inside one group), and W = 4, G = 2
+                  (G > 1: each group's members reduce among themselves and step a
+                  shared-memory model; G = 1 goes through the main process);
   a2c             cartpole-a2c: W = 1 and W = 2 (sync: the workers reduce among
                   themselves and each steps its own replica; W = 1 is a group of one);
   a3c hogwild     cartpole-a3c: workers apply their gradients lock-free to a shared-memory
@@ -23,6 +25,7 @@ W = 2 / W = 1 per scheme (goals: >= 1.7x for async and A3C; env steps/s >= 1.5x 
 updates/s kept for gorila sync and A2C, >= 1.3x for grouped W = 4, G = 2).
 
     python benchmarks/aggregation.py [--seconds 8] [--warmup 2] [--repeats 2] [--no-w4]
+                                     [--only grouped --only a2c ...]
 """
 
 from __future__ import annotations
@@ -208,7 +211,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2,
                         help="interleaved rounds over all cases, pooled")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", action="append", default=[], metavar="SCHEME",
+                        help="run only this scheme (repeatable): " + ", ".join(
+                            dict.fromkeys(c.scheme for c in cases(True))))
     args = parser.parse_args()
+    selected = [c for c in cases(not args.no_w4) if not args.only or c.scheme in args.only]
+    if not selected:
+        parser.error(f"--only {args.only}: no such scheme")
     torch.set_num_threads(1)  # as the workers and runtime.torch_threads = 1 do
 
     print(f"processes backend, {args.seconds:g} s measured after {args.warmup:g} s warm-up "
@@ -225,7 +234,7 @@ def main() -> None:
     pooled: dict[Case, Measured] = {}
     for r in range(args.repeats):  # interleaved, so other users' jobs hit every case alike
         print(f"round {r + 1}/{args.repeats}\n{HEADER}", flush=True)
-        for case in cases(not args.no_w4):
+        for case in selected:
             m = measure(case, args.warmup, args.seconds, args.seed)
             pooled[case] = pooled[case].merge(m) if case in pooled else m
             print(m.row(), flush=True)

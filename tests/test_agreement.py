@@ -176,6 +176,26 @@ def test_sync_gorila_agrees_with_inline(backend: str, sync_every: int) -> None:
         assert n > 0 and returns[:n] == inline_returns[w][:n]
 
 
+def test_one_batch_synchronous_group_agrees_with_inline(backend: str) -> None:
+    """Grouped with one group of both workers: on processes the members reduce among
+    themselves and one of them steps the shared global model (group_reduce). Each member
+    copies the model after its group's step, so its data does not depend on timing: the
+    same model as inline's gate makes, bit for bit."""
+    sets = [*GORILA, "algo.group_size=2"]
+    with _runner(backend, _cfg("cartpole-batchsync", sets, backend)) as runner:
+        # the shared version may run ahead of the members' merged reports
+        reports = run_until(runner, lambda _, reps: sum(x.updates for x in reps) >= 40,
+                            DEADLINE_S)
+        runner.freeze()
+        version, model = runner.updates, _model(runner)
+    counted = sum(r.updates for r in reports)
+    assert 40 <= counted <= version
+    assert sum(r.grads_applied for r in reports) == 2 * counted
+    assert sum(r.staleness_sum for r in reports) == 0
+    inline, _ = _inline_to("cartpole-batchsync", sets, version)
+    _assert_same_model(model, inline.aggregator.model.state_dict())
+
+
 def test_a2c_agrees_with_inline(backend: str) -> None:
     """A2C is sync and on-policy: each worker's rollout depends on its seeds and the global
     model it pulled after the previous step, never on timing, so after the same number of

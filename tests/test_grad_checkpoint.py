@@ -97,10 +97,15 @@ def _steps_to_first_gradient(runner: InlineGradientRunner | ProcessesGradientRun
     return runner.env_steps - start
 
 
-@pytest.mark.parametrize("backend", ["inline", "processes"])
-def test_workers_own_replays_are_saved_and_restored(backend: str, tmp_path: Path,
+@pytest.mark.parametrize("backend, preset", [("inline", "cartpole-gorila-sync"),
+                                             ("processes", "cartpole-gorila-sync"),
+                                             ("processes", "cartpole-batchsync")])
+def test_workers_own_replays_are_saved_and_restored(backend: str, preset: str, tmp_path: Path,
                                                     make_cfg: Callable[..., Config]) -> None:
-    cfg = make_cfg(*LOCAL, f"runtime.backend='{backend}'", preset="cartpole-gorila-sync")
+    """Sync replicas and a grouped group's members (a group of both workers) each own their
+    replay: the final checkpoint has it, a resumed worker starts from it (n-step 1: each
+    env step one row)."""
+    cfg = make_cfg(*LOCAL, f"runtime.backend='{backend}'", "algo.n_step=1", preset=preset)
     train(cfg, tmp_path / "run")
     _, meta, replay = checkpoint.load(checkpoint.find(tmp_path / "run"))
     sizes = []

@@ -139,23 +139,140 @@ def test_async_drops_gradients_staler_than_max_staleness() -> None:
     assert sum(r.grads_applied for r in reports) == sum(r.updates for r in reports)
 
 
-def test_grouped_four_workers_in_two_groups_run_and_step() -> None:
+def test_grouped_groups_reduce_among_themselves_and_step_the_shared_model() -> None:
+    """Four workers in two groups: no gradient goes through the main process (no slots);
+    each group's step averages its two members' gradients and lands in the shared model,
+    whose version the main process reads."""
     cfg = _cfg("cartpole-batchsync", "actors.count=4", "algo.group_size=2",
                "algo.max_staleness=100")
     with grad_runner(cfg) as runner:
-        assert runner.program.group_size == 2 and len(runner.workers) == 4
-        reports = run_until(runner, lambda r, _: r.updates >= 30, 40.0)
+        assert runner.program.grouped and len(runner.sh.teams) == 2
+        assert all(link.grads.shape[0] == 0 for link in runner.links.values())
+        start = _flat(runner.aggregator.online)
+        reports = run_until(runner, lambda _, reps: sum(x.updates for x in reps) >= 30, 40.0)
+        assert not torch.equal(start, _flat(runner.aggregator.online))
+        version = runner.updates
     updates = sum(r.updates for r in reports)
-    applied = sum(r.grads_applied for r in reports)
-    # each step averages the two gradients of one group
-    assert applied == 2 * updates
+    assert 30 <= updates <= version
+    assert sum(r.grads_applied for r in reports) == 2 * updates  # both members, every step
+    assert sum(r.grads_dropped for r in reports) == 0
+    # every member's loss: the one that stepped reports it with the step, the other's
+    # report of that round may still be in its outbox (merged every 20 ms)
+    assert updates < sum(r.loss_count for r in reports) <= 2 * version
     assert {w for r in reports for w in r.steps_by_actor} == {0, 1, 2, 3}
-    # The two groups step asynchronously, so one group's gradients are overtaken by the
-    # other's steps; each worker has one slot and pulls before every gradient, so a step
-    # falls inside at most one window of each of the 4 workers.
+    # The groups step asynchronously, so one group's gradients are overtaken by the
+    # other's steps. A member copies the model in its turn right after its group's step
+    # and computes on it until the next one (sync_every 1): each step of the other group
+    # falls inside at most one such window of each of the 2 members.
     staleness = sum(r.staleness_sum for r in reports)
-    assert staleness == runner.gate.staleness_sum
-    assert 0 < staleness <= 4 * updates, (staleness, updates)
+    assert 0 < staleness <= 2 * updates, (staleness, updates)
+
+
+def test_a_grouped_checkpoint_mid_run_has_every_workers_replay_and_the_run_goes_on() -> None:
+    """The replays are fetched before the model is copied between turns: a worker waiting
+    for its turn cannot answer (the first version waited 120 s for them and failed)."""
+    cfg = _cfg("cartpole-batchsync", "actors.count=4", "algo.group_size=2")
+    with grad_runner(cfg) as runner:
+        run_until(runner, lambda r, _: r.updates >= 10, 40.0)
+        t0 = time.monotonic()
+        tensors, meta, replay = runner.state(with_replay=True)
+        assert time.monotonic() - t0 < 10.0
+        assert all(checkpoint.with_prefix(replay, f"worker{i}.") for i in range(4))
+        assert meta["updates"] >= 10 and any(k.startswith("online.") for k in tensors)
+        version = runner.updates
+        run_until(runner, lambda r, _: r.updates >= version + 10, 40.0)
+
+
+def test_an_evaluation_of_a_shared_model_sees_one_policy() -> None:
+    """Grouped workers step the shared model on their own: the net an evaluation gets is
+    a copy, which their later steps do not move; once frozen, the model itself."""
+    cfg = _cfg("cartpole-batchsync", "actors.count=4", "algo.group_size=2")
+    with grad_runner(cfg) as runner:
+        run_until(runner, lambda r, _: r.updates >= 5, 40.0)
+        net = runner.policy_net
+        held = _flat(net)
+        assert net is not runner.aggregator.online
+        version = runner.updates
+        run_until(runner, lambda r, _: r.updates >= version + 10, 40.0)
+        assert torch.equal(_flat(net), held)
+        assert not torch.equal(_flat(runner.aggregator.online), held)
+        runner.freeze()
+        assert runner.policy_net is runner.aggregator.online
+
+
+def test_groups_stop_by_themselves_at_the_runs_budget_even_after_a_kill() -> None:
+    """No main process paces the groups: each member counts its env steps in its turns
+    and stops once the run's are at train.total_env_steps. A member killed with reports
+    it never sent does not keep the main process's count short of the budget."""
+    cfg = _cfg("cartpole-batchsync", "actors.count=4", "algo.group_size=2",
+               "train.total_env_steps=1500")
+    with grad_runner(cfg) as runner:
+        run_until(runner, lambda r, _: r.env_steps >= 600, 30.0)
+        victim = runner.workers[3].process
+        assert victim.pid is not None
+        os.kill(victim.pid, signal.SIGKILL)
+        run_until(runner, lambda r, _: r.env_steps >= 1500, 30.0)
+        run_until(runner, lambda r, _: all(t.spent([True, True]) for t in r.sh.teams), 10.0)
+        updates, steps, taken = runner.updates, runner.env_steps, runner.sh.taken.value
+        for _ in range(5):  # nothing moves any more
+            runner.step()
+        assert (runner.updates, runner.env_steps, runner.sh.taken.value) == (
+            updates, steps, taken)
+        assert steps == taken  # every step counted once
+        assert steps < 1500 + 4 * 4 * 2  # at most a round or two of each worker beyond
+
+
+def test_grouped_drops_gradients_staler_than_max_staleness() -> None:
+    """The async rule between groups, judged by the member that steps: with max_staleness
+    0 a group's gradients overtaken by the other group's step are dropped."""
+    cfg = _cfg("cartpole-batchsync", "actors.count=4", "algo.group_size=2",
+               "algo.max_staleness=0", "algo.stale='drop'")
+    with grad_runner(cfg) as runner:
+        reports = run_until(runner, lambda _, reps: sum(x.updates for x in reps) >= 20 and
+                            sum(x.grads_dropped for x in reps) > 0, 40.0)
+    assert sum(r.staleness_sum for r in reports) == 0  # only fresh gradients were applied
+    assert sum(r.grads_applied for r in reports) <= 2 * sum(r.updates for r in reports)
+
+
+@pytest.mark.parametrize("on_loss", ["proceed", "wait"])
+def test_a_killed_grouped_worker_is_replaced_and_rejoins_its_group(on_loss: str) -> None:
+    """A member killed mid-run: its group goes on alone (proceed) or waits (wait) while
+    the other group never waits; the replacement refills and takes part again."""
+    cfg = _cfg("cartpole-batchsync", "actors.count=4", "algo.group_size=2",
+               "algo.max_staleness=100", f"algo.on_worker_loss='{on_loss}'",
+               "learner.learning_starts=1000")
+    with grad_runner(cfg) as runner:
+        reports = _kill_first_worker(runner)
+        assert runner.workers[0].incarnation == 1
+        team = runner.sh.teams[0]
+
+        def rejoined(r: ProcessesGradientRunner, _: list[RoundReport]) -> bool:
+            first = int(team.start_round[0])  # the round the replacement was told to start at
+            return first >= 0 and team.applied.value >= first + 5
+
+        reports += run_until(runner, rejoined, 60.0)
+        more = run_until(runner, lambda _, reps: sum(x.updates for x in reps) >= 30, 30.0)
+    assert sum(r.grads_applied for r in more) == 2 * sum(r.updates for r in more)
+    assert {w for r in more for w in r.steps_by_actor} == {0, 1, 2, 3}
+    solo = sum(2 * r.updates - r.grads_applied for r in reports)  # one-gradient steps
+    if on_loss == "proceed":  # worker 1 went on alone while the replacement refilled
+        assert solo > 0
+    else:  # group 0 waited for the replacement; group 1 never waits for group 0
+        assert solo == 0
+    assert sum(r.updates for r in reports) >= 10  # (group 1 alone through the refill)
+
+
+def _kill_first_worker(runner: ProcessesGradientRunner) -> list[RoundReport]:
+    """After 10 global updates, SIGKILL worker 0; the reports until its restart (within
+    5 s)."""
+    run_until(runner, lambda r, _: r.updates >= 10, 30.0)
+    victim = runner.workers[0].process
+    assert victim.pid is not None
+    os.kill(victim.pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    reports = run_until(runner, lambda _, reps: any(x.actor_restarts for x in reps), 10.0)
+    assert time.monotonic() - t0 < 5.0
+    return reports
 
 
 # ---------------------------------------------------------------- Hogwild A3C
@@ -263,13 +380,8 @@ def test_killed_sync_worker_is_restarted_and_updates_go_on(on_loss: str) -> None
     cfg = _cfg("cartpole-gorila-sync", f"algo.on_worker_loss='{on_loss}'",
                "learner.learning_starts=1000")
     with grad_runner(cfg) as runner:
-        run_until(runner, lambda r, _: r.updates >= 10, 30.0)
         victim = runner.workers[0].process
-        assert victim.pid is not None
-        os.kill(victim.pid, signal.SIGKILL)
-        t0 = time.monotonic()
-        reports = run_until(runner, lambda _, reps: any(x.actor_restarts for x in reps), 10.0)
-        assert time.monotonic() - t0 < 5.0
+        reports = _kill_first_worker(runner)
         assert sum(r.actor_restarts for r in reports) == 1
         assert any("SIGKILL" in note for r in reports for note in r.notes)
         assert runner.workers[0].incarnation == 1 and runner.workers[0].process.is_alive()
@@ -373,19 +485,21 @@ def test_ctrl_c_checkpoints_and_resume_continues(
     assert min(r["updates"] for r in new) >= meta["updates"]
 
 
-@pytest.mark.parametrize("preset", ["cartpole-a3c", "cartpole-dper"])
+@pytest.mark.parametrize("preset", ["cartpole-a3c", "cartpole-dper", "cartpole-batchsync"])
 def test_resume_on_processes_restores_the_global_side(preset: str, tmp_path: Path) -> None:
-    """Hogwild and the sharded replay of the main process (saved with checkpoint.replay)
-    both carry on from a checkpoint: counters, metrics and the model move on (the restored
-    optimizer state itself is compared in the Hogwild restore test below and in
-    test_aggregator_math)."""
+    """Hogwild, the sharded replay of the main process (saved with checkpoint.replay) and
+    grouped groups stepping a shared model all carry on from a checkpoint: counters,
+    metrics and the model move on (the restored optimizer state itself is compared in the
+    Hogwild restore test below and in test_aggregator_math)."""
     run_dir = tmp_path / "run"
     common = ["train.eval_every=0", "train.eval_episodes=2", "log.every=500",
               "checkpoint.replay=true"]
+    if preset == "cartpole-batchsync":  # two groups of two
+        common += ["actors.count=4", "algo.group_size=2", "learner.learning_starts=100"]
     first = qfleet.train(_cfg(preset, *common, "train.total_env_steps=2000"), run_dir)
     tensors, meta, replay = checkpoint.load(checkpoint.find(run_dir))
     assert meta["updates"] > 0 and meta["env_steps"] == first.env_steps
-    assert (preset == "cartpole-dper") == bool(replay)
+    assert (preset != "cartpole-a3c") == bool(replay)  # shards, or each worker's own
     old = read_metrics(run_dir)
     old_train = [r for r in old if r["event"] == "train"]
 

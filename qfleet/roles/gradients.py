@@ -69,6 +69,7 @@ class Gradient:
     # made version ``applied_at``
     reports: int = 1  # gradients whose loss and q_mean are summed here
     stale: list[int] = field(default_factory=list)  # each step's staleness sum (as groups)
+    dropped: int = 0  # a grouped member's report: gradients its group steps dropped as stale
 
 
 class GradientWorker:
@@ -283,18 +284,26 @@ class GradientGate:
             g = self.pending.pop(w, None)
             if g is None or g.grads_P is None:
                 continue
-            staleness, scale = version - g.base_version, 1.0
-            if staleness > self.max_staleness and self.group_size < self.num_workers:
-                if self.stale == "drop":
-                    self.dropped += 1
-                    continue
-                scale = (self.max_staleness + 1) / (staleness + 1)
+            staleness = version - g.base_version
+            scale = self.scale(staleness)
+            if scale is None:
+                self.dropped += 1
+                continue
             self.staleness_sum += staleness
             self.applied += 1
             kept.append((g, g.grads_P, scale))
         grads = [grads_P for _, grads_P, _ in kept]
         weights = row_weights([g.rows for g, _, _ in kept], [scale for _, _, scale in kept])
         return (grads, weights) if grads else None
+
+
+    def scale(self, staleness: int) -> float | None:
+        """A gradient's weight for being ``staleness`` versions old; None: dropped."""
+        if staleness <= self.max_staleness or self.group_size == self.num_workers:
+            return 1.0
+        if self.stale == "drop":
+            return None
+        return (self.max_staleness + 1) / (staleness + 1)
 
 
 def row_weights(rows: list[int], scales: list[float]) -> list[float]:

@@ -176,6 +176,18 @@ class ReduceGroup:
         every ``sync_every`` > 1 gradients compute on older parameters)."""
         return sum(v - int(self.info[v % 2, i, 2]) for i in included)
 
+    def members(self, alive: list[bool]) -> list[int]:
+        """The live workers that are members and not waiting for a join answer."""
+        marks = self.marks
+        member_from = marks[MEMBER_FROM].tolist()
+        joined = (marks[JOIN_ASK] == marks[JOIN_DONE]).tolist()
+        return [i for i, up in enumerate(alive) if up and member_from[i] >= 0 and joined[i]]
+
+    def spent(self, alive: list[bool]) -> bool:
+        """Every live worker marked itself stopped at the run's budget."""
+        spent = self.marks[SPENT].tolist()
+        return any(alive) and all(spent[i] == 1 for i, up in enumerate(alive) if up)
+
     def asking(self) -> list[int]:
         """The replacements that asked to join and have no answer yet."""
         ask, done = self.marks[JOIN_ASK].tolist(), self.marks[JOIN_DONE].tolist()
@@ -195,11 +207,23 @@ class ReduceGroup:
         """The leader hands its replica to each replacement that asked. One that is not a
         member joins from this version, only ``between`` rounds (no one can complete the
         round this worker has not posted)."""
+        self.answer_asking(index, between, lambda k: self.hand_over(
+            k, replica.version, replica.save, folder))
+
+    def answer_asking(self, index: int, between: bool, answer: Callable[[int], None]) -> None:
+        """If worker ``index`` leads: ``answer`` each replacement that asked and may join
+        now (see answer_joins)."""
         if self.leader.value != index:
             return
         for k in self.asking():
             if between or int(self.marks[MEMBER_FROM, k]) >= 0:
-                self.hand_over(k, replica.version, replica.save, folder)
+                answer(k)
+
+    def reduce(self, index: int, v: int, grad: Gradient, steps: int,
+               idle: Callable[[], bool]) -> list[int] | None:
+        """Post ``grad`` for round ``v``, then wait for the round (wait_round)."""
+        self.post(index, v, grad, steps)
+        return self.wait_round(v, idle)
 
     def wait_round(self, v: int, idle: Callable[[], bool]) -> list[int] | None:
         """Wait until round ``v`` is complete; ``idle`` runs meanwhile and returns False
@@ -299,9 +323,8 @@ class Member:
         if grad.grads_P is None:  # still filling its replay
             return grad
         clock = self.worker.actor.clock  # its laps go into the next round's report
-        group.post(index, v, grad, self.steps)
+        included = group.reduce(index, v, grad, self.steps, lambda: self._idle(replica))
         self.steps = 0
-        included = group.wait_round(v, lambda: self._idle(replica))
         if included is None:
             return None
         clock.lap("sync")
@@ -346,10 +369,7 @@ class Keeper:
              env_steps: int) -> set[int]:
         """Each round: name a new leader if the old one died; answer joins if no member
         is left. Returns the workers that are not members (replacements not yet joined)."""
-        marks = self.group.marks
-        member_from = marks[MEMBER_FROM].tolist()
-        joined = (marks[JOIN_ASK] == marks[JOIN_DONE]).tolist()
-        members = [i for i, up in enumerate(alive) if up and member_from[i] >= 0 and joined[i]]
+        members = self.group.members(alive)
         leader = int(self.group.leader.value)
         if leader < 0 or leader not in members:
             if leader >= 0 and not alive[leader] and params.seq.value % 2:
@@ -357,13 +377,12 @@ class Keeper:
             self.group.leader.value = leader = min(members, default=-1)
         if leader < 0:
             self._answer(agg, params, env_steps)
-        return {i for i, first in enumerate(marks[MEMBER_FROM].tolist()) if first < 0}
+        return {i for i, first in enumerate(self.group.marks[MEMBER_FROM].tolist()) if first < 0}
 
     def spent(self, alive: list[bool]) -> bool:
         """Every live worker stopped at the run's budget (the main process's count may
         fall short of it by reports a killed worker never sent: it must stop anyway)."""
-        spent = self.group.marks[SPENT].tolist()
-        return any(alive) and all(spent[i] == 1 for i, up in enumerate(alive) if up)
+        return self.group.spent(alive)
 
     def _answer(self, agg: Aggregator, params: SharedParams, env_steps: int) -> None:
         asking = self.group.asking()

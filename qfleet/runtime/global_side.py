@@ -44,6 +44,7 @@ class GlobalSide:
         self.clock = Clock()  # the aggregator's own time split
         self.saved_replays: dict[int, dict[str, np.ndarray]] = {}  # by worker, from restore
         self.worker_steps = [0] * program.num_workers  # env steps each worker's data had
+        self.teams = False  # grouped members step a shared model and report their own steps
 
     @property
     def updates(self) -> int:
@@ -151,6 +152,9 @@ class GlobalSide:
         report.loss_sum += grad.loss
         report.q_sum += grad.q_mean
         report.loss_count += grad.reports
+        if grad.groups and self.teams:  # its group stepped the shared model
+            self._count_team_steps(grad, report)
+            return
         if grad.groups:  # a sync group stepped its replicas: each member reports the steps
             self._count_group_step(grad, report)
             return
@@ -171,6 +175,15 @@ class GlobalSide:
         report.grads_applied += sum(grad.groups[-new:])
         report.staleness_sum += sum(grad.stale[-new:])
         self.aggregator.version_1.fill_(grad.applied_at)
+
+    @staticmethod
+    def _count_team_steps(grad: Gradient, report: RoundReport) -> None:
+        """A grouped member's steps: the ones it applied itself (0 in ``groups`` where
+        another member of its group did)."""
+        report.updates += sum(1 for n in grad.groups if n)
+        report.grads_applied += sum(grad.groups)
+        report.grads_dropped += grad.dropped
+        report.staleness_sum += sum(grad.stale)
 
     def flush(self, worker: int, live: Collection[int], report: RoundReport) -> None:
         """A worker left ``live``: its group may now be complete without it."""

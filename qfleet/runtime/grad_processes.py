@@ -12,6 +12,10 @@ offers it to the gate, steps when a group is complete, publishes the new paramet
 SharedParams and only then hands the slot back. A grouped worker has one slot, so taking
 it back is its group's barrier. Async workers have two slots and never wait.
 
+Grouped (batch-synchronous groups): the global model and its optimizer state live in
+shared memory; each group's members reduce among themselves and one of them steps the
+shared model (group_reduce); between groups the async rule stays.
+
 Hogwild mode (A3C): the global model, the optimizer state and the version counter live
 in shared memory; each worker applies its own gradients lock-free and only reports.
 
@@ -22,6 +26,7 @@ traceback."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 import os
 import shutil
@@ -41,7 +46,8 @@ from qfleet.runtime.allreduce import Keeper, ReduceGroup, load_replica
 from qfleet.runtime.base import RoundReport
 from qfleet.runtime.errors import WorkerError
 from qfleet.runtime.global_side import GlobalSide
-from qfleet.runtime.grad_worker import GradMsg, Link, SavedMsg, Shared, worker_main
+from qfleet.runtime.grad_worker import LAST, GradMsg, Link, SavedMsg, Shared, worker_main
+from qfleet.runtime.group_reduce import Team, TeamKeeper
 from qfleet.runtime.processes import (
     Inbox,
     arrived,
@@ -75,8 +81,10 @@ class ProcessesGradientRunner(GlobalSide):
     def __init__(self, program: GradientProgram, start_method: str = "auto") -> None:
         super().__init__(program)
         self.ctx = context(start_method)
-        if program.hogwild:
+        self.shared_model = program.hogwild or program.grouped
+        if self.shared_model:
             self.aggregator.share_memory()
+        if program.hogwild:
             self.aggregator.lock = self.ctx.Lock()
         self.params = SharedParams(self.aggregator.model, self.ctx)
         self.params.publish(self.aggregator.model, self.aggregator.version)
@@ -86,19 +94,25 @@ class ProcessesGradientRunner(GlobalSide):
         self.size_P = sum(v.numel() for v in self.aggregator.online.parameters())
         group = ReduceGroup(program.num_workers, self.size_P, self.ctx, self.aggregator.version) \
             if program.sync and not program.hogwild else None
+        teams = [Team(program.group_size, self.size_P, self.ctx)
+                 for _ in range(program.num_workers // program.group_size)] \
+            if program.grouped else []
         self.sh = Shared(program, self.params,
-                          self.aggregator if program.hogwild else None, Flag(self.ctx),
+                          self.aggregator if self.shared_model else None, Flag(self.ctx),
                           None if self.server is None else self.server.size,
                           self.shared_replay is not None and self.shared_replay.prioritized,
-                          PauseGate(program.num_workers, self.ctx) if program.hogwild else None,
+                          PauseGate(program.num_workers, self.ctx) if self.shared_model else None,
                           self.ctx.Value("q", 0, lock=False),
                           tempfile.mkdtemp(prefix="qfleet-replays-"), self.ctx.RawValue("q", 0),
-                          self.ctx.RawValue("b", 1), group)
+                          self.ctx.RawValue("b", 1), group, teams, self.ctx.RawValue("q", 0))
         self.keeper = None if group is None else \
             Keeper(group, self.sh.save_dir, program.wait_for_restart)
         if self.keeper is not None:
             self.keeper.start(self.aggregator, self.env_steps)
-        self.frozen = False  # sync group: the main's copy is the model, its workers are gone
+        self.team_keepers = [TeamKeeper(team, program.wait_for_restart) for team in teams]
+        self.teams = bool(teams)
+        self.frozen = False  # freeze() stopped the workers (a sync group's: the main's copy
+        # is the model)
         self.fetched: dict[int, dict[str, np.ndarray]] = {}  # their replays, when frozen
         self.deferred: list[Any] = []  # messages that came while a checkpoint waited
         self.restarts = [0] * program.num_workers
@@ -109,7 +123,7 @@ class ProcessesGradientRunner(GlobalSide):
     def _new_link(self) -> Link:
         p = self.program
         # one slot makes a group's barrier; a sync group reduces in its own memory
-        slots = 0 if self.keeper is not None else 2 if p.group_size == 1 else 1
+        slots = 0 if self.keeper is not None or p.grouped else 2 if p.group_size == 1 else 1
         free = self.ctx.Queue()
         for s in range(slots):
             free.put(s)
@@ -143,9 +157,24 @@ class ProcessesGradientRunner(GlobalSide):
             self.keeper.refresh(self.aggregator, self.params)
             if self.keeper.spent(alive):
                 self.env_steps = max(self.env_steps, self.program.total_env_steps)
+        if self.teams:
+            self._tend_teams(report)
         self.sh.env_steps.value = self.env_steps
         self.clock_out(report)
         return report
+
+    def _tend_teams(self, report: RoundReport) -> None:
+        """Each group's joins; once every live member stopped at the budget (its reports
+        sent), the count becomes every step they took, also those of reports a killed
+        worker never sent (so the run ends)."""
+        size, spent = self.program.group_size, True
+        for g, team_keeper in enumerate(self.team_keepers):
+            alive = [w.process.is_alive() for w in self.workers[g * size:(g + 1) * size]]
+            team_keeper.tend(alive)
+            spent = spent and team_keeper.team.spent(alive)
+        if spent:
+            self._drain(report, wait=False)  # what they sent before they said so
+            self.env_steps = max(self.env_steps, int(self.sh.taken.value))
 
     def _drain(self, report: RoundReport, wait: bool) -> None:
         """Serve what has arrived, for at most ROUND_S: Hogwild workers never wait for the
@@ -174,13 +203,14 @@ class ProcessesGradientRunner(GlobalSide):
         grads_P = None if msg.slot < 0 else link.grads[msg.slot].clone()
         grad = Gradient(msg.worker, msg.base_version, msg.env_steps, msg.returns, grads_P,
                         msg.loss, msg.q_mean, msg.epsilon, msg.applied_at, msg.rows,
-                        msg.lengths, msg.times, msg.groups, msg.reports, msg.stale)
+                        msg.lengths, msg.times, msg.groups, msg.reports, msg.stale,
+                        msg.dropped)
         current = self.workers[msg.worker].incarnation == msg.incarnation
         self.take(grad, current, (link, msg.slot), report)
 
     def _publish(self) -> None:
-        if not self.program.hogwild and self.keeper is None:  # Hogwild workers read the
-            # shared model itself; a sync group's leader publishes its replica
+        if not self.shared_model and self.keeper is None:  # Hogwild and grouped workers
+            # read the shared model itself; a sync group's leader publishes its replica
             self.params.publish(self.aggregator.model, self.aggregator.version)
 
     def _release(self, token: tuple[Link, int]) -> None:
@@ -191,8 +221,10 @@ class ProcessesGradientRunner(GlobalSide):
         for i in dead_workers(self.workers, self._drain, self.restarts, "worker", report):
             if self.keeper is not None:
                 self.keeper.lost(i)
+            if self.team_keepers:
+                self.team_keepers[i // self.program.group_size].lost(i % self.program.group_size)
             self.workers[i] = self._spawn(i, self.workers[i].incarnation + 1,
-                                          joins=self.keeper is not None)
+                                          joins=self.keeper is not None or self.program.grouped)
             self.lost(i, report)
 
     # ------------------------------------------------------------ checkpoint state
@@ -201,6 +233,9 @@ class ProcessesGradientRunner(GlobalSide):
                                                 dict[str, np.ndarray]]:
         if self.keeper is not None and not self.frozen:
             self._from_group(with_replay and self.program.local_replay)
+        elif self.shared_model and not self.frozen and with_replay and self.program.local_replay:
+            # before the pause: a grouped worker waiting for its turn cannot answer
+            self.fetched = self._replays(True)
         if self.sh.pause is None:
             tensors, meta, replay = super().state(with_replay)
         else:  # Hogwild workers write the model lock-free: copy it between their steps
@@ -211,14 +246,28 @@ class ProcessesGradientRunner(GlobalSide):
     def _incarnations(self) -> list[int]:
         return [w.incarnation for w in self.workers]
 
+    @property
+    def policy_net(self) -> torch.nn.Module:
+        """While workers step the shared model (Hogwild, grouped): a copy taken between
+        their steps, so an evaluation sees one policy."""
+        if self.sh.pause is None or self.frozen:
+            return self.aggregator.online
+        with self.sh.pause.paused(lambda i: self.workers[i].process.is_alive()):
+            return copy.deepcopy(self.aggregator.online)
+
     def dump_stacks(self, workers: list[int]) -> str:
         return signal_stacks(self.workers, workers, "worker")
 
     def local_replays(self) -> dict[int, dict[str, np.ndarray]]:
-        if self.keeper is not None:  # fetched with the replicas (_from_group)
+        if self.keeper is not None or self.shared_model:  # fetched already: with the
+            # replicas (_from_group), before the pause (state) or the stop (freeze)
             fetched, self.fetched = self.fetched, {}
             return fetched
-        return {i: self._read(msg.path) for i, msg in self._saves(True).items()}
+        return self._replays(True)
+
+    def _replays(self, with_replays: bool, last: bool = False) -> dict[int, dict[str,
+                                                                             np.ndarray]]:
+        return {i: self._read(msg.path) for i, msg in self._saves(with_replays, last).items()}
 
     def _from_group(self, with_replays: bool) -> None:
         """A sync group's model and optimizer state come from its lowest member's replica
@@ -240,11 +289,12 @@ class ProcessesGradientRunner(GlobalSide):
         os.unlink(path)
         return arrays
 
-    def _saves(self, with_replays: bool) -> dict[int, SavedMsg]:
+    def _saves(self, with_replays: bool, last: bool = False) -> dict[int, SavedMsg]:
         """Ask every worker to write its own replay (``with_replays``) and a sync member
         its replica, wait for the answers (serving the replay meanwhile; gradients wait
-        for the next round)."""
-        self.sh.save_replays.value = int(with_replays)
+        for the next round). ``last``: each worker then waits to be stopped, so its
+        replay holds every env step of its reports."""
+        self.sh.save_replays.value = int(with_replays) | (LAST if last else 0)
         self.sh.save_request.value += 1
         request, saves = self.sh.save_request.value, dict[int, SavedMsg]()
         deadline = time.monotonic() + SAVE_TIMEOUT_S
@@ -268,14 +318,17 @@ class ProcessesGradientRunner(GlobalSide):
         global side is restored, so the forked workers see the restored shared state."""
         self._stop_workers()
         super().restore(tensors, meta, replay)
-        if self.program.hogwild:
+        if self.shared_model:
             self.aggregator.share_memory()
+        for team in self.sh.teams:
+            team.reset(0)
+        self.sh.taken.value = self.env_steps
         if self.server is not None:
             self.server.size.value = len(self.server.replay)
         self.params.publish(self.aggregator.model, self.aggregator.version)
         if self.keeper is not None:
             self.keeper.start(self.aggregator, self.env_steps)
-            self.frozen = False
+        self.frozen = False
         self.sh.stop.clear()
         self.sh.env_steps.value = self.env_steps
         self._forget_workers()
@@ -286,10 +339,18 @@ class ProcessesGradientRunner(GlobalSide):
             self.inbox.drop(key)
 
     def freeze(self) -> None:
-        """Hogwild workers write the shared model on their own: stop them so the final
-        eval, the result and the checkpoint all see one model."""
-        if self.program.hogwild:
+        """Hogwild and grouped workers write the shared model on their own: stop them so
+        the final eval, the result and the checkpoint all see one model (with the replays
+        they own, fetched first)."""
+        if self.shared_model and not self.frozen:
+            replays = self._replays(self.program.local_replay, last=True)
+            self.fetched = replays if self.program.local_replay else {}
             self._stop_workers()
+            if self.teams:  # their last reports: the env steps in the replays are counted
+                # (the metrics of that last moment are not logged). Hogwild workers keep no
+                # replay and run ~10k steps/s: counting them would overshoot the budget.
+                self._drain(RoundReport(), wait=False)
+            self.frozen = True
         elif self.keeper is not None and not self.frozen:  # a sync group steps on its own
             self._from_group(self.program.local_replay)
             self._stop_workers()

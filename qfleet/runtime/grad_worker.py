@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import queue
+import time
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -18,7 +19,7 @@ from safetensors.numpy import save_file as save_numpy
 from qfleet.algos.program import GradientProgram
 from qfleet.compute import pin_torch
 from qfleet.roles import Fetch, gradient_step
-from qfleet.roles.gradients import Aggregator, Gradient, GradientWorker
+from qfleet.roles.gradients import Aggregator, Gradient, GradientGate, GradientWorker
 from qfleet.runtime.allreduce import (
     REPORT_S,
     ReduceGroup,
@@ -27,10 +28,13 @@ from qfleet.runtime.allreduce import (
     run_member,
     start_path,
 )
+from qfleet.runtime.group_reduce import Common, Team, TeamMember, run_team_member
 from qfleet.runtime.processes import ErrorMsg, leave_signals_to_main
 from qfleet.runtime.replay_rpc import ReplayClient, ReplayLink
 from qfleet.runtime.shm import Flag, PauseGate, SharedParams, main_alive
 from qfleet.schedules import follow
+
+LAST = 2
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,7 @@ class GradMsg:
     groups: list[int]  # sync among workers: gradients in each step reported (else [])
     reports: int
     stale: list[int]
+    dropped: int
 
 
 @dataclass(frozen=True)
@@ -94,8 +99,11 @@ class Shared:
     save_dir: str  # ... into this folder
     env_steps: Any  # the run's env steps as the main process last counted them (Hogwild
     # workers set their learning rate from it)
-    save_replays: Any  # whether a checkpoint request wants the workers' replays
+    save_replays: Any  # 1: a checkpoint request wants the workers' replays; | LAST: the
+    # answer is the worker's last act (it waits to be stopped)
     group: ReduceGroup | None  # sync: the workers reduce among themselves
+    teams: list[Team]  # grouped: each group's members reduce among themselves
+    taken: Any  # grouped: the env steps the members took (group_reduce.Common)
 
 
 def worker_main(sh: Shared, index: int, incarnation: int, link: Link, out: Connection,
@@ -111,6 +119,10 @@ def worker_main(sh: Shared, index: int, incarnation: int, link: Link, out: Conne
         saver = _Saver(sh, worker, incarnation, save_request, out)
         if sh.group is not None:
             _member_main(sh, worker, saver, out, joins)
+            worker.close()
+            return
+        if sh.teams:
+            _team_main(sh, worker, saver, out, joins)
             worker.close()
             return
         # Hogwild: a fresh copy of the shared model, whatever its version; else the
@@ -152,6 +164,25 @@ def _member_main(sh: Shared, worker: GradientWorker, saver: _Saver, out: Connect
                0.0 if sh.replay_size is not None else REPORT_S)
 
 
+def _team_main(sh: Shared, worker: GradientWorker, saver: _Saver, out: Connection,
+               joins: bool) -> None:
+    """A member of a batch-synchronous group (group_reduce)."""
+    assert sh.aggregator is not None and sh.pause is not None
+    p = sh.program
+
+    def go_on() -> bool:
+        saver()
+        return not sh.stop.is_set() and main_alive()
+
+    common = Common(sh.aggregator, sh.pause,
+                    GradientGate(p.num_workers, p.group_size, p.max_staleness, p.stale),
+                    p.sync_every, lambda: int(sh.env_steps.value), sh.taken, p.total_env_steps)
+    member = TeamMember(worker, sh.teams[worker.index // p.group_size],
+                        worker.index % p.group_size, common, go_on,
+                        lambda grad: out.send(_message(worker, grad, -1)))
+    run_team_member(member, joins)
+
+
 class _Saver:
     """Answers the main process's checkpoint requests with this worker's own replay,
     between two work() calls (so the replay is never caught mid-write)."""
@@ -166,14 +197,16 @@ class _Saver:
         if request == self.answered:
             return
         path = os.path.join(self.sh.save_dir, f"worker{self.worker.index}-{request}")
-        save_numpy(self.worker.replay_state() if self.sh.save_replays.value else {},
-                   path + ".safetensors")
+        asked = self.sh.save_replays.value
+        save_numpy(self.worker.replay_state() if asked & 1 else {}, path + ".safetensors")
         if replica is not None:
             replica.save(path + ".replica.safetensors")
         self.out.send(SavedMsg(self.worker.index, self.incarnation, request,
                                path + ".safetensors",
                                "" if replica is None else path + ".replica.safetensors"))
         self.answered = request
+        while asked & LAST and not self.sh.stop.is_set() and main_alive():
+            time.sleep(0.01)
 
 
 def _send(sh: Shared, worker: GradientWorker, grad: Gradient, link: Link,
@@ -196,7 +229,7 @@ def _message(worker: GradientWorker, grad: Gradient, slot: int) -> GradMsg:
     return GradMsg(worker.index, worker.actor.incarnation, slot, grad.base_version,
                    grad.env_steps, grad.episode_returns, grad.loss, grad.q_mean, grad.epsilon,
                    grad.applied_at, grad.rows, grad.episode_lengths, grad.times, grad.groups,
-                   grad.reports, grad.stale)
+                   grad.reports, grad.stale, grad.dropped)
 
 
 def _take(free: Any, sh: Shared, saver: _Saver) -> int | None:

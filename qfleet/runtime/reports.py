@@ -44,5 +44,6 @@ def merge(held: Gradient, grad: Gradient) -> Gradient:
         held.reports += grad.reports
         held.groups += grad.groups
         held.stale += grad.stale
+        held.dropped += grad.dropped
         held.applied_at, held.base_version = grad.applied_at, grad.base_version
     return held

@@ -175,6 +175,11 @@ class ChunkSlots:
         self.free.cancel_join_thread()
 
 
+# Between tries for a turn: from 20 us, doubling to TURN_SLEEP_S. A turn is held for a
+# step (~1 ms on 2 cores), which tries every 20 us would poll about 50 times.
+TURN_SLEEP_S = 0.5e-3
+
+
 class PauseGate:
     """Lets the main process copy a shared model that Hogwild workers write lock-free.
 
@@ -196,6 +201,23 @@ class PauseGate:
                     self.busy_W[worker] = 1
                     break
             time.sleep(0.001)
+        try:
+            yield
+        finally:
+            self.busy_W[worker] = 0
+
+    @contextlib.contextmanager
+    def turn(self, worker: int) -> Iterator[None]:
+        """``step``, but alone: no other worker is in its step or turn meanwhile (grouped
+        groups step the shared model one at a time, and copy it untorn)."""
+        pause = 20e-6
+        while True:
+            with self.lock:
+                if not self.pause.value and not self.busy_W.any():
+                    self.busy_W[worker] = 1
+                    break
+            time.sleep(pause)
+            pause = min(2 * pause, TURN_SLEEP_S)
         try:
             yield
         finally:
