@@ -296,7 +296,6 @@ class GradientGate:
         weights = row_weights([g.rows for g, _, _ in kept], [scale for _, _, scale in kept])
         return (grads, weights) if grads else None
 
-
     def scale(self, staleness: int) -> float | None:
         """A gradient's weight for being ``staleness`` versions old; None: dropped."""
         if staleness <= self.max_staleness or self.group_size == self.num_workers:

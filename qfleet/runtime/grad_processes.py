@@ -123,7 +123,7 @@ class ProcessesGradientRunner(GlobalSide):
     def _new_link(self) -> Link:
         p = self.program
         # one slot makes a group's barrier; a sync group reduces in its own memory
-        slots = 0 if self.keeper is not None or p.grouped else 2 if p.group_size == 1 else 1
+        slots = 0 if self.keeper is not None or self.teams else 2 if p.group_size == 1 else 1
         free = self.ctx.Queue()
         for s in range(slots):
             free.put(s)
@@ -221,10 +221,10 @@ class ProcessesGradientRunner(GlobalSide):
         for i in dead_workers(self.workers, self._drain, self.restarts, "worker", report):
             if self.keeper is not None:
                 self.keeper.lost(i)
-            if self.team_keepers:
+            if self.teams:
                 self.team_keepers[i // self.program.group_size].lost(i % self.program.group_size)
             self.workers[i] = self._spawn(i, self.workers[i].incarnation + 1,
-                                          joins=self.keeper is not None or self.program.grouped)
+                                          joins=self.keeper is not None or self.teams)
             self.lost(i, report)
 
     # ------------------------------------------------------------ checkpoint state
@@ -343,8 +343,8 @@ class ProcessesGradientRunner(GlobalSide):
         the final eval, the result and the checkpoint all see one model (with the replays
         they own, fetched first)."""
         if self.shared_model and not self.frozen:
-            replays = self._replays(self.program.local_replay, last=True)
-            self.fetched = replays if self.program.local_replay else {}
+            self.fetched = self._replays(self.program.local_replay, last=True)  # ({} each
+            # unless they keep replays)
             self._stop_workers()
             if self.teams:  # their last reports: the env steps in the replays are counted
                 # (the metrics of that last moment are not logged). Hogwild workers keep no
