@@ -5,11 +5,12 @@ Schemes (each from its CartPole preset, ``runtime.backend = "processes"``, torch
   gorila sync     cartpole-gorila-sync; sync needs W >= 2, so its W = 1 reference is the
                   same preset with ``algo.aggregation = "async"`` and one worker: the same
                   single-worker computation (gradient on the worker, one global step each);
-  gorila async    cartpole-gorila-async;
+  gorila async    cartpole-gorila-async: each worker is a group of one that steps the
+                  shared-memory model in its turn;
   grouped         cartpole-batchsync: W = 1 (G = 1), W = 2 with G = 1 and with G = 2 (the
                   interesting pair: async vs sync inside one group), and W = 4, G = 2
-                  (G > 1: each group's members reduce among themselves and step a
-                  shared-memory model; G = 1 goes through the main process);
+                  (each group's members reduce among themselves and step a
+                  shared-memory model);
   a2c             cartpole-a2c: W = 1 and W = 2 (sync: the workers reduce among
                   themselves and each steps its own replica; W = 1 is a group of one);
   a3c hogwild     cartpole-a3c: workers apply their gradients lock-free to a shared-memory
@@ -19,7 +20,7 @@ updates have started (worker start and replay fill excluded), then runs a warm-u
 then the measured window. Printed per run: global updates/s (the change of the global
 version), env steps/s (steps counted into the global side), mean staleness
 (staleness_sum / grads_applied), gradients dropped as too stale, CPU of the main process
-(the aggregator) and of the workers (shares of one core), env steps per CPU-second of
+(it counts the reports) and of the workers (shares of one core), env steps per CPU-second of
 this benchmark's processes, and cores busy with other processes; then the scaling ratio
 W = 2 / W = 1 per scheme (goals: >= 1.7x for async and A3C; env steps/s >= 1.5x with
 updates/s kept for gorila sync and A2C, >= 1.3x for grouped W = 4, G = 2).
@@ -223,10 +224,10 @@ def main() -> None:
     print(f"processes backend, {args.seconds:g} s measured after {args.warmup:g} s warm-up "
           f"counted from the first global update (worker start and replay fill excluded), "
           f"{args.repeats} interleaved round(s); torch threads 1")
-    print(f"this machine has {os.cpu_count()} CPUs; the main process aggregates (sync/async/"
-          "grouped: receives every gradient and steps the global model) while W workers "
-          "compute, so W workers + the aggregator share them: with 2 CPUs, W=2 cannot scale "
-          "perfectly unless the aggregator's share is small. 'gorila sync W=1' is the sync "
+    print(f"this machine has {os.cpu_count()} CPUs; the workers step the global model "
+          "themselves (sync: each its replica; async and grouped: a shared-memory model in "
+          "turns; A3C: lock-free) and the main process only counts their reports, so its "
+          "CPU share should stay small. 'gorila sync W=1' is the sync "
           "preset run async with 1 worker (sync needs W >= 2): the same single-worker "
           "computation. staleness = staleness_sum / grads_applied (global versions); "
           "'others' = cores busy with processes outside this benchmark.\n",

@@ -1,23 +1,20 @@
 """The processes backend for gradient schemes: one worker process per gradient worker
-(its side is grad_worker).
+(its side is grad_worker). No scheme has a server in the loop: the workers step the
+global model themselves and the main process counts their reports, evaluates and
+checkpoints.
 
-Sync (gorila sync, A2C): no server in the loop. The workers reduce their gradients among
-themselves and each steps its own replica of the global model (allreduce); the main
-process counts their reports, follows the parameters the leader publishes for
-evaluations, and takes the model and optimizer state from a replica for a checkpoint.
+Sync (gorila sync, A2C): the workers reduce their gradients among themselves and each
+steps its own replica of the global model (allreduce); the main process follows the
+parameters the leader publishes for evaluations, and takes the model and optimizer state
+from a replica for a checkpoint.
 
-Parameter-server mode (async / grouped): a worker writes its flat gradient into one of
-its shared gradient slots and sends the slot id; the main process (the aggregator)
-offers it to the gate, steps when a group is complete, publishes the new parameters in
-SharedParams and only then hands the slot back. A grouped worker has one slot, so taking
-it back is its group's barrier. Async workers have two slots and never wait.
+Async and grouped (batch-synchronous groups): the global model and its optimizer state
+live in shared memory; each group's members reduce among themselves and one of them
+steps the shared model in a turn (group_reduce); between groups the async rule stays.
+An async worker is a group of one: it judges and applies its own gradient.
 
-Grouped (batch-synchronous groups): the global model and its optimizer state live in
-shared memory; each group's members reduce among themselves and one of them steps the
-shared model (group_reduce); between groups the async rule stays.
-
-Hogwild mode (A3C): the global model, the optimizer state and the version counter live
-in shared memory; each worker applies its own gradients lock-free and only reports.
+Hogwild (A3C): the global model, the optimizer state and the version counter live in
+shared memory; each worker applies its own gradients lock-free and only reports.
 
 Faults: a killed worker is restarted with fresh seeds (counted); a sync group or a
 group proceeds with the live workers until the replacement's first gradient arrives, or
@@ -81,7 +78,7 @@ class ProcessesGradientRunner(GlobalSide):
     def __init__(self, program: GradientProgram, start_method: str = "auto") -> None:
         super().__init__(program)
         self.ctx = context(start_method)
-        self.shared_model = program.hogwild or program.grouped
+        self.shared_model = not program.sync  # Hogwild, async and grouped
         if self.shared_model:
             self.aggregator.share_memory()
         if program.hogwild:
@@ -96,7 +93,7 @@ class ProcessesGradientRunner(GlobalSide):
             if program.sync and not program.hogwild else None
         teams = [Team(program.group_size, self.size_P, self.ctx)
                  for _ in range(program.num_workers // program.group_size)] \
-            if program.grouped else []
+            if self.shared_model and not program.hogwild else []  # async: groups of one
         self.sh = Shared(program, self.params,
                           self.aggregator if self.shared_model else None, Flag(self.ctx),
                           None if self.server is None else self.server.size,
@@ -122,14 +119,8 @@ class ProcessesGradientRunner(GlobalSide):
 
     def _new_link(self) -> Link:
         p = self.program
-        # one slot makes a group's barrier; a sync group reduces in its own memory
-        slots = 0 if self.keeper is not None or self.teams else 2 if p.group_size == 1 else 1
-        free = self.ctx.Queue()
-        for s in range(slots):
-            free.put(s)
-        replay = None if self.shared_replay is None else ReplayLink(
-            p.max_chunk_rows, p.batch_size, p.record, self.ctx)
-        return Link(torch.zeros(slots, self.size_P).share_memory_(), free, replay)
+        return Link(None if self.shared_replay is None else ReplayLink(
+            p.max_chunk_rows, p.batch_size, p.record, self.ctx))
 
     def _spawn(self, index: int, incarnation: int, joins: bool = False) -> _Worker:
         link = self._new_link()
@@ -197,25 +188,14 @@ class ProcessesGradientRunner(GlobalSide):
         self.server.handle(msg, None if link is None else link.replay)
 
     def _receive_grad(self, msg: GradMsg, report: RoundReport) -> None:
-        link = self.links.get((msg.worker, msg.incarnation))
-        if link is None:
+        """A worker's report: its gradients are in the global model already."""
+        if (msg.worker, msg.incarnation) not in self.links:
             return  # from an incarnation long gone
-        grads_P = None if msg.slot < 0 else link.grads[msg.slot].clone()
-        grad = Gradient(msg.worker, msg.base_version, msg.env_steps, msg.returns, grads_P,
+        grad = Gradient(msg.worker, msg.base_version, msg.env_steps, msg.returns, None,
                         msg.loss, msg.q_mean, msg.epsilon, msg.applied_at, msg.rows,
                         msg.lengths, msg.times, msg.groups, msg.reports, msg.stale,
                         msg.dropped)
-        current = self.workers[msg.worker].incarnation == msg.incarnation
-        self.take(grad, current, (link, msg.slot), report)
-
-    def _publish(self) -> None:
-        if not self.shared_model and self.keeper is None:  # Hogwild and grouped workers
-            # read the shared model itself; a sync group's leader publishes its replica
-            self.params.publish(self.aggregator.model, self.aggregator.version)
-
-    def _release(self, token: tuple[Link, int]) -> None:
-        link, slot = token
-        link.free.put(slot)
+        self.take(grad, self.workers[msg.worker].incarnation == msg.incarnation, None, report)
 
     def _check_health(self, report: RoundReport) -> None:
         for i in dead_workers(self.workers, self._drain, self.restarts, "worker", report):
@@ -234,7 +214,7 @@ class ProcessesGradientRunner(GlobalSide):
         if self.keeper is not None and not self.frozen:
             self._from_group(with_replay and self.program.local_replay)
         elif self.shared_model and not self.frozen and with_replay and self.program.local_replay:
-            # before the pause: a grouped worker waiting for its turn cannot answer
+            # before the pause: a group member waiting for its turn cannot answer
             self.fetched = self._replays(True)
         if self.sh.pause is None:
             tensors, meta, replay = super().state(with_replay)
@@ -248,7 +228,7 @@ class ProcessesGradientRunner(GlobalSide):
 
     @property
     def policy_net(self) -> torch.nn.Module:
-        """While workers step the shared model (Hogwild, grouped): a copy taken between
+        """While workers step the shared model (Hogwild, async, grouped): a copy taken between
         their steps, so an evaluation sees one policy."""
         if self.sh.pause is None or self.frozen:
             return self.aggregator.online
@@ -339,7 +319,7 @@ class ProcessesGradientRunner(GlobalSide):
             self.inbox.drop(key)
 
     def freeze(self) -> None:
-        """Hogwild and grouped workers write the shared model on their own: stop them so
+        """Workers that write the shared model on their own (all but sync): stop them so
         the final eval, the result and the checkpoint all see one model (with the replays
         they own, fetched first)."""
         if self.shared_model and not self.frozen:

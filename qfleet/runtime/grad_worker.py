@@ -1,11 +1,11 @@
 """What runs in a gradient worker process of the processes backend (grad_processes):
 its loop, its messages to the main process, its answers to checkpoint requests. A sync
-group's member runs allreduce.run_member instead of the parameter-server loop."""
+group's member runs allreduce.run_member, an async or grouped worker
+group_reduce.run_team_member, a Hogwild worker the loop here."""
 
 from __future__ import annotations
 
 import os
-import queue
 import time
 import traceback
 from dataclasses import dataclass
@@ -13,12 +13,11 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 import numpy as np
-import torch
 from safetensors.numpy import save_file as save_numpy
 
 from qfleet.algos.program import GradientProgram
 from qfleet.compute import pin_torch
-from qfleet.roles import Fetch, gradient_step
+from qfleet.roles import gradient_step
 from qfleet.roles.gradients import Aggregator, Gradient, GradientGate, GradientWorker
 from qfleet.runtime.allreduce import (
     REPORT_S,
@@ -41,7 +40,6 @@ LAST = 2
 class GradMsg:
     worker: int
     incarnation: int
-    slot: int  # -1: no gradient in a slot (still filling its replay, or Hogwild)
     base_version: int
     env_steps: int
     returns: list[float]
@@ -73,13 +71,9 @@ class SavedMsg:
 class Link:
     """Everything one worker incarnation shares with the main process."""
 
-    grads: torch.Tensor  # (slots, P) in shared memory
-    free: Any  # queue of slot ids the worker may write
     replay: ReplayLink | None
 
     def close(self) -> None:
-        self.free.close()
-        self.free.cancel_join_thread()
         if self.replay is not None:
             self.replay.close()
 
@@ -90,11 +84,11 @@ class Shared:
 
     program: GradientProgram
     params: SharedParams
-    aggregator: Aggregator | None  # Hogwild only: the shared-memory global model
+    aggregator: Aggregator | None  # Hogwild, async, grouped: the shared-memory global model
     stop: Flag
     replay_size: Any
     replay_prioritized: bool
-    pause: PauseGate | None  # Hogwild: lets a checkpoint copy the shared model whole
+    pause: PauseGate | None  # with a shared model: a checkpoint copies it whole
     save_request: Any  # a counter: when it moves, each worker saves its own replay ...
     save_dir: str  # ... into this folder
     env_steps: Any  # the run's env steps as the main process last counted them (Hogwild
@@ -102,8 +96,8 @@ class Shared:
     save_replays: Any  # 1: a checkpoint request wants the workers' replays; | LAST: the
     # answer is the worker's last act (it waits to be stopped)
     group: ReduceGroup | None  # sync: the workers reduce among themselves
-    teams: list[Team]  # grouped: each group's members reduce among themselves
-    taken: Any  # grouped: the env steps the members took (group_reduce.Common)
+    teams: list[Team]  # async, grouped: each group's members reduce among themselves
+    taken: Any  # async, grouped: the env steps the members took (group_reduce.Common)
 
 
 def worker_main(sh: Shared, index: int, incarnation: int, link: Link, out: Connection,
@@ -125,16 +119,7 @@ def worker_main(sh: Shared, index: int, incarnation: int, link: Link, out: Conne
             _team_main(sh, worker, saver, out, joins)
             worker.close()
             return
-        # Hogwild: a fresh copy of the shared model, whatever its version; else the
-        # published snapshot when its version moved.
-        fetch: Fetch = sh.params.pull if sh.aggregator is None else \
-            (lambda version: sh.aggregator.snapshot())  # type: ignore[union-attr]
-        while not sh.stop.is_set() and main_alive():
-            slot = _take(link.free, sh, saver)
-            if slot is None:
-                break
-            grad = gradient_step(worker, fetch, sh.program.sync_every)
-            out.send(_send(sh, worker, grad, link, slot))
+        _hogwild_main(sh, worker, saver, out)
         worker.close()
     except SystemExit:
         pass
@@ -157,7 +142,7 @@ def _member_main(sh: Shared, worker: GradientWorker, saver: _Saver, out: Connect
         return not sh.stop.is_set() and main_alive()
 
     run_member(worker, sh.group, replica, sh.params, sh.save_dir, sh.program.sync_every, idle,
-               lambda grad: out.send(_message(worker, grad, -1)), sh.program.make_aggregator,
+               lambda grad: out.send(_message(worker, grad)), sh.program.make_aggregator,
                sh.program.total_env_steps,
                # a replay in the main process hears of every chunk anyway: count each round
                # with it, so the count never trails the replay by more than a round
@@ -166,7 +151,8 @@ def _member_main(sh: Shared, worker: GradientWorker, saver: _Saver, out: Connect
 
 def _team_main(sh: Shared, worker: GradientWorker, saver: _Saver, out: Connection,
                joins: bool) -> None:
-    """A member of a batch-synchronous group (group_reduce)."""
+    """A member of a batch-synchronous group, or an async worker as a group of one
+    (group_reduce)."""
     assert sh.aggregator is not None and sh.pause is not None
     p = sh.program
 
@@ -179,7 +165,7 @@ def _team_main(sh: Shared, worker: GradientWorker, saver: _Saver, out: Connectio
                     p.sync_every, lambda: int(sh.env_steps.value), sh.taken, p.total_env_steps)
     member = TeamMember(worker, sh.teams[worker.index // p.group_size],
                         worker.index % p.group_size, common, go_on,
-                        lambda grad: out.send(_message(worker, grad, -1)))
+                        lambda grad: out.send(_message(worker, grad)))
     run_team_member(member, joins)
 
 
@@ -209,34 +195,25 @@ class _Saver:
             time.sleep(0.01)
 
 
-def _send(sh: Shared, worker: GradientWorker, grad: Gradient, link: Link,
-          slot: int) -> GradMsg:
-    if grad.grads_P is not None and sh.aggregator is not None:
-        assert sh.pause is not None
-        follow(sh.aggregator, int(sh.env_steps.value))  # as of the main's last round
-        with sh.pause.step(worker.index):
-            grad.applied_at = sh.aggregator.apply([grad.grads_P], [1.0])
-        grad.grads_P = None
-    if grad.grads_P is None:
-        link.free.put(slot)  # nothing to hand over: the slot stays this worker's
-        slot = -1
-    else:
-        link.grads[slot].copy_(grad.grads_P)
-    return _message(worker, grad, slot)
+def _hogwild_main(sh: Shared, worker: GradientWorker, saver: _Saver,
+                  out: Connection) -> None:
+    """A Hogwild worker: each gradient on a fresh copy of the shared model, applied to
+    it lock-free (the pause gate only lets a checkpoint copy it whole), then reported."""
+    agg, pause = sh.aggregator, sh.pause
+    assert agg is not None and pause is not None
+    while not sh.stop.is_set() and main_alive():
+        saver()
+        grad = gradient_step(worker, lambda version: agg.snapshot(), sh.program.sync_every)
+        if grad.grads_P is not None:
+            follow(agg, int(sh.env_steps.value))  # as of the main's last round
+            with pause.step(worker.index):
+                grad.applied_at = agg.apply([grad.grads_P], [1.0])
+            grad.grads_P = None
+        out.send(_message(worker, grad))
 
 
-def _message(worker: GradientWorker, grad: Gradient, slot: int) -> GradMsg:
-    return GradMsg(worker.index, worker.actor.incarnation, slot, grad.base_version,
+def _message(worker: GradientWorker, grad: Gradient) -> GradMsg:
+    return GradMsg(worker.index, worker.actor.incarnation, grad.base_version,
                    grad.env_steps, grad.episode_returns, grad.loss, grad.q_mean, grad.epsilon,
                    grad.applied_at, grad.rows, grad.episode_lengths, grad.times, grad.groups,
                    grad.reports, grad.stale, grad.dropped)
-
-
-def _take(free: Any, sh: Shared, saver: _Saver) -> int | None:
-    while not sh.stop.is_set() and main_alive():
-        saver()  # also while a sync worker waits for its group
-        try:
-            return int(free.get(timeout=0.1))
-        except queue.Empty:
-            continue
-    return None
