@@ -3,9 +3,9 @@ the replay workers share if any, counters), the gradient loop's rules and the
 checkpoint layout.
 
 The counterpart of ``LearnerSide`` for actor-learner programs. A transport delivers each
-gradient with ``take`` (and a token for what it holds: a shared-memory slot), reports a
-lost worker with ``lost``, and implements ``_publish`` and ``_release``; the rules of
-who is in a group, when a replacement joins, and when a slot goes back are here.
+gradient (or a worker's report of steps it took itself) with ``take`` and reports a lost
+worker with ``lost``; the rules of who is in a group and when a replacement joins are
+here.
 
 Workers' own replays (replay.scope local) go into the checkpoint under ``worker<i>.``;
 each backend fetches them from wherever its workers run (``local_replays``) and hands
@@ -40,7 +40,6 @@ class GlobalSide:
                                  program.max_staleness, program.stale)
         self.env_steps = 0
         self.waiting: set[int] = set()  # replacements not yet in their group
-        self.held: dict[int, Any] = {}  # worker -> the token of its gradient in the gate
         self.clock = Clock()  # the aggregator's own time split
         self.saved_replays: dict[int, dict[str, np.ndarray]] = {}  # by worker, from restore
         self.worker_steps = [0] * program.num_workers  # env steps each worker's data had
@@ -75,51 +74,28 @@ class GlobalSide:
         """The workers a group step waits for."""
         return set(range(self.program.num_workers)) - self.waiting
 
-    def take(self, grad: Gradient, current: bool, token: Any, report: RoundReport) -> None:
+    def take(self, grad: Gradient, current: bool, report: RoundReport) -> None:
         """A gradient arrived (``current``: from the worker's newest incarnation). A
         replacement joins its group with a gradient computed on the current version; one
-        computed while the group stepped without it is counted but not averaged in: its
-        token goes back and the worker computes again on the newest parameters."""
+        computed while the group stepped without it is counted but not averaged in (the
+        worker computes again on the newest parameters)."""
         if grad.grads_P is not None and current and grad.worker in self.waiting:
             if grad.base_version != self.updates:
                 grad.grads_P = None
-                self._release(token)
             else:
                 self.waiting.discard(grad.worker)
-        if grad.grads_P is not None:
-            self.held[grad.worker] = token
-        version = self.updates
         self.receive(grad, self.live, report)
-        self._after_steps(version)
 
     def lost(self, worker: int, report: RoundReport) -> None:
         """Worker ``worker`` is gone (a replacement is on its way): its gradient in the
         gate stays; unless the group waits for the replacement, it goes on without it."""
-        self.held.pop(worker, None)
         if self.program.group_size > 1 and not self.program.wait_for_restart:
             self.waiting.add(worker)  # async has no group to rejoin: staleness rules there
-        version = self.updates
         self.flush(worker, self.live, report)
-        self._after_steps(version)
-
-    def _after_steps(self, version_before: int) -> None:
-        """Publish a new version first, then hand back the tokens of consumed gradients:
-        a synchronous worker waits for its token, so it pulls the new version."""
-        if self.updates != version_before:
-            self._publish()
-        for worker in [w for w in self.held if w not in self.gate.pending]:
-            self._release(self.held.pop(worker))
-
-    def _publish(self) -> None:
-        """Make the global model the parameters workers pull next."""
-
-    def _release(self, token: Any) -> None:
-        """Give a worker back what its gradient held (a transport's slot)."""
 
     def _forget_workers(self) -> None:
         """A restore restarts every worker: nothing they sent or hold is pending."""
         self.gate.pending.clear()
-        self.held.clear()
         self.waiting.clear()
 
     def clock_in(self) -> None:

@@ -195,7 +195,7 @@ class ProcessesGradientRunner(GlobalSide):
                         msg.loss, msg.q_mean, msg.epsilon, msg.applied_at, msg.rows,
                         msg.lengths, msg.times, msg.groups, msg.reports, msg.stale,
                         msg.dropped)
-        self.take(grad, self.workers[msg.worker].incarnation == msg.incarnation, None, report)
+        self.take(grad, self.workers[msg.worker].incarnation == msg.incarnation, report)
 
     def _check_health(self, report: RoundReport) -> None:
         for i in dead_workers(self.workers, self._drain, self.restarts, "worker", report):

@@ -96,7 +96,7 @@ class InlineGradientRunner(GlobalSide):
         for worker in self.workers:
             grad = gradient_step(worker, self._fetch, self.program.sync_every)
             self.clock.lap("workers")  # in this process: the aggregator waits for each
-            self.take(grad, True, None, report)
+            self.take(grad, True, report)
         if self.aggregator.version != self.published.version:
             self._snapshot()
         self.clock_out(report)

@@ -195,7 +195,7 @@ class RayGradientRunner(GlobalSide):
         for k, grad in enumerate(sent.works):
             if k == len(sent.works) - 1 and sent.grads_P is not None:
                 grad.grads_P = torch.from_numpy(sent.grads_P.copy())  # out of the store
-            self.take(grad, True, slot.index, report)  # the token: nothing to give back
+            self.take(grad, True, report)
 
     # ------------------------------------------------------------ sync: the collective
 
