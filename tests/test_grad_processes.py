@@ -74,9 +74,9 @@ def test_async_workers_are_groups_of_one_that_step_the_shared_model() -> None:
         assert [team.grads.shape[1] for team in runner.sh.teams] == [1, 1]  # members each
         versions = [runner.updates]
 
-        def done(r: ProcessesGradientRunner, _: list[RoundReport]) -> bool:
-            versions.append(r.updates)
-            return r.updates >= 60
+        def done(r: ProcessesGradientRunner, reps: list[RoundReport]) -> bool:
+            versions.append(r.updates)  # the shared version; reports come merged, later
+            return sum(x.updates for x in reps) >= 60
 
         reports = run_until(runner, done, 40.0)
         updates = runner.updates
@@ -303,6 +303,31 @@ def test_hogwild_a3c_workers_move_the_shared_global_model() -> None:
     staleness = [r.staleness_sum for r in reports]
     assert all(s >= 0 for s in staleness) and sum(staleness) <= seen[-1], staleness
     assert {w for r in reports for w in r.steps_by_actor} == {0, 1}
+
+
+def test_hogwild_workers_stop_by_themselves_at_the_runs_budget_even_after_a_kill() -> None:
+    """Hogwild workers count their env steps in a shared counter and stop once it is at
+    train.total_env_steps, so the run's count ends within one work() (5 steps x 2 envs)
+    per worker of the budget, every step counted once; a worker killed with a report it
+    never sent does not keep the count short of the budget."""
+    cfg = _cfg("cartpole-a3c", "actors.count=3", "train.total_env_steps=3000")
+    with grad_runner(cfg) as runner:
+        run_until(runner, lambda r, _: r.env_steps >= 1000, 30.0)
+        victim = runner.workers[2].process
+        assert victim.pid is not None
+        os.kill(victim.pid, signal.SIGKILL)
+        run_until(runner, lambda r, _: r.env_steps >= 3000, 30.0)
+        run_until(runner, lambda r, _: all(r.sh.spent_W.tolist()) and all(
+            w.process.is_alive() for w in r.workers), 10.0)
+        updates, steps, taken = runner.updates, runner.env_steps, runner.sh.taken.value
+        for _ in range(5):  # nothing moves any more
+            runner.step()
+        assert (runner.updates, runner.env_steps, runner.sh.taken.value) == (
+            updates, steps, taken)
+        assert steps == taken  # every step counted once
+        assert 3000 <= steps <= 3000 + 3 * 5 * 2
+        runner.freeze()  # the final drain finds nothing more to count
+        assert runner.env_steps == steps
 
 
 # ---------------------------------------------------------------- shared and sharded replay

@@ -101,7 +101,8 @@ class ProcessesGradientRunner(GlobalSide):
                           PauseGate(program.num_workers, self.ctx) if self.shared_model else None,
                           self.ctx.Value("q", 0, lock=False),
                           tempfile.mkdtemp(prefix="qfleet-replays-"), self.ctx.RawValue("q", 0),
-                          self.ctx.RawValue("b", 1), group, teams, self.ctx.RawValue("q", 0))
+                          self.ctx.RawValue("b", 1), group, teams, self.ctx.RawValue("q", 0),
+                          torch.zeros(program.num_workers, dtype=torch.int8).share_memory_())
         self.keeper = None if group is None else \
             Keeper(group, self.sh.save_dir, program.wait_for_restart)
         if self.keeper is not None:
@@ -131,6 +132,7 @@ class ProcessesGradientRunner(GlobalSide):
         self.inbox.drop((index, incarnation - 2))
         if self.sh.pause is not None:
             self.sh.pause.clear(index)  # a killed predecessor may have died mid-step
+        self.sh.spent_W[index] = 0
         process = self.inbox.start((index, incarnation), lambda out: self.ctx.Process(
             target=worker_main, name=f"qfleet-worker-{index}", daemon=True,
             args=(self.sh, index, incarnation, link, out, self.restored_worker(index),
@@ -150,19 +152,27 @@ class ProcessesGradientRunner(GlobalSide):
                 self.env_steps = max(self.env_steps, self.program.total_env_steps)
         if self.teams:
             self._tend_teams(report)
+        elif self.program.hogwild:
+            alive = [w.process.is_alive() for w in self.workers]
+            self._catch_up(report, any(alive) and all(
+                bool(self.sh.spent_W[i]) for i, up in enumerate(alive) if up))
         self.sh.env_steps.value = self.env_steps
         self.clock_out(report)
         return report
 
     def _tend_teams(self, report: RoundReport) -> None:
-        """Each group's joins; once every live member stopped at the budget (its reports
-        sent), the count becomes every step they took, also those of reports a killed
-        worker never sent (so the run ends)."""
+        """Each group's joins, and the catch-up once every member is spent."""
         size, spent = self.program.group_size, True
         for g, team_keeper in enumerate(self.team_keepers):
             alive = [w.process.is_alive() for w in self.workers[g * size:(g + 1) * size]]
             team_keeper.tend(alive)
             spent = spent and team_keeper.team.spent(alive)
+        self._catch_up(report, spent)
+
+    def _catch_up(self, report: RoundReport, spent: bool) -> None:
+        """Once every live worker stopped at the budget (``spent``: its reports sent), the
+        count becomes every step they took, also those of reports a killed worker never
+        sent (so the run ends)."""
         if spent:
             self._drain(report, wait=False)  # what they sent before they said so
             self.env_steps = max(self.env_steps, int(self.sh.taken.value))
@@ -326,10 +336,9 @@ class ProcessesGradientRunner(GlobalSide):
             self.fetched = self._replays(self.program.local_replay, last=True)  # ({} each
             # unless they keep replays)
             self._stop_workers()
-            if self.teams:  # their last reports: the env steps in the replays are counted
-                # (the metrics of that last moment are not logged). Hogwild workers keep no
-                # replay and run ~10k steps/s: counting them would overshoot the budget.
-                self._drain(RoundReport(), wait=False)
+            # their last reports: the env steps in the replays are counted (the metrics of
+            # that last moment are not logged); they stopped at the budget by themselves
+            self._drain(RoundReport(), wait=False)
             self.frozen = True
         elif self.keeper is not None and not self.frozen:  # a sync group steps on its own
             self._from_group(self.program.local_replay)

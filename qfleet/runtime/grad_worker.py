@@ -13,6 +13,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 import numpy as np
+import torch
 from safetensors.numpy import save_file as save_numpy
 
 from qfleet.algos.program import GradientProgram
@@ -97,7 +98,8 @@ class Shared:
     # answer is the worker's last act (it waits to be stopped)
     group: ReduceGroup | None  # sync: the workers reduce among themselves
     teams: list[Team]  # async, grouped: each group's members reduce among themselves
-    taken: Any  # async, grouped: the env steps the members took (group_reduce.Common)
+    taken: Any  # with a shared model: the env steps the workers took (group_reduce.Common)
+    spent_W: torch.Tensor  # Hogwild: 1 once a worker stopped at the budget, its reports sent
 
 
 def worker_main(sh: Shared, index: int, incarnation: int, link: Link, out: Connection,
@@ -198,17 +200,25 @@ class _Saver:
 def _hogwild_main(sh: Shared, worker: GradientWorker, saver: _Saver,
                   out: Connection) -> None:
     """A Hogwild worker: each gradient on a fresh copy of the shared model, applied to
-    it lock-free (the pause gate only lets a checkpoint copy it whole), then reported."""
-    agg, pause = sh.aggregator, sh.pause
+    it lock-free (the pause gate only lets a checkpoint copy it whole), then reported.
+    Once the workers' steps reach the budget it says so and waits to be stopped, so the
+    run ends within one work() per worker of its budget, every step counted."""
+    agg, pause, budget = sh.aggregator, sh.pause, sh.program.total_env_steps
     assert agg is not None and pause is not None
     while not sh.stop.is_set() and main_alive():
         saver()
+        if 0 < budget <= sh.taken.value:
+            sh.spent_W[worker.index] = 1  # after its last report
+            time.sleep(0.01)
+            continue
         grad = gradient_step(worker, lambda version: agg.snapshot(), sh.program.sync_every)
         if grad.grads_P is not None:
             follow(agg, int(sh.env_steps.value))  # as of the main's last round
             with pause.step(worker.index):
                 grad.applied_at = agg.apply([grad.grads_P], [1.0])
             grad.grads_P = None
+        with agg.lock:  # Hogwild's: it guards the counters only
+            sh.taken.value += grad.env_steps
         out.send(_message(worker, grad))
 
 
