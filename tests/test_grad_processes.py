@@ -200,26 +200,45 @@ def test_an_evaluation_of_a_shared_model_sees_one_policy() -> None:
         assert runner.policy_net is runner.aggregator.online
 
 
-def test_groups_stop_by_themselves_at_the_runs_budget_even_after_a_kill() -> None:
-    """No main process paces the groups: each member counts its env steps in its turns
-    and stops once the run's are at train.total_env_steps. A member killed with reports
-    it never sent does not keep the main process's count short of the budget."""
-    cfg = _cfg("cartpole-batchsync", "actors.count=4", "algo.group_size=2",
-               "train.total_env_steps=1500")
+def _teams_spent(runner: ProcessesGradientRunner) -> bool:
+    return all(team.spent([True, True]) for team in runner.sh.teams)
+
+
+def _hogwild_spent(runner: ProcessesGradientRunner) -> bool:
+    return all(runner.sh.spent_W.tolist()) and all(w.process.is_alive() for w in runner.workers)
+
+
+@pytest.mark.parametrize(("preset", "sets", "budget", "slack", "spent"), [
+    # at most a round or two (4 steps x 1 env) of each of 4 workers beyond
+    ("cartpole-batchsync", ("actors.count=4", "algo.group_size=2"), 1500, 4 * 4 * 2,
+     _teams_spent),
+    # at most one work() (5 steps x 2 envs) of each of 3 workers beyond
+    ("cartpole-a3c", ("actors.count=3",), 3000, 3 * 5 * 2, _hogwild_spent)],
+    ids=["grouped", "hogwild"])
+def test_workers_stop_by_themselves_at_the_runs_budget_even_after_a_kill(
+        preset: str, sets: tuple[str, ...], budget: int, slack: int,
+        spent: Callable[[ProcessesGradientRunner], bool]) -> None:
+    """No main process paces workers that step a shared model: each counts its env
+    steps in a shared counter and stops once the run's are at train.total_env_steps. A
+    worker killed with reports it never sent does not keep the main process's count
+    short of the budget."""
+    cfg = _cfg(preset, *sets, f"train.total_env_steps={budget}")
     with grad_runner(cfg) as runner:
-        run_until(runner, lambda r, _: r.env_steps >= 600, 30.0)
-        victim = runner.workers[3].process
+        run_until(runner, lambda r, _: r.env_steps >= budget // 3, 30.0)
+        victim = runner.workers[-1].process
         assert victim.pid is not None
         os.kill(victim.pid, signal.SIGKILL)
-        run_until(runner, lambda r, _: r.env_steps >= 1500, 30.0)
-        run_until(runner, lambda r, _: all(t.spent([True, True]) for t in r.sh.teams), 10.0)
+        run_until(runner, lambda r, _: r.env_steps >= budget, 30.0)
+        run_until(runner, lambda r, _: spent(r), 10.0)
         updates, steps, taken = runner.updates, runner.env_steps, runner.sh.taken.value
         for _ in range(5):  # nothing moves any more
             runner.step()
         assert (runner.updates, runner.env_steps, runner.sh.taken.value) == (
             updates, steps, taken)
         assert steps == taken  # every step counted once
-        assert steps < 1500 + 4 * 4 * 2  # at most a round or two of each worker beyond
+        assert budget <= steps <= budget + slack
+        runner.freeze()  # the final drain finds nothing more to count
+        assert runner.env_steps == steps
 
 
 def test_grouped_drops_gradients_staler_than_max_staleness() -> None:
@@ -303,31 +322,6 @@ def test_hogwild_a3c_workers_move_the_shared_global_model() -> None:
     staleness = [r.staleness_sum for r in reports]
     assert all(s >= 0 for s in staleness) and sum(staleness) <= seen[-1], staleness
     assert {w for r in reports for w in r.steps_by_actor} == {0, 1}
-
-
-def test_hogwild_workers_stop_by_themselves_at_the_runs_budget_even_after_a_kill() -> None:
-    """Hogwild workers count their env steps in a shared counter and stop once it is at
-    train.total_env_steps, so the run's count ends within one work() (5 steps x 2 envs)
-    per worker of the budget, every step counted once; a worker killed with a report it
-    never sent does not keep the count short of the budget."""
-    cfg = _cfg("cartpole-a3c", "actors.count=3", "train.total_env_steps=3000")
-    with grad_runner(cfg) as runner:
-        run_until(runner, lambda r, _: r.env_steps >= 1000, 30.0)
-        victim = runner.workers[2].process
-        assert victim.pid is not None
-        os.kill(victim.pid, signal.SIGKILL)
-        run_until(runner, lambda r, _: r.env_steps >= 3000, 30.0)
-        run_until(runner, lambda r, _: all(r.sh.spent_W.tolist()) and all(
-            w.process.is_alive() for w in r.workers), 10.0)
-        updates, steps, taken = runner.updates, runner.env_steps, runner.sh.taken.value
-        for _ in range(5):  # nothing moves any more
-            runner.step()
-        assert (runner.updates, runner.env_steps, runner.sh.taken.value) == (
-            updates, steps, taken)
-        assert steps == taken  # every step counted once
-        assert 3000 <= steps <= 3000 + 3 * 5 * 2
-        runner.freeze()  # the final drain finds nothing more to count
-        assert runner.env_steps == steps
 
 
 # ---------------------------------------------------------------- shared and sharded replay
