@@ -45,13 +45,27 @@ class BetaSchedule:
         self.progress = None if np.isnan(state_1[0]) else float(state_1[0])
 
 
+class Annealed:
+    """A prioritized replay's beta: its schedule, at the transitions it has had added."""
+
+    schedule: BetaSchedule
+    added: int
+
+    @property
+    def beta(self) -> float:
+        return self.schedule.beta(self.added)
+
+    def set_progress(self, frac: float) -> None:
+        """Training progress in [0, 1]; beta anneals linearly from beta0 to 1 over it."""
+        self.schedule.set_progress(frac)
+
 def importance_weights(prio_B: np.ndarray, min_prio: float, beta: float) -> np.ndarray:
     """w_i = (N P(i))^-beta / max_j w_j; N and sum p cancel, leaving (p_i / p_min)^-beta."""
     ratio_B = prio_B / min_prio
     return np.power(ratio_B, -beta, out=ratio_B).astype(np.float32)
 
 
-class PrioritizedReplay:
+class PrioritizedReplay(Annealed):
     prioritized = True
 
     def __init__(self, storage: Storage, rng: np.random.Generator, *, alpha: float = 0.6,
@@ -74,14 +88,6 @@ class PrioritizedReplay:
     @property
     def capacity(self) -> int:
         return self.storage.capacity
-
-    @property
-    def beta(self) -> float:
-        return self.schedule.beta(self.added)
-
-    def set_progress(self, frac: float) -> None:
-        """Training progress in [0, 1]; beta anneals linearly from beta0 to 1 over it."""
-        self.schedule.set_progress(frac)
 
     def add(self, chunk: Transitions, priorities_N: np.ndarray | None = None,
             shard: int | None = None) -> None:

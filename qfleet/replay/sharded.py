@@ -16,7 +16,12 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from qfleet.replay.prioritized import BetaSchedule, PrioritizedReplay, importance_weights
+from qfleet.replay.prioritized import (
+    Annealed,
+    BetaSchedule,
+    PrioritizedReplay,
+    importance_weights,
+)
 from qfleet.replay.transitions import Batch, Transitions
 
 KEY_SHIFT = 40  # a shard may write 2**40 transitions before its indices would collide
@@ -48,7 +53,7 @@ def route(indices_B: np.ndarray, td_abs_B: np.ndarray) -> Iterator[tuple[int, np
         yield key, ids_B[mine_B] & LOCAL_MASK, td_B[mine_B]
 
 
-class ShardedReplay:
+class ShardedReplay(Annealed):
     prioritized = True
 
     def __init__(self, new_shard: Callable[[], PrioritizedReplay], rng: np.random.Generator,
@@ -85,13 +90,6 @@ class ShardedReplay:
     @property
     def capacity(self) -> int:
         return sum(s.capacity for s in self.shards.values())
-
-    @property
-    def beta(self) -> float:
-        return self.schedule.beta(self.added)
-
-    def set_progress(self, frac: float) -> None:
-        self.schedule.set_progress(frac)
 
     # ------------------------------------------------------------ data path
 
