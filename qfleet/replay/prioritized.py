@@ -59,6 +59,7 @@ class Annealed:
         """Training progress in [0, 1]; beta anneals linearly from beta0 to 1 over it."""
         self.schedule.set_progress(frac)
 
+
 def importance_weights(prio_B: np.ndarray, min_prio: float, beta: float) -> np.ndarray:
     """w_i = (N P(i))^-beta / max_j w_j; N and sum p cancel, leaving (p_i / p_min)^-beta."""
     ratio_B = prio_B / min_prio
