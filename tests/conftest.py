@@ -152,3 +152,22 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with _one_torch_thread():
         train(load_config("cartpole-dqn", TINY_SETS), run_dir)
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def cartpole_dqn_run(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], Any]:
+    """The cartpole-dqn preset trained inline on one seed, once per session: the slow
+    lane's DQN test and PER's comparison with DQN read the same run (inline runs are
+    deterministic under a seed on one machine), instead of training it twice."""
+    from qfleet.experiment import Result, train
+
+    runs: dict[int, Result] = {}
+
+    def run(seed: int) -> Result:
+        if seed not in runs:
+            cfg = load_config("cartpole-dqn", [f"seed={seed}", "log.tensorboard=false",
+                                               "log.progress=false", "checkpoint.every=0"])
+            runs[seed] = train(cfg, tmp_path_factory.mktemp(f"dqn-{seed}") / "run")
+        return runs[seed]
+
+    return run

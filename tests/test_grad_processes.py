@@ -281,6 +281,28 @@ def test_a_killed_grouped_worker_is_replaced_and_rejoins_its_group(on_loss: str)
     assert sum(r.updates for r in reports) >= 10  # (group 1 alone through the refill)
 
 
+def test_a_killed_async_worker_is_replaced_and_steps_the_model_again() -> None:
+    """A group of one has no member left to answer its replacement: the main process
+    tells it the round to start at, and it steps the shared model again; the other
+    worker never waits for it."""
+    cfg = _cfg("cartpole-gorila-async", "algo.max_staleness=100",
+               "learner.learning_starts=1000")
+    with grad_runner(cfg) as runner:
+        reports = _kill_first_worker(runner)
+        assert runner.workers[0].incarnation == 1
+        team = runner.sh.teams[0]
+
+        def rejoined(r: ProcessesGradientRunner, _: list[RoundReport]) -> bool:
+            first = int(team.start_round[0])  # the round the replacement was told to start at
+            return first >= 0 and team.applied.value >= first + 5
+
+        reports += run_until(runner, rejoined, 60.0)
+        more = run_until(runner, lambda _, reps: sum(x.updates for x in reps) >= 30 and all(
+            any(x.steps_by_actor.get(w) for x in reps) for w in (0, 1)), 30.0)
+    assert sum(r.updates for r in reports) >= 10  # worker 1 alone through the refill
+    assert sum(r.grads_applied for r in more) == sum(r.updates for r in more)
+
+
 def _kill_first_worker(runner: ProcessesGradientRunner) -> list[RoundReport]:
     """After 10 global updates, SIGKILL worker 0; the reports until its restart (within
     5 s)."""

@@ -3,23 +3,23 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 
 from qfleet.config import load_config
-from qfleet.experiment import train
+from qfleet.experiment import Result
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_cartpole_dqn_preset_solves(seed: int, tmp_path: Path) -> None:
+def test_cartpole_dqn_preset_solves(seed: int, cartpole_dqn_run: Callable[[int], Result]
+                                    ) -> None:
     # Only output switches are changed: the learning settings are the preset's own.
-    cfg = load_config("cartpole-dqn", [f"seed={seed}", "log.tensorboard=false",
-                                       "log.progress=false"])
+    cfg = load_config("cartpole-dqn")
     assert cfg.train.total_env_steps == 50_000 and cfg.train.target_return == 475.0
-    result = train(cfg, tmp_path / "run")
+    result = cartpole_dqn_run(seed)
     summary = json.dumps({k: v for k, v in vars(result).items() if k != "run_dir"})
     assert result.eval_return_mean >= 475, summary
     # The budget as the loop counts it: whole chunks, stopping at the first that reaches

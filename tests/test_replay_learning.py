@@ -11,6 +11,7 @@ each way on two machines); the total over seeds is compared.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -27,9 +28,10 @@ def solve(preset: str, seed: int, run_dir: Path) -> Result:
     return train(cfg, run_dir)
 
 
-def test_cartpole_per_solves_every_seed_and_no_later_than_dqn_in_total(tmp_path: Path) -> None:
+def test_cartpole_per_solves_every_seed_and_no_later_than_dqn_in_total(
+        tmp_path: Path, cartpole_dqn_run: Callable[[int], Result]) -> None:
     runs = {seed: (solve("cartpole-per", seed, tmp_path / f"per-{seed}"),
-                   solve("cartpole-dqn", seed, tmp_path / f"dqn-{seed}")) for seed in (0, 1, 2)}
+                   cartpole_dqn_run(seed)) for seed in (0, 1, 2)}
     summary = json.dumps({seed: {"per": per.solved_at_env_steps, "dqn": dqn.solved_at_env_steps,
                                  "per_eval": per.eval_return_mean,
                                  "dqn_eval": dqn.eval_return_mean}
