@@ -261,15 +261,7 @@ def test_a_killed_grouped_worker_is_replaced_and_rejoins_its_group(on_loss: str)
                "algo.max_staleness=100", f"algo.on_worker_loss='{on_loss}'",
                "learner.learning_starts=1000")
     with grad_runner(cfg) as runner:
-        reports = _kill_first_worker(runner)
-        assert runner.workers[0].incarnation == 1
-        team = runner.sh.teams[0]
-
-        def rejoined(r: ProcessesGradientRunner, _: list[RoundReport]) -> bool:
-            first = int(team.start_round[0])  # the round the replacement was told to start at
-            return first >= 0 and team.applied.value >= first + 5
-
-        reports += run_until(runner, rejoined, 60.0)
+        reports = _kill_first_worker_until_it_rejoins(runner)
         more = run_until(runner, lambda _, reps: sum(x.updates for x in reps) >= 30, 30.0)
     assert sum(r.grads_applied for r in more) == 2 * sum(r.updates for r in more)
     assert {w for r in more for w in r.steps_by_actor} == {0, 1, 2, 3}
@@ -288,19 +280,26 @@ def test_a_killed_async_worker_is_replaced_and_steps_the_model_again() -> None:
     cfg = _cfg("cartpole-gorila-async", "algo.max_staleness=100",
                "learner.learning_starts=1000")
     with grad_runner(cfg) as runner:
-        reports = _kill_first_worker(runner)
-        assert runner.workers[0].incarnation == 1
-        team = runner.sh.teams[0]
-
-        def rejoined(r: ProcessesGradientRunner, _: list[RoundReport]) -> bool:
-            first = int(team.start_round[0])  # the round the replacement was told to start at
-            return first >= 0 and team.applied.value >= first + 5
-
-        reports += run_until(runner, rejoined, 60.0)
+        reports = _kill_first_worker_until_it_rejoins(runner)
         more = run_until(runner, lambda _, reps: sum(x.updates for x in reps) >= 30 and all(
             any(x.steps_by_actor.get(w) for x in reps) for w in (0, 1)), 30.0)
     assert sum(r.updates for r in reports) >= 10  # worker 1 alone through the refill
     assert sum(r.grads_applied for r in more) == sum(r.updates for r in more)
+
+
+def _kill_first_worker_until_it_rejoins(runner: ProcessesGradientRunner
+                                        ) -> list[RoundReport]:
+    """_kill_first_worker, then the reports until its group stepped 5 rounds with the
+    replacement in it."""
+    reports = _kill_first_worker(runner)
+    assert runner.workers[0].incarnation == 1
+    team = runner.sh.teams[0]
+
+    def rejoined(r: ProcessesGradientRunner, _: list[RoundReport]) -> bool:
+        first = int(team.start_round[0])  # the round the replacement was told to start at
+        return first >= 0 and team.applied.value >= first + 5
+
+    return reports + run_until(runner, rejoined, 60.0)
 
 
 def _kill_first_worker(runner: ProcessesGradientRunner) -> list[RoundReport]:
