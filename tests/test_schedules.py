@@ -64,9 +64,10 @@ def test_a_constant_rate_stays_the_configured_one(tmp_path: Path) -> None:
 
 def test_a_hogwild_worker_steps_at_the_rate_of_the_runs_env_steps() -> None:
     """A Hogwild worker steps the shared model itself, with the env steps the main process
-    last counted (its own optimizer copy: checked here on the worker's send path)."""
+    last counted (its own optimizer copy: checked here on the worker's apply path), and
+    counts its env steps in the run's shared counter."""
     from qfleet.roles.gradients import Gradient
-    from qfleet.runtime.grad_worker import Link, _send
+    from qfleet.runtime.grad_worker import hogwild_apply
     from qfleet.runtime.shm import PauseGate
 
     cfg = qfleet.load_config("cartpole-a3c", [
@@ -76,16 +77,12 @@ def test_a_hogwild_worker_steps_at_the_rate_of_the_runs_env_steps() -> None:
     ctx = mp.get_context("fork")
     size = sum(p.numel() for p in aggregator.params)
     sh = SimpleNamespace(aggregator=aggregator, pause=PauseGate(1, ctx),
-                         env_steps=ctx.RawValue("q", 1500))
-    link = Link(torch.zeros(2, size), ctx.Queue(), None)
-    worker = SimpleNamespace(index=0, actor=SimpleNamespace(incarnation=0))
-    try:
-        msg = _send(sh, worker, Gradient(0, 0, 4, grads_P=torch.ones(size)),  # type: ignore[arg-type]
-                    link, 0)
-        assert msg.applied_at == 1
-        assert aggregator.opt.param_groups[0]["lr"] == LrSchedule.of(cfg).at(1500) < cfg.learner.lr
-    finally:
-        link.close()
+                         env_steps=ctx.RawValue("q", 1500), taken=ctx.RawValue("q", 10))
+    grad = Gradient(0, 0, 4, grads_P=torch.ones(size))
+    hogwild_apply(sh, 0, grad)  # type: ignore[arg-type]
+    assert grad.applied_at == 1 and grad.grads_P is None
+    assert aggregator.opt.param_groups[0]["lr"] == LrSchedule.of(cfg).at(1500) < cfg.learner.lr
+    assert sh.taken.value == 14
 
 
 def test_the_metrics_log_the_rate_of_the_schedule(tmp_path: Path) -> None:

@@ -108,11 +108,6 @@ class GradientProgram:
     def num_actors(self) -> int:
         return self.num_workers
 
-    @property
-    def grouped(self) -> bool:
-        """Batch-synchronous groups of more than one worker (aggregation grouped)."""
-        return not self.hogwild and not self.sync and self.group_size > 1
-
 
 def gradient_program(cfg: Config, *, make_worker: Callable[[int, int, Replay | None],
                                                          GradientWorker],

@@ -203,8 +203,8 @@ def _hogwild_main(sh: Shared, worker: GradientWorker, saver: _Saver,
     it lock-free (the pause gate only lets a checkpoint copy it whole), then reported.
     Once the workers' steps reach the budget it says so and waits to be stopped, so the
     run ends within one work() per worker of its budget, every step counted."""
-    agg, pause, budget = sh.aggregator, sh.pause, sh.program.total_env_steps
-    assert agg is not None and pause is not None
+    agg, budget = sh.aggregator, sh.program.total_env_steps
+    assert agg is not None
     while not sh.stop.is_set() and main_alive():
         saver()
         if 0 < budget <= sh.taken.value:
@@ -212,14 +212,22 @@ def _hogwild_main(sh: Shared, worker: GradientWorker, saver: _Saver,
             time.sleep(0.01)
             continue
         grad = gradient_step(worker, lambda version: agg.snapshot(), sh.program.sync_every)
-        if grad.grads_P is not None:
-            follow(agg, int(sh.env_steps.value))  # as of the main's last round
-            with pause.step(worker.index):
-                grad.applied_at = agg.apply([grad.grads_P], [1.0])
-            grad.grads_P = None
-        with agg.lock:  # Hogwild's: it guards the counters only
-            sh.taken.value += grad.env_steps
+        hogwild_apply(sh, worker.index, grad)
         out.send(_message(worker, grad))
+
+
+def hogwild_apply(sh: Shared, index: int, grad: Gradient) -> None:
+    """Step the shared model with ``grad`` (lock-free), at the learning rate of the run's
+    env steps as the main process last counted them, and count its env steps."""
+    agg, pause = sh.aggregator, sh.pause
+    assert agg is not None and pause is not None
+    if grad.grads_P is not None:
+        follow(agg, int(sh.env_steps.value))
+        with pause.step(index):
+            grad.applied_at = agg.apply([grad.grads_P], [1.0])
+        grad.grads_P = None
+    with agg.lock:  # Hogwild's: it guards the counters only
+        sh.taken.value += grad.env_steps
 
 
 def _message(worker: GradientWorker, grad: Gradient) -> GradMsg:

@@ -1,5 +1,5 @@
-"""Batch-synchronous groups (aggregation grouped) on the processes backend, with no
-server in the loop.
+"""Batch-synchronous groups (aggregation grouped), and async workers as groups of one,
+on the processes backend, with no server in the loop.
 
 The global model and its optimizer state live in shared memory (as for Hogwild). Inside a
 group the members reduce among themselves, as a sync group does (a ReduceGroup of G,
@@ -14,8 +14,8 @@ groups the async rule stays: no group waits for another.
 Why the first member and not a leader: a member killed anywhere holds no one up but its
 own round, whose membership the main process settles as for sync groups (TeamKeeper).
 
-The main process counts the members' reports, evaluates the shared model and copies it
-between turns for a checkpoint (PauseGate.paused).
+The main process counts the members' reports; it evaluates and checkpoints copies of the
+shared model taken between turns (PauseGate.paused).
 """
 
 from __future__ import annotations
