@@ -230,6 +230,7 @@ def test_workers_stop_by_themselves_at_the_runs_budget_even_after_a_kill(
         os.kill(victim.pid, signal.SIGKILL)
         run_until(runner, lambda r, _: r.env_steps >= budget, 30.0)
         run_until(runner, lambda r, _: spent(r), 10.0)
+        runner.step()  # the first round that sees them all spent counts what they sent
         updates, steps, taken = runner.updates, runner.env_steps, runner.sh.taken.value
         for _ in range(5):  # nothing moves any more
             runner.step()

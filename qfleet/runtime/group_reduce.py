@@ -21,6 +21,7 @@ shared model taken between turns (PauseGate.paused).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -184,7 +185,8 @@ class TeamMember:
             self.copy()
             return grad
         clock = self.worker.actor.clock
-        included = team.reduce(local, round_, grad, self.steps, lambda: self._idle(round_))
+        included = team.reduce(local, round_, grad, self.steps,
+                               lambda: self._idle(round_, grad))
         self.steps = 0
         if included is None:
             return None
@@ -201,9 +203,24 @@ class TeamMember:
         grad.grads_P, grad.dropped = None, dropped
         return grad
 
-    def _idle(self, round_: int) -> bool:
+    def _idle(self, round_: int, grad: Gradient) -> bool:
+        """While it waits in a round. Once the budget is spent, the steps of the round's
+        work are counted and reported first (the round may never complete), so that a
+        member marked spent never counts again."""
         self.team.answer_asks(self.local, round_, between=False)
+        if self.common.spent and self.untaken:
+            with self.turn():
+                pass  # the turn counts them
+            self.outbox.add(_steps_of(grad))
         return self.idle()
+
+
+def _steps_of(grad: Gradient) -> Gradient:
+    """``grad``'s env steps and episodes as a report of their own; ``grad`` keeps none."""
+    steps = dataclasses.replace(grad, grads_P=None, applied_at=-1, groups=[], stale=[],
+                                reports=0, times={})
+    grad.env_steps, grad.episode_returns, grad.episode_lengths = 0, [], []
+    return steps
 
 
 def run_team_member(member: TeamMember, joins: bool) -> None:
