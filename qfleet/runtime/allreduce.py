@@ -41,7 +41,7 @@ from qfleet.checkpoint import flatten_optimizer, unflatten_optimizer
 from qfleet.roles import gradient_step
 from qfleet.roles.gradients import Aggregator, Gradient, GradientWorker, row_weights
 from qfleet.roles.params import ParamSnapshot
-from qfleet.runtime.reports import Outbox
+from qfleet.runtime.reports import Outbox, all_spent, budget_spent
 from qfleet.runtime.shm import SharedParams
 from qfleet.schedules import follow
 
@@ -185,8 +185,7 @@ class ReduceGroup:
 
     def spent(self, alive: list[bool]) -> bool:
         """Every live worker marked itself stopped at the run's budget."""
-        spent = self.marks[SPENT].tolist()
-        return any(alive) and all(spent[i] == 1 for i, up in enumerate(alive) if up)
+        return all_spent(self.marks[SPENT].tolist(), alive)
 
     def asking(self) -> list[int]:
         """The replacements that asked to join and have no answer yet."""
@@ -261,7 +260,7 @@ def run_member(worker: GradientWorker, group: ReduceGroup, replica: Replica | No
     outbox = Outbox(send, report_s)
     published = time.monotonic()
     while idle(replica):
-        if replica is not None and 0 < budget <= replica.env_steps:
+        if replica is not None and budget_spent(budget, replica.env_steps):
             outbox.flush()
             group.marks[SPENT, worker.index] = 1
             time.sleep(0.01)

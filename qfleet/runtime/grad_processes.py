@@ -60,6 +60,7 @@ from qfleet.runtime.replay_rpc import (
     ReplayServer,
     SampleMsg,
 )
+from qfleet.runtime.reports import all_spent
 from qfleet.runtime.shm import Flag, PauseGate, SharedParams
 
 ROUND_S = 0.1
@@ -154,8 +155,7 @@ class ProcessesGradientRunner(GlobalSide):
             self._tend_teams(report)
         elif self.program.hogwild:
             alive = [w.process.is_alive() for w in self.workers]
-            self._catch_up(report, any(alive) and all(
-                bool(self.sh.spent_W[i]) for i, up in enumerate(alive) if up))
+            self._catch_up(report, all_spent(self.sh.spent_W.tolist(), alive))
         self.sh.env_steps.value = self.env_steps
         self.clock_out(report)
         return report

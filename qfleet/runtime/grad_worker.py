@@ -31,6 +31,7 @@ from qfleet.runtime.allreduce import (
 from qfleet.runtime.group_reduce import Common, Team, TeamMember, run_team_member
 from qfleet.runtime.processes import ErrorMsg, leave_signals_to_main
 from qfleet.runtime.replay_rpc import ReplayClient, ReplayLink
+from qfleet.runtime.reports import budget_spent
 from qfleet.runtime.shm import Flag, PauseGate, SharedParams, main_alive
 from qfleet.schedules import follow
 
@@ -207,7 +208,7 @@ def _hogwild_main(sh: Shared, worker: GradientWorker, saver: _Saver,
     assert agg is not None
     while not sh.stop.is_set() and main_alive():
         saver()
-        if 0 < budget <= sh.taken.value:
+        if budget_spent(budget, sh.taken.value):
             sh.spent_W[worker.index] = 1  # after its last report
             time.sleep(0.01)
             continue

@@ -42,7 +42,7 @@ from qfleet.runtime.allreduce import (
     SPENT,
     ReduceGroup,
 )
-from qfleet.runtime.reports import Outbox
+from qfleet.runtime.reports import Outbox, budget_spent
 from qfleet.runtime.shm import PauseGate
 from qfleet.schedules import follow
 
@@ -121,7 +121,7 @@ class Common:
 
     @property
     def spent(self) -> bool:
-        return 0 < self.budget <= self.taken.value
+        return budget_spent(self.budget, self.taken.value)
 
 
 class TeamMember:

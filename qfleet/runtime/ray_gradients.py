@@ -55,6 +55,7 @@ from qfleet.runtime.errors import count_restart
 from qfleet.runtime.global_side import GlobalSide
 from qfleet.runtime.ray_grad_hosts import GradHost, HostSpec, ReplayHost, Sent
 from qfleet.runtime.ray_sync import Rounds
+from qfleet.runtime.reports import budget_spent
 
 COLLECTIVE_TIMEOUT_S = 30.0  # a collective or rendezvous waiting longer has lost a member
 CALL_TIMEOUT_S = 30.0  # for the driver's own small calls (a free port, a replay's state)
@@ -225,7 +226,7 @@ class RayGradientRunner(GlobalSide):
     def _start_round(self, report: RoundReport) -> None:
         ready = [s.index for s in self.slots if not s.recovering]
         budget = self.program.total_env_steps
-        if self.frozen or not ready or 0 < budget <= self.env_steps or \
+        if self.frozen or not ready or budget_spent(budget, self.env_steps) or \
                 (self.program.wait_for_restart and len(ready) < len(self.slots)):
             return
         if ready != self.group:

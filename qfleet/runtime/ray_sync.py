@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from qfleet.roles.gradients import Aggregator, Gradient, GradientWorker, row_weights
 from qfleet.runtime.allreduce import Replica, as_replica, step_replica, work_on
-from qfleet.runtime.reports import merge
+from qfleet.runtime.reports import budget_spent, merge
 
 # after the gradient in a gathered vector (small counts: exact in float32):
 HAS, ROWS, STEPS, STALE = 0, 1, 2, 3
@@ -72,7 +72,7 @@ class SyncSeat:
             first_line: Callable[[BaseException], str]) -> Rounds:
         out, t0 = Rounds(), time.monotonic()
         while out.rounds < count:
-            if 0 < budget <= self.replica.env_steps:
+            if budget_spent(budget, self.replica.env_steps):
                 out.spent = True
                 break
             try:

@@ -1,10 +1,11 @@
-"""A sync member's reports to whoever counts them (the main process, the Ray driver):
-merged over rounds, so each message carries many rounds' counts."""
+"""What workers that step a model themselves tell whoever counts them (the main process,
+the Ray driver): their reports, merged over rounds so each message carries many rounds'
+counts, and whether they stopped at the run's budget."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from qfleet.roles.gradients import Gradient
 
@@ -47,3 +48,13 @@ def merge(held: Gradient, grad: Gradient) -> Gradient:
         held.dropped += grad.dropped
         held.applied_at, held.base_version = grad.applied_at, grad.base_version
     return held
+
+
+def budget_spent(budget: int, env_steps: int) -> bool:
+    """The run's budget (train.total_env_steps; 0 = none) is reached at ``env_steps``."""
+    return 0 < budget <= env_steps
+
+
+def all_spent(spent_W: Sequence[int], alive: list[bool]) -> bool:
+    """Every live worker marked itself stopped at the budget (its reports sent)."""
+    return any(alive) and all(spent_W[i] == 1 for i, up in enumerate(alive) if up)
