@@ -6,14 +6,16 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import threading
 import time
 from typing import Any
 
+import pytest
 import torch
 from _cli import running
 from torch import nn
 
-from qfleet.runtime.shm import Flag, SharedParams, main_alive
+from qfleet.runtime.shm import Flag, PauseGate, ProcessLock, SharedParams, main_alive
 
 
 def _net(value: float) -> nn.Module:
@@ -108,3 +110,77 @@ def test_a_worker_exits_when_main_is_killed_in_the_middle_of_a_publish() -> None
     finally:
         if running(worker_pid):
             os.kill(worker_pid, signal.SIGKILL)
+
+
+def _hold(lock: ProcessLock, held: Any) -> None:
+    with lock:
+        held.set()
+        time.sleep(60)
+
+
+def _count(lock: ProcessLock, total: Any, times: int, start: Any) -> None:
+    start.wait()  # both count at once, however long each took to start
+    for _ in range(times):
+        with lock:  # a read, a pause, a write: lost updates unless the lock excludes
+            seen = total.value
+            time.sleep(0.0001)
+            total.value = seen + 1
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_a_process_lock_excludes_and_is_freed_when_its_holder_is_killed(method: str) -> None:
+    ctx = mp.get_context(method)
+    lock, total, start = ProcessLock(), ctx.Value("q", 0, lock=False), ctx.Barrier(2)
+    counters = [ctx.Process(target=_count, args=(lock, total, 200, start), daemon=True)
+                for _ in range(2)]
+    held = ctx.Event()
+    holder = ctx.Process(target=_hold, args=(lock, held), daemon=True)
+    procs = [*counters, holder]
+    try:
+        for p in counters:
+            p.start()
+        for p in counters:
+            p.join(60)
+        assert total.value == 400
+        holder.start()
+        assert held.wait(30)
+        holder.kill()  # SIGKILL while it holds the lock
+        holder.join(10)
+        taken = threading.Event()
+
+        def take() -> None:
+            with lock:
+                taken.set()
+
+        threading.Thread(target=take, daemon=True).start()
+        assert taken.wait(5), "the lock stayed with a dead process"
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+            p.join(10)
+
+
+def test_a_worker_killed_holding_the_gates_lock_does_not_stop_a_pause_or_a_turn() -> None:
+    ctx = mp.get_context("fork")
+    gate, held = PauseGate(2, ctx), ctx.Event()
+    holder = ctx.Process(target=_hold, args=(gate.lock, held), daemon=True)
+    holder.start()
+    try:
+        assert held.wait(30)
+        holder.kill()
+        holder.join(10)
+        done = threading.Event()
+
+        def pause_then_turn() -> None:
+            with gate.paused(lambda i: False):
+                pass
+            with gate.turn(1):
+                done.set()
+
+        threading.Thread(target=pause_then_turn, daemon=True).start()
+        assert done.wait(5), "a dead worker's hold on the gate's lock hung the others"
+    finally:
+        if holder.is_alive():
+            holder.kill()
+        holder.join(10)

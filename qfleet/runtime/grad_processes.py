@@ -61,7 +61,7 @@ from qfleet.runtime.replay_rpc import (
     SampleMsg,
 )
 from qfleet.runtime.reports import all_spent
-from qfleet.runtime.shm import Flag, PauseGate, SharedParams
+from qfleet.runtime.shm import Flag, PauseGate, ProcessLock, SharedParams
 
 ROUND_S = 0.1
 SAVE_TIMEOUT_S = 120.0  # for every worker to write its own replay for a checkpoint
@@ -83,7 +83,7 @@ class ProcessesGradientRunner(GlobalSide):
         if self.shared_model:
             self.aggregator.share_memory()
         if program.hogwild:
-            self.aggregator.lock = self.ctx.Lock()
+            self.aggregator.lock = ProcessLock()  # a worker may die holding it
         self.params = SharedParams(self.aggregator.model, self.ctx)
         self.params.publish(self.aggregator.model, self.aggregator.version)
         self.server = None if self.shared_replay is None else \

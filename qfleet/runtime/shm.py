@@ -10,8 +10,13 @@ through queues; arrays never do.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import multiprocessing as mp
+import os
+import tempfile
+import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from multiprocessing.context import ForkContext, ForkServerContext, SpawnContext
 from typing import Any
@@ -180,6 +185,43 @@ class ChunkSlots:
 TURN_SLEEP_S = 0.5e-3
 
 
+class ProcessLock:
+    """A lock between processes (and threads) that the kernel releases when its holder
+    dies: an fcntl lock on a file of its own. A worker SIGKILLed while it held a
+    multiprocessing.Lock kept it forever, and every other process, the main one
+    included, hung on it."""
+
+    def __init__(self) -> None:
+        fd, self.path = tempfile.mkstemp(prefix="qfleet-lock-")
+        self._fd, self._pid, self._threads = fd, os.getpid(), threading.Lock()
+        weakref.finalize(self, _remove_in, self._pid, fd, self.path)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path}  # a spawned worker opens the file itself
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.path, self._fd, self._pid = state["path"], -1, -1
+
+    def __enter__(self) -> None:
+        if self._pid != os.getpid():  # fcntl locks belong to a process: a forked child
+            # locks through a descriptor of its own (and a thread lock nobody holds)
+            self._fd, self._pid = os.open(self.path, os.O_RDWR), os.getpid()
+            self._threads = threading.Lock()
+        self._threads.acquire()
+        fcntl.lockf(self._fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc: object) -> None:
+        fcntl.lockf(self._fd, fcntl.LOCK_UN)
+        self._threads.release()
+
+
+def _remove_in(pid: int, fd: int, path: str) -> None:
+    if os.getpid() == pid:  # only the creator; a forked child's copy dies with the child
+        os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
 class PauseGate:
     """Lets the main process copy a shared model that Hogwild workers write lock-free.
 
@@ -189,7 +231,7 @@ class PauseGate:
     """
 
     def __init__(self, num_workers: int, ctx: Context) -> None:
-        self.lock = ctx.Lock()
+        self.lock = ProcessLock()  # a worker may be killed while it holds it
         self.pause = ctx.Value("b", 0, lock=False)
         self.busy_W = torch.zeros(num_workers, dtype=torch.int8).share_memory_()
 
