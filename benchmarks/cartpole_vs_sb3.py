@@ -68,6 +68,7 @@ def run_qfleet(seed: int, steps: int, eval_every: int) -> Run:
         f"seed={seed}", f"train.total_env_steps={steps}", f"train.eval_every={eval_every}",
         "train.target_return=1e9", "log.progress=false", "log.tensorboard=false",
         "checkpoint.every=0", "runtime.torch_threads=0",
+        "learner.lr_schedule=constant",  # the zoo's rate (the preset's decays to 0)
         "algo.double=false"])  # SB3's DQN is the vanilla (non-double) one
     run_dir = f"/tmp/qfleet-bench/sb3cmp-{seed}-{time.time_ns()}"
     result = qfleet.train(cfg, run_dir)

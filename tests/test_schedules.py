@@ -56,7 +56,8 @@ def test_the_last_update_used_the_rate_of_its_env_steps(tmp_path: Path, preset: 
 def test_a_constant_rate_stays_the_configured_one(tmp_path: Path) -> None:
     cfg = qfleet.load_config("cartpole-dqn", [
         f"train.total_env_steps={TOTAL}", "learner.lr=0.001", "train.eval_episodes=1",
-        "log.tensorboard=false", "log.progress=false", "learner.lr_final=0.5"])
+        "log.tensorboard=false", "log.progress=false", "learner.lr_schedule='constant'",
+        "learner.lr_final=0.5"])
     qfleet.train(cfg, tmp_path / "run")
     meta = checkpoint.load(checkpoint.find(tmp_path / "run"))[1]
     assert meta["optimizer"]["param_groups"][0]["lr"] == 1e-3
