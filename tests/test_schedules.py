@@ -53,12 +53,15 @@ def test_the_last_update_used_the_rate_of_its_env_steps(tmp_path: Path, preset: 
     assert result.env_steps - 1000 < steps <= result.env_steps, (steps, result.env_steps)
 
 
-def test_a_constant_rate_stays_the_configured_one(tmp_path: Path) -> None:
-    cfg = qfleet.load_config("cartpole-dqn", [
+def _train_cartpole(run_dir: Path, *overrides: str) -> None:
+    """cartpole-dqn for TOTAL env steps at learner.lr = 1e-3, plus ``overrides``."""
+    qfleet.train(qfleet.load_config("cartpole-dqn", [
         f"train.total_env_steps={TOTAL}", "learner.lr=0.001", "train.eval_episodes=1",
-        "log.tensorboard=false", "log.progress=false", "learner.lr_schedule='constant'",
-        "learner.lr_final=0.5"])
-    qfleet.train(cfg, tmp_path / "run")
+        "log.tensorboard=false", "log.progress=false", *overrides]), run_dir)
+
+
+def test_a_constant_rate_stays_the_configured_one(tmp_path: Path) -> None:
+    _train_cartpole(tmp_path / "run", "learner.lr_schedule='constant'", "learner.lr_final=0.5")
     meta = checkpoint.load(checkpoint.find(tmp_path / "run"))[1]
     assert meta["optimizer"]["param_groups"][0]["lr"] == 1e-3
 
@@ -87,11 +90,7 @@ def test_a_hogwild_worker_steps_at_the_rate_of_the_runs_env_steps() -> None:
 
 
 def test_the_metrics_log_the_rate_of_the_schedule(tmp_path: Path) -> None:
-    cfg = qfleet.load_config("cartpole-dqn", [
-        f"train.total_env_steps={TOTAL}", "learner.lr=0.001", "learner.lr_schedule='linear'",
-        "train.eval_episodes=1", "log.tensorboard=false", "log.progress=false",
-        "log.every=500"])
-    qfleet.train(cfg, tmp_path / "run")
+    _train_cartpole(tmp_path / "run", "learner.lr_schedule='linear'", "log.every=500")
     lines = [r for r in qfleet.metrics.read_metrics(tmp_path / "run") if r["event"] == "train"]
     assert len(lines) >= 3
     for r in lines:
