@@ -14,7 +14,12 @@ Schemes (each from its CartPole preset, ``runtime.backend = "processes"``, torch
   a2c             cartpole-a2c: W = 1 and W = 2 (sync: the workers reduce among
                   themselves and each steps its own replica; W = 1 is a group of one);
   a3c hogwild     cartpole-a3c: workers apply their gradients lock-free to a shared-memory
-                  model and only report to the main process.
+                  model and only report to the main process;
+  dper            cartpole-dper (W = 2, sync): each worker adds to its own prioritized shard
+                  in shared memory and samples every shard; its reference is the same
+                  preset with each worker's own local replay (replay.scope = local): the
+                  ratio of their env steps/s is what sharing the replay costs (goal
+                  >= 0.8x).
 Runners are driven directly (build_program + make_runner). The clock starts only once
 updates have started (worker start and replay fill excluded), then runs a warm-up and
 then the measured window. Printed per run: global updates/s (the change of the global
@@ -47,6 +52,7 @@ START_TIMEOUT_S = 120.0  # worker start + replay fill must reach the first updat
 GOAL = 1.7
 SYNC_GOAL = 1.5  # gorila sync and A2C, W = 2 over W = 1 env steps/s (issue 19)
 GROUPED_GOAL = 1.3  # grouped W = 4, G = 2 over W = 1
+DPER_GOAL = 0.8  # dper's env steps/s over the same run with local replays (issue 15)
 
 
 @dataclass(frozen=True)
@@ -129,7 +135,9 @@ def cases(with_w4: bool) -> list[Case]:
         Case("a2c", "cartpole-a2c", 1),
         Case("a2c", "cartpole-a2c", 2),
         Case("a3c hogwild", "cartpole-a3c", 1),
-        Case("a3c hogwild", "cartpole-a3c", 2)]
+        Case("a3c hogwild", "cartpole-a3c", 2),
+        Case("dper", "cartpole-dper", 2, ("replay.scope=local",), "(local replays)"),
+        Case("dper", "cartpole-dper", 2, (), "(sharded, shared memory)")]
 
 
 def measure(case: Case, warmup: float, seconds: float, seed: int) -> Measured:
@@ -179,7 +187,9 @@ def scaling(results: list[Measured]) -> None:
     for m in results:
         by_scheme.setdefault(m.case.scheme, []).append(m)
     for ms in by_scheme.values():
-        one = next(m for m in ms if m.case.workers == 1)
+        one = next((m for m in ms if m.case.workers == 1), None)
+        if one is None:  # dper: compared with its local-replay run instead
+            continue
         for m in ms:
             if m.case.workers == 1:
                 continue
@@ -244,6 +254,18 @@ def main() -> None:
         for m in pooled.values():
             print(m.row())
     scaling(list(pooled.values()))
+    shared_vs_local(list(pooled.values()))
+
+
+def shared_vs_local(results: list[Measured]) -> None:
+    dper = [m for m in results if m.case.scheme == "dper"]
+    if len(dper) != 2:
+        return
+    local, shared = dper
+    ratio = shared.steps_per_s / local.steps_per_s
+    print(f"\ndper, sharded replay in shared memory / local replays: env steps/s {ratio:5.2f}x, "
+          f"updates/s {shared.updates_per_s / local.updates_per_s:5.2f}x; goal {DPER_GOAL}x "
+          f"env steps {'met' if ratio >= DPER_GOAL else 'NOT met'}")
 
 
 if __name__ == "__main__":

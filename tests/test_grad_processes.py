@@ -36,6 +36,7 @@ from qfleet.runtime import (
     RoundReport,
     WorkerError,
 )
+from qfleet.runtime.shm_replay import Locked
 
 SMALL = ["actors.count=2", "env.num_envs=1", "actors.chunk_size=4", "net.hidden=[32]",
          "learner.batch_size=16", "learner.learning_starts=32", "replay.capacity=5000",
@@ -349,7 +350,7 @@ def test_hogwild_a3c_workers_move_the_shared_global_model() -> None:
 # ---------------------------------------------------------------- shared and sharded replay
 
 
-def test_shared_replay_in_the_main_process_fills_from_both_workers() -> None:
+def test_shared_replay_fills_from_both_workers() -> None:
     cfg = _cfg("cartpole-gorila-sync", "replay.scope='shared'")
     with grad_runner(cfg) as runner:
         replay = runner.shared_replay
@@ -366,7 +367,8 @@ def test_shared_replay_in_the_main_process_fills_from_both_workers() -> None:
 def test_shared_prioritized_replay_gets_priorities_written_back() -> None:
     cfg = _cfg("cartpole-gorila-sync", "replay.scope='shared'", "replay.kind='prioritized'")
     with grad_runner(cfg) as runner:
-        replay = runner.shared_replay
+        assert isinstance(runner.shared_replay, Locked)  # one replay: one lock
+        replay = runner.shared_replay.replay
         assert isinstance(replay, PrioritizedReplay)
         run_until(runner, lambda r, _: r.updates >= 30, 40.0)
         prio = replay.tree.priorities_N[: len(replay)].copy()

@@ -59,7 +59,7 @@ def test_spawned_hogwild_workers_move_the_shared_model() -> None:
         assert not torch.equal(start, _flat(r.aggregator.online))
 
 
-def test_spawned_workers_share_the_sharded_replay_served_by_the_main_process() -> None:
+def test_spawned_workers_share_the_sharded_replay_in_shared_memory() -> None:
     with closing(ProcessesGradientRunner(gradient_program(_grad("cartpole-dper")), "spawn"),
                  workers_gone) as runner:
         run_until(runner, lambda r, _: r.updates >= 20, 90.0)

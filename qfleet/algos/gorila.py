@@ -26,6 +26,7 @@ from qfleet.losses import LossOut, TorchBatch, dqn_loss
 from qfleet.nets import make_q_network
 from qfleet.policies import EpsilonSchedule
 from qfleet.replay import Replay, make_replay, transition_spec
+from qfleet.replay.arrays import Alloc, zeros
 from qfleet.roles import Actor
 from qfleet.roles.gradients import Aggregator, GradientWorker, LossFn
 from qfleet.schedules import LrSchedule
@@ -68,10 +69,10 @@ class Parts:
     new_net: Callable[[], nn.Module]
     loss_fn: LossFn
 
-    def new_replay(self, stream: tuple[int, ...]) -> Replay:
+    def new_replay(self, stream: tuple[int, ...], alloc: Alloc = zeros) -> Replay:
         return make_replay(self.replay_cfg, self.obs_shape, self.obs_dtype,
                            np.random.default_rng([self.cfg.seed, 7919, *stream]),
-                           anneal_steps=self.cfg.train.total_env_steps)
+                           anneal_steps=self.cfg.train.total_env_steps, alloc=alloc)
 
     def make_worker(self, index: int, incarnation: int, shared: Replay | None) -> GradientWorker:
         cfg, local = self.cfg, self.cfg.replay.scope == "local"

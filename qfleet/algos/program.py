@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from torch import nn
 
 from qfleet.config import Config, aggregation_of, group_size_of
 from qfleet.replay import RecordSpec, Replay
+from qfleet.replay.arrays import Alloc
 from qfleet.roles import Actor, DQNLearner
 from qfleet.roles.ac_learner import ACLearner
 from qfleet.roles.gradients import Aggregator, GradientWorker
@@ -74,6 +76,13 @@ class ActorLearnerProgram:
         return self.schedule.batch_size
 
 
+class ReplayMaker(Protocol):
+    """Builds the replay several workers share; ``alloc``: where its arrays live (a
+    backend with worker processes puts them in shared memory)."""
+
+    def __call__(self, alloc: Alloc = ...) -> Replay: ...
+
+
 @dataclass(frozen=True)
 class GradientProgram:
     """Workers -> gradients -> aggregator -> versioned parameters -> workers.
@@ -88,7 +97,7 @@ class GradientProgram:
     make_worker: Callable[[int, int, Replay | None], GradientWorker]  # index, incarnation,
     # the replay every worker shares (scope shared/sharded), or None: each its own or none
     make_aggregator: Callable[[], Aggregator]
-    make_shared_replay: Callable[[], Replay] | None
+    make_shared_replay: ReplayMaker | None
     make_eval_net: Callable[[], nn.Module]
     group_size: int
     max_staleness: int
@@ -112,7 +121,7 @@ class GradientProgram:
 def gradient_program(cfg: Config, *, make_worker: Callable[[int, int, Replay | None],
                                                          GradientWorker],
                      make_aggregator: Callable[[], Aggregator],
-                     make_shared_replay: Callable[[], Replay] | None,
+                     make_shared_replay: ReplayMaker | None,
                      make_eval_net: Callable[[], nn.Module], hogwild: bool,
                      record: RecordSpec, batch_size: int | None = None,
                      local_replay: bool = False) -> GradientProgram:

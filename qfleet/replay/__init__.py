@@ -3,10 +3,14 @@ accumulation, and samplers (uniform, prioritized, sharded prioritized)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import partial
+
 import numpy as np
 
 from qfleet.config import ReplayConfig
 from qfleet.replay import frame_codec
+from qfleet.replay.arrays import Alloc, zeros
 from qfleet.replay.base import Replay, Storage
 from qfleet.replay.frames import FrameStorage
 from qfleet.replay.nstep import NStepAccumulator
@@ -30,31 +34,44 @@ def uses_frames(cfg: ReplayConfig, obs_shape: tuple[int, ...], obs_dtype: np.dty
     return cfg.storage == "frames"
 
 
+@dataclass(frozen=True)
+class _Parts:
+    """Builds storages and shards (plain data, so a replay built here pickles whole)."""
+
+    cfg: ReplayConfig
+    obs_shape: tuple[int, ...]
+    obs_dtype: np.dtype
+    extra: RecordSpec | None
+    alloc: Alloc
+    rng: np.random.Generator
+    beta_steps: int
+
+    def storage(self, capacity: int) -> Storage:
+        if uses_frames(self.cfg, self.obs_shape, self.obs_dtype):
+            return FrameStorage(capacity, self.obs_shape, self.obs_dtype, self.extra,
+                                alloc=self.alloc)
+        return RingStorage(capacity, self.obs_shape, self.obs_dtype, self.extra, self.alloc)
+
+    def shard(self, capacity: int) -> PrioritizedReplay:
+        c = self.cfg
+        return PrioritizedReplay(self.storage(capacity), self.rng, alpha=c.alpha, beta0=c.beta0,
+                                 eps=c.eps, beta_steps=self.beta_steps, alloc=self.alloc)
+
+
 def make_replay(cfg: ReplayConfig, obs_shape: tuple[int, ...], obs_dtype: np.dtype,
                 rng: np.random.Generator, anneal_steps: int | None = None,
-                extra: RecordSpec | None = None) -> Replay:
+                extra: RecordSpec | None = None, alloc: Alloc = zeros) -> Replay:
     """Build the replay ``cfg`` asks for. ``anneal_steps`` (the run's total env steps) is
     what beta anneals over when ``cfg.beta_steps`` is 0; ``extra``: the program's record
-    fields beyond a transition's."""
-    frames = uses_frames(cfg, obs_shape, obs_dtype)
-
-    def new_storage(capacity: int) -> Storage:
-        if frames:
-            return FrameStorage(capacity, obs_shape, obs_dtype, extra)
-        return RingStorage(capacity, obs_shape, obs_dtype, extra)
-
-    if cfg.kind != "prioritized":  # "auto" is resolved per scheme (config.replay_kind_of)
-        return UniformReplay(new_storage(cfg.capacity), rng)
+    fields beyond a transition's; ``alloc``: where its state arrays live."""
     beta_steps = cfg.beta_steps or anneal_steps or 0
-
-    def new_shard(capacity: int) -> PrioritizedReplay:
-        return PrioritizedReplay(new_storage(capacity), rng, alpha=cfg.alpha, beta0=cfg.beta0,
-                                 eps=cfg.eps, beta_steps=beta_steps)
-
+    parts = _Parts(cfg, obs_shape, obs_dtype, extra, alloc, rng, beta_steps)
+    if cfg.kind != "prioritized":  # "auto" is resolved per scheme (config.replay_kind_of)
+        return UniformReplay(parts.storage(cfg.capacity), rng)
     if cfg.shards == 1:
-        return new_shard(cfg.capacity)
+        return parts.shard(cfg.capacity)
     per_shard = max(1, cfg.capacity // cfg.shards)
-    return ShardedReplay(lambda: new_shard(per_shard), rng, cfg.shards, beta0=cfg.beta0,
+    return ShardedReplay(partial(parts.shard, per_shard), rng, cfg.shards, beta0=cfg.beta0,
                          beta_steps=beta_steps)
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from qfleet.replay.arrays import Alloc, MetaSlot, zeros
 from qfleet.replay.frame_codec import fingerprints
 from qfleet.replay.records import RecordSpec, allocate
 from qfleet.replay.transitions import Transitions
@@ -46,9 +47,15 @@ def _spare(capacity: int, stack: int, spare: int | None) -> int:
 class FrameStorage:
     """``extra``: further per-row fields of the record spec, stored as they come."""
 
+    head = MetaSlot(0, int)  # valid transitions are numbers [head, tail)
+    tail = MetaSlot(1, int)
+    frames_written = MetaSlot(2, int)
+    size = MetaSlot(3, int)
+    _unreported = MetaSlot(4, int)  # dropped numbers from here on not yet handed out
+
     def __init__(self, capacity: int, obs_shape: tuple[int, ...], obs_dtype: np.dtype,
                  extra: RecordSpec | None = None, *, window: int = 4096,
-                 spare: int | None = None) -> None:
+                 spare: int | None = None, alloc: Alloc = zeros) -> None:
         if len(obs_shape) < 2:
             raise ValueError(f"obs_shape {obs_shape} is not a stack of frames (F, ...)")
         self.capacity, self.window = capacity, window
@@ -56,19 +63,16 @@ class FrameStorage:
         self._frame_size = int(np.prod(self.frame_shape))
         self.frame_capacity = capacity + window + _spare(capacity, self.stack, spare)
         m, c, f = self.frame_capacity, capacity, self.stack
-        self.frames_M = np.zeros((m, *self.frame_shape), dtype=obs_dtype)
-        self.fp_M = np.zeros(m, dtype=np.uint64)
-        self.obs_ref_NF = np.zeros((c, f), dtype=np.int32)  # frame slots of obs
-        self.next_ref_NF = np.zeros((c, f), dtype=np.int32)  # frame slots of next_obs
-        self.action_N = np.zeros(c, dtype=np.int64)
-        self.reward_N = np.zeros(c, dtype=np.float32)
-        self.discount_N = np.zeros(c, dtype=np.float32)
-        self.floor_N = np.zeros(c, dtype=np.int64)  # oldest frame number it references
-        self.extra = allocate(extra or {}, c)
-        self.head = self.tail = 0  # valid transitions are numbers [head, tail)
-        self.frames_written = 0
-        self.size = 0
-        self._unreported = 0  # dropped numbers from here on not yet handed out
+        self.frames_M = alloc((m, *self.frame_shape), obs_dtype)
+        self.fp_M = alloc((m,), np.uint64)
+        self.obs_ref_NF = alloc((c, f), np.int32)  # frame slots of obs
+        self.next_ref_NF = alloc((c, f), np.int32)  # frame slots of next_obs
+        self.action_N = alloc((c,), np.int64)
+        self.reward_N = alloc((c,), np.float32)
+        self.discount_N = alloc((c,), np.float32)
+        self.floor_N = alloc((c,), np.int64)  # oldest frame number it references
+        self.extra = allocate(extra or {}, c, alloc=alloc)
+        self.meta = alloc((5,), np.int64)  # the MetaSlots above
         # Frames one add may write, so that a piece never recycles its own window.
         self._piece = max(1, (self.frame_capacity - window) // (2 * f))
 

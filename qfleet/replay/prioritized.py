@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from qfleet.replay.arrays import Alloc, MetaSlot, zeros
 from qfleet.replay.base import Storage
 from qfleet.replay.transitions import Batch, Transitions
 from qfleet.replay.trees import PriorityTree, new_tree
@@ -68,15 +69,19 @@ def importance_weights(prio_B: np.ndarray, min_prio: float, beta: float) -> np.n
 
 class PrioritizedReplay(Annealed):
     prioritized = True
+    added = MetaSlot(0, int)  # transitions written so far (the next write number)
+    max_priority = MetaSlot(1, float)
 
     def __init__(self, storage: Storage, rng: np.random.Generator, *, alpha: float = 0.6,
-                 beta0: float = 0.4, eps: float = 1e-6, beta_steps: int = 0) -> None:
+                 beta0: float = 0.4, eps: float = 1e-6, beta_steps: int = 0,
+                 alloc: Alloc = zeros) -> None:
         self.storage, self.rng = storage, rng
         self.alpha, self.eps = alpha, eps
         self.schedule = BetaSchedule(beta0, beta_steps)
-        self.tree: PriorityTree = new_tree(storage.capacity)
-        self.id_N = np.full(storage.capacity, -1, dtype=np.int64)  # write number per slot
-        self.added = 0  # transitions written so far (the next write number)
+        self.tree: PriorityTree = new_tree(storage.capacity, alloc)
+        self.id_N = alloc((storage.capacity,), np.int64)  # write number per slot
+        self.id_N[:] = -1
+        self.meta = alloc((2,), np.float64)  # exact for counts below 2**53
         self.max_priority = 1.0
 
     def __len__(self) -> int:

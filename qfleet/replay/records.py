@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from qfleet.replay.arrays import Alloc, zeros
+
 
 @dataclass(frozen=True)
 class Field:
@@ -36,9 +38,10 @@ def transition_spec(obs_shape: tuple[int, ...], obs_dtype: np.dtype,
     return spec | dict(extra or {})
 
 
-def allocate(spec: RecordSpec, rows: int, lead: tuple[int, ...] = ()) -> dict[str, np.ndarray]:
+def allocate(spec: RecordSpec, rows: int, lead: tuple[int, ...] = (),
+             alloc: Alloc = zeros) -> dict[str, np.ndarray]:
     """Zeroed arrays of ``(*lead, rows, *shape)`` per field."""
-    return {name: np.zeros((*lead, rows, *f.shape), dtype=f.dtype) for name, f in spec.items()}
+    return {name: alloc((*lead, rows, *f.shape), f.dtype) for name, f in spec.items()}
 
 
 def row_bytes(spec: RecordSpec) -> int:

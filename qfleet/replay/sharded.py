@@ -13,6 +13,7 @@ flight for it are ignored. Batch indices carry the shard key in their high bits.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 
 import numpy as np
 
@@ -53,7 +54,17 @@ def route(indices_B: np.ndarray, td_abs_B: np.ndarray) -> Iterator[tuple[int, np
         yield key, ids_B[mine_B] & LOCAL_MASK, td_B[mine_B]
 
 
+Guard = Callable[[int], AbstractContextManager[object]]
+
+
+def unguarded(key: int) -> AbstractContextManager[object]:
+    return nullcontext()
+
+
 class ShardedReplay(Annealed):
+    """``guard(key)``: held around every use of shard ``key``'s state (a lock, where
+    several processes share the shards: runtime.shm_replay)."""
+
     prioritized = True
 
     def __init__(self, new_shard: Callable[[], PrioritizedReplay], rng: np.random.Generator,
@@ -61,7 +72,8 @@ class ShardedReplay(Annealed):
         self.new_shard, self.rng = new_shard, rng
         self.shards: dict[int, PrioritizedReplay] = {}
         self.schedule = BetaSchedule(beta0, beta_steps)
-        self.added = 0
+        self.guard: Guard = unguarded
+        self.lost = 0  # transitions added to shards since dropped
         self._next_key = 0
         self._turn = 0  # round-robin cursor for writes that name no shard
         for _ in range(num_shards):
@@ -78,7 +90,11 @@ class ShardedReplay(Annealed):
 
     def drop_shard(self, key: int) -> None:
         """Forget a shard (its writer died): its data is lost, sampling goes on."""
-        del self.shards[key]
+        self.lost += self.shards.pop(key).added
+
+    @property
+    def added(self) -> int:  # type: ignore[override]
+        return self.lost + sum(s.added for s in self.shards.values())
 
     def __len__(self) -> int:
         return sum(len(s) for s in self.shards.values())
@@ -106,8 +122,8 @@ class ShardedReplay(Annealed):
                 shard, self._turn = keys[self._turn % len(keys)], self._turn + 1
             else:
                 shard = keys[shard % len(keys)]
-        self.shards[shard].add(chunk, priorities_N)
-        self.added += len(chunk)
+        with self.guard(shard):
+            self.shards[shard].add(chunk, priorities_N)
 
     def sample(self, batch_size: int, beta: float | None = None) -> Batch:
         keys = [k for k, s in self.shards.items() if len(s)]
@@ -120,9 +136,10 @@ class ShardedReplay(Annealed):
             if count == 0:
                 continue
             shard = self.shards[key]
-            slots_b, prio_b = shard.draw(int(count), self.rng)
-            parts.append(shard.storage.get(slots_b))
-            ids.append(global_ids(key, shard.id_N[slots_b]))
+            with self.guard(key):
+                slots_b, prio_b = shard.draw(int(count), self.rng)
+                parts.append(shard.storage.get(slots_b))
+                ids.append(global_ids(key, shard.id_N[slots_b]))
             prios.append(prio_b)
         min_prio = min(self.shards[k].tree.min_positive() for k in keys)
         weights_B = importance_weights(np.concatenate(prios), min_prio,
@@ -133,7 +150,8 @@ class ShardedReplay(Annealed):
         """Route each update to its shard; updates for dropped shards are ignored."""
         for key, local_ids_B, td_B in route(indices_B, td_abs_B):
             if key in self.shards:
-                self.shards[key].update_priorities(local_ids_B, td_B)
+                with self.guard(key):
+                    self.shards[key].update_priorities(local_ids_B, td_B)
 
     # ------------------------------------------------------------ checkpoint
 
@@ -144,17 +162,22 @@ class ShardedReplay(Annealed):
                                           dtype=np.int64),
                  "sharded.progress": self.schedule.state()}
         for key in keys:
-            for name, arr in self.shards[key].state_dict().items():
-                state[f"shard{key}.{name}"] = arr
+            with self.guard(key):  # guarded, it may change once let go: copy it
+                copy = np.array if self.guard is not unguarded else np.asarray
+                state |= {f"shard{key}.{name}": copy(arr)
+                          for name, arr in self.shards[key].state_dict().items()}
         return state
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         keys = [int(k) for k in state["sharded.keys"]]
-        self._next_key, self._turn, self.added = (int(v) for v in state["sharded.meta"])
+        self._next_key, self._turn, added = (int(v) for v in state["sharded.meta"])
         self.schedule.load(state["sharded.progress"])
-        self.shards = {key: self.shards.get(key) or self.new_shard() for key in keys}
+        self.shards = {key: self.shards[key] if key in self.shards else self.new_shard()
+                       for key in keys}  # (an empty shard is falsy: no `or`)
         for key in keys:
             prefix = f"shard{key}."
-            self.shards[key].load_state_dict(
-                {name[len(prefix):]: arr for name, arr in state.items()
-                 if name.startswith(prefix)})
+            with self.guard(key):
+                self.shards[key].load_state_dict(
+                    {name[len(prefix):]: arr for name, arr in state.items()
+                     if name.startswith(prefix)})
+        self.lost = added - sum(s.added for s in self.shards.values())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from qfleet.replay.arrays import Alloc, MetaSlot, zeros
 from qfleet.replay.records import RecordSpec, allocate, transition_spec
 from qfleet.replay.transitions import Transitions
 
@@ -11,12 +12,15 @@ from qfleet.replay.transitions import Transitions
 class RingStorage:
     """Every field of the record spec (transitions plus ``extra``) in one array each."""
 
+    cursor = MetaSlot(0, int)  # next slot to write
+    size = MetaSlot(1, int)
+
     def __init__(self, capacity: int, obs_shape: tuple[int, ...], obs_dtype: np.dtype,
-                 extra: RecordSpec | None = None) -> None:
+                 extra: RecordSpec | None = None, alloc: Alloc = zeros) -> None:
         self.capacity = capacity
-        self.arrays = allocate(transition_spec(obs_shape, obs_dtype, extra), capacity)
-        self.cursor = 0  # next slot to write
-        self.size = 0
+        self.arrays = allocate(transition_spec(obs_shape, obs_dtype, extra), capacity,
+                               alloc=alloc)
+        self.meta = alloc((2,), np.int64)
 
     @property
     def nbytes(self) -> int:

@@ -20,6 +20,8 @@ import math
 
 import numpy as np
 
+from qfleet.replay.arrays import Alloc, zeros
+
 
 def _pow2_at_least(n: int) -> int:
     return 1 << max(0, int(n - 1).bit_length())
@@ -50,7 +52,8 @@ class SumMinTree:
     sampled must not set the largest importance weight.
     """
 
-    def __init__(self, capacity: int, top: int = 1024, min_top: int = 16384) -> None:
+    def __init__(self, capacity: int, alloc: Alloc = zeros, *, top: int = 1024,
+                 min_top: int = 16384) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         self.capacity = capacity
@@ -61,8 +64,9 @@ class SumMinTree:
         # sum-tree's roots need a (slow, sequential) cumsum on every sample.
         self.min_roots = max(min(_pow2_at_least(min_top), self.leaf0), self.roots)
         self.min_depth = (self.leaf0 // self.min_roots).bit_length() - 1
-        self.sum_T = np.zeros(2 * self.leaf0, dtype=np.float64)
-        self.min_T = np.full(2 * self.leaf0, np.inf, dtype=np.float64)
+        self.sum_T = alloc((2 * self.leaf0,), np.float64)
+        self.min_T = alloc((2 * self.leaf0,), np.float64)
+        self.min_T[:] = np.inf
         self._cum_R1 = np.zeros(self.roots + 1, dtype=np.float64)  # [0, prefix sums...]
         self._shifts_D1 = np.arange(1, self.depth + 1, dtype=np.int64)[:, None]
         self._strata_B = np.arange(0, dtype=np.float64)

@@ -8,6 +8,7 @@ from typing import Protocol
 
 import numpy as np
 
+from qfleet.replay.arrays import Alloc, zeros
 from qfleet.replay.sumtree import SumMinTree
 
 
@@ -34,12 +35,12 @@ class PriorityTree(Protocol):
                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]: ...
 
 
-def new_tree(capacity: int) -> PriorityTree:
+def new_tree(capacity: int, alloc: Alloc = zeros) -> PriorityTree:
     """The fastest tree this install has: the compiled one where numba is installed (the
     ``fast`` extra; a sample + update of 256 on 1M slots ~5x faster), else sumtree.py's
     NumPy tree."""
     try:
         from qfleet.replay.widetree import WideSumMinTree
     except ImportError:  # numba is optional
-        return SumMinTree(capacity)
-    return WideSumMinTree(capacity)
+        return SumMinTree(capacity, alloc)
+    return WideSumMinTree(capacity, alloc)

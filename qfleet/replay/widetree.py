@@ -31,6 +31,7 @@ from llvmlite import ir
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from qfleet.replay.arrays import Alloc, zeros
 from qfleet.replay.sumtree import last_write_wins
 
 SHIFT = 2
@@ -55,9 +56,9 @@ def tree_layout(capacity: int) -> tuple[np.ndarray, np.ndarray]:
     return np.array(starts, dtype=np.int64), np.array(counts, dtype=np.int64)
 
 
-def _aligned_zeros(size: int) -> np.ndarray:
+def _aligned_zeros(size: int, alloc: Alloc) -> np.ndarray:
     """Zeros starting on a 64-byte line (NumPy promises 16), so blocks do not straddle."""
-    raw = np.zeros(size + BLOCK, dtype=np.float64)
+    raw = alloc((size + BLOCK,), np.float64)
     skip = (-raw.ctypes.data % 64) // raw.itemsize
     return raw[skip:skip + size]
 
@@ -307,7 +308,7 @@ class WideSumMinTree:
     """Per-slot non-negative priorities with their sum, prefix-sum search and positive
     min; the public API and results of ``SumMinTree``, computed by compiled loops."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, alloc: Alloc = zeros) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         self.capacity = capacity
@@ -315,7 +316,7 @@ class WideSumMinTree:
         self.root = int(self.start_L1[-1])  # the root's sum; its min is FAN further on
         self.flat = int(np.argmax(self.count_L <= FLAT_TOP))  # the level a sample merges on
         self.flat_count = int(self.count_L[self.flat])
-        self.tree_A = _aligned_zeros(self.root + BLOCK)
+        self.tree_A = _aligned_zeros(self.root + BLOCK, alloc)
         self.set_all(np.zeros(capacity))  # every min +inf
 
     @property

@@ -23,6 +23,7 @@ import torch
 
 from qfleet.algos.program import GradientProgram
 from qfleet.checkpoint import flatten_optimizer, unflatten_optimizer, with_prefix
+from qfleet.replay import Replay
 from qfleet.replay import describe as describe_replay
 from qfleet.roles.clock import Clock
 from qfleet.roles.gradients import ACTED, Gradient, GradientGate, Ready
@@ -34,8 +35,7 @@ class GlobalSide:
     def __init__(self, program: GradientProgram) -> None:
         self.program = program
         self.aggregator = program.make_aggregator()
-        self.shared_replay = (program.make_shared_replay() if program.make_shared_replay
-                              else None)
+        self.shared_replay = self.new_shared_replay()
         self.gate = GradientGate(program.num_workers, program.group_size,
                                  program.max_staleness, program.stale)
         self.env_steps = 0
@@ -44,6 +44,12 @@ class GlobalSide:
         self.saved_replays: dict[int, dict[str, np.ndarray]] = {}  # by worker, from restore
         self.worker_steps = [0] * program.num_workers  # env steps each worker's data had
         self.teams = False  # grouped members step a shared model and report their own steps
+
+    def new_shared_replay(self) -> Replay | None:
+        """The replay workers share (scope shared/sharded), or None; a backend may place
+        it elsewhere."""
+        make = self.program.make_shared_replay
+        return None if make is None else make()
 
     @property
     def updates(self) -> int:

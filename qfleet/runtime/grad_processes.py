@@ -38,12 +38,13 @@ import torch
 from safetensors.numpy import load_file as load_numpy
 
 from qfleet.algos.program import GradientProgram
+from qfleet.replay import Replay
 from qfleet.roles.gradients import Gradient
 from qfleet.runtime.allreduce import Keeper, ReduceGroup, load_replica
 from qfleet.runtime.base import RoundReport
 from qfleet.runtime.errors import WorkerError
 from qfleet.runtime.global_side import GlobalSide
-from qfleet.runtime.grad_worker import LAST, GradMsg, Link, SavedMsg, Shared, worker_main
+from qfleet.runtime.grad_worker import LAST, GradMsg, SavedMsg, Shared, worker_main
 from qfleet.runtime.group_reduce import Team, TeamKeeper
 from qfleet.runtime.processes import (
     Inbox,
@@ -53,15 +54,9 @@ from qfleet.runtime.processes import (
     signal_stacks,
     stop_processes,
 )
-from qfleet.runtime.replay_rpc import (
-    AddMsg,
-    PriorityMsg,
-    ReplayLink,
-    ReplayServer,
-    SampleMsg,
-)
 from qfleet.runtime.reports import all_spent
 from qfleet.runtime.shm import Flag, PauseGate, ProcessLock, SharedParams
+from qfleet.runtime.shm_replay import SharedReplay, ShmAlloc
 
 ROUND_S = 0.1
 SAVE_TIMEOUT_S = 120.0  # for every worker to write its own replay for a checkpoint
@@ -72,7 +67,6 @@ class _Worker:
     index: int
     incarnation: int
     process: BaseProcess
-    link: Link
 
 
 class ProcessesGradientRunner(GlobalSide):
@@ -86,8 +80,6 @@ class ProcessesGradientRunner(GlobalSide):
             self.aggregator.lock = ProcessLock()  # a worker may die holding it
         self.params = SharedParams(self.aggregator.model, self.ctx)
         self.params.publish(self.aggregator.model, self.aggregator.version)
-        self.server = None if self.shared_replay is None else \
-            ReplayServer(self.shared_replay, self.ctx.Value("q", 0, lock=False))
         self.inbox = Inbox(self.ctx)
         self.size_P = sum(v.numel() for v in self.aggregator.online.parameters())
         group = ReduceGroup(program.num_workers, self.size_P, self.ctx, self.aggregator.version) \
@@ -97,8 +89,7 @@ class ProcessesGradientRunner(GlobalSide):
             if self.shared_model and not program.hogwild else []  # async: groups of one
         self.sh = Shared(program, self.params,
                           self.aggregator if self.shared_model else None, Flag(self.ctx),
-                          None if self.server is None else self.server.size,
-                          self.shared_replay is not None and self.shared_replay.prioritized,
+                          self.shm_replay,
                           PauseGate(program.num_workers, self.ctx) if self.shared_model else None,
                           self.ctx.Value("q", 0, lock=False),
                           tempfile.mkdtemp(prefix="qfleet-replays-"), self.ctx.RawValue("q", 0),
@@ -115,30 +106,32 @@ class ProcessesGradientRunner(GlobalSide):
         self.fetched: dict[int, dict[str, np.ndarray]] = {}  # their replays, when frozen
         self.deferred: list[Any] = []  # messages that came while a checkpoint waited
         self.restarts = [0] * program.num_workers
-        self.links: dict[tuple[int, int], Link] = {}
+        self.known: set[tuple[int, int]] = set()  # (index, incarnation) whose reports count
         self.workers: list[_Worker] = []
         self.workers = [self._spawn(i, 0) for i in range(program.num_workers)]
 
-    def _new_link(self) -> Link:
-        p = self.program
-        return Link(None if self.shared_replay is None else ReplayLink(
-            p.max_chunk_rows, p.batch_size, p.record, self.ctx))
+    def new_shared_replay(self) -> Replay | None:
+        """In shared memory: the workers add and sample on their own (shm_replay)."""
+        make = self.program.make_shared_replay
+        if make is None:
+            self.shm_replay = None
+            return None
+        alloc = ShmAlloc()
+        self.shm_replay = SharedReplay(make(alloc), alloc)
+        return self.shm_replay.replay
 
     def _spawn(self, index: int, incarnation: int, joins: bool = False) -> _Worker:
-        link = self._new_link()
-        self.links[(index, incarnation)] = link
-        old = self.links.pop((index, incarnation - 2), None)  # no message can still name it
-        if old is not None:
-            old.close()
+        self.known.add((index, incarnation))
+        self.known.discard((index, incarnation - 2))  # no message can still name it
         self.inbox.drop((index, incarnation - 2))
         if self.sh.pause is not None:
             self.sh.pause.clear(index)  # a killed predecessor may have died mid-step
         self.sh.spent_W[index] = 0
         process = self.inbox.start((index, incarnation), lambda out: self.ctx.Process(
             target=worker_main, name=f"qfleet-worker-{index}", daemon=True,
-            args=(self.sh, index, incarnation, link, out, self.restored_worker(index),
+            args=(self.sh, index, incarnation, out, self.restored_worker(index),
                   self.sh.save_request.value, joins)))
-        return _Worker(index, incarnation, process, link)
+        return _Worker(index, incarnation, process)
 
     def step(self) -> RoundReport:
         report = RoundReport()
@@ -188,18 +181,10 @@ class ProcessesGradientRunner(GlobalSide):
                 continue  # an answer that came after its checkpoint gave up on it
             if isinstance(msg, GradMsg):
                 self._receive_grad(msg, report)
-            else:
-                self._serve_replay(msg)
-
-    def _serve_replay(self, msg: AddMsg | SampleMsg | PriorityMsg) -> None:
-        assert self.server is not None
-        link = None if isinstance(msg, PriorityMsg) else \
-            self.links.get((msg.worker, msg.incarnation))
-        self.server.handle(msg, None if link is None else link.replay)
 
     def _receive_grad(self, msg: GradMsg, report: RoundReport) -> None:
         """A worker's report: its gradients are in the global model already."""
-        if (msg.worker, msg.incarnation) not in self.links:
+        if (msg.worker, msg.incarnation) not in self.known:
             return  # from an incarnation long gone
         grad = Gradient(msg.worker, msg.base_version, msg.env_steps, msg.returns, None,
                         msg.loss, msg.q_mean, msg.epsilon, msg.applied_at, msg.rows,
@@ -281,9 +266,9 @@ class ProcessesGradientRunner(GlobalSide):
 
     def _saves(self, with_replays: bool, last: bool = False) -> dict[int, SavedMsg]:
         """Ask every worker to write its own replay (``with_replays``) and a sync member
-        its replica, wait for the answers (serving the replay meanwhile; gradients wait
-        for the next round). ``last``: each worker then waits to be stopped, so its
-        replay holds every env step of its reports."""
+        its replica, wait for the answers (gradients wait for the next round). ``last``:
+        each worker then waits to be stopped, so its replay holds every env step of its
+        reports."""
         self.sh.save_replays.value = int(with_replays) | (LAST if last else 0)
         self.sh.save_request.value += 1
         request, saves = self.sh.save_request.value, dict[int, SavedMsg]()
@@ -296,8 +281,6 @@ class ProcessesGradientRunner(GlobalSide):
                 if isinstance(msg, SavedMsg) and msg.request == request and \
                         msg.incarnation == self.workers[msg.worker].incarnation:
                     saves[msg.worker] = msg
-                elif isinstance(msg, AddMsg | SampleMsg | PriorityMsg):
-                    self._serve_replay(msg)  # a worker waiting on its replay cannot answer
                 elif not isinstance(msg, SavedMsg):
                     self.deferred.append(msg)
         return saves
@@ -313,8 +296,6 @@ class ProcessesGradientRunner(GlobalSide):
         for team in self.sh.teams:
             team.reset(0)
         self.sh.taken.value = self.env_steps
-        if self.server is not None:
-            self.server.size.value = len(self.server.replay)
         self.params.publish(self.aggregator.model, self.aggregator.version)
         if self.keeper is not None:
             self.keeper.start(self.aggregator, self.env_steps)
@@ -324,8 +305,8 @@ class ProcessesGradientRunner(GlobalSide):
         self._forget_workers()
         self.workers = [self._spawn(i, state["incarnation"] + 1)
                         for i, state in enumerate(meta["workers"])]
-        for key in [k for k in self.links if k[1] != self.workers[k[0]].incarnation]:
-            self.links.pop(key).close()  # what workers sent before the restore is void
+        for key in [k for k in self.known if k[1] != self.workers[k[0]].incarnation]:
+            self.known.discard(key)  # what workers sent before the restore is void
             self.inbox.drop(key)
 
     def freeze(self) -> None:
@@ -352,5 +333,3 @@ class ProcessesGradientRunner(GlobalSide):
         self._stop_workers()
         shutil.rmtree(self.sh.save_dir, ignore_errors=True)
         self.inbox.close()
-        for link in self.links.values():
-            link.close()

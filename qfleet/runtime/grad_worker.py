@@ -30,9 +30,9 @@ from qfleet.runtime.allreduce import (
 )
 from qfleet.runtime.group_reduce import Common, Team, TeamMember, run_team_member
 from qfleet.runtime.processes import ErrorMsg, leave_signals_to_main
-from qfleet.runtime.replay_rpc import ReplayClient, ReplayLink
 from qfleet.runtime.reports import budget_spent
 from qfleet.runtime.shm import Flag, PauseGate, SharedParams, main_alive
+from qfleet.runtime.shm_replay import SharedReplay
 from qfleet.schedules import follow
 
 LAST = 2
@@ -70,17 +70,6 @@ class SavedMsg:
 
 
 @dataclass
-class Link:
-    """Everything one worker incarnation shares with the main process."""
-
-    replay: ReplayLink | None
-
-    def close(self) -> None:
-        if self.replay is not None:
-            self.replay.close()
-
-
-@dataclass
 class Shared:
     """What the main process hands every worker process."""
 
@@ -88,8 +77,7 @@ class Shared:
     params: SharedParams
     aggregator: Aggregator | None  # Hogwild, async, grouped: the shared-memory global model
     stop: Flag
-    replay_size: Any
-    replay_prioritized: bool
+    replay: SharedReplay | None  # scope shared/sharded: the replay every worker uses
     pause: PauseGate | None  # with a shared model: a checkpoint copies it whole
     save_request: Any  # a counter: when it moves, each worker saves its own replay ...
     save_dir: str  # ... into this folder
@@ -103,14 +91,12 @@ class Shared:
     spent_W: torch.Tensor  # Hogwild: 1 once a worker stopped at the budget, its reports sent
 
 
-def worker_main(sh: Shared, index: int, incarnation: int, link: Link, out: Connection,
+def worker_main(sh: Shared, index: int, incarnation: int, out: Connection,
                  restored: dict[str, np.ndarray], save_request: int, joins: bool) -> None:
     leave_signals_to_main()
     pin_torch(1)
     try:
-        replay = None if link.replay is None else ReplayClient(
-            link.replay, index, incarnation, out, sh.replay_size,
-            sh.replay_prioritized, sh.stop)
+        replay = None if sh.replay is None else sh.replay.for_worker(index, incarnation)
         worker = sh.program.make_worker(index, incarnation, replay)
         worker.load_state(restored)
         saver = _Saver(sh, worker, incarnation, save_request, out)
@@ -147,9 +133,9 @@ def _member_main(sh: Shared, worker: GradientWorker, saver: _Saver, out: Connect
     run_member(worker, sh.group, replica, sh.params, sh.save_dir, sh.program.sync_every, idle,
                lambda grad: out.send(_message(worker, grad)), sh.program.make_aggregator,
                sh.program.total_env_steps,
-               # a replay in the main process hears of every chunk anyway: count each round
-               # with it, so the count never trails the replay by more than a round
-               0.0 if sh.replay_size is not None else REPORT_S)
+               # with a shared replay, report each round, so the count never trails the
+               # replay that a checkpoint saves by more than a round
+               0.0 if sh.replay is not None else REPORT_S)
 
 
 def _team_main(sh: Shared, worker: GradientWorker, saver: _Saver, out: Connection,
