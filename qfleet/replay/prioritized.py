@@ -104,8 +104,9 @@ class PrioritizedReplay(Annealed):
             return
         slots_N = self.storage.add(chunk)
         kept = len(slots_N)  # a chunk longer than the capacity keeps only its tail
-        ids_N = self.added + (n - kept) + np.arange(kept, dtype=np.int64)
-        self.added += n
+        added = self.added
+        ids_N = added + (n - kept) + np.arange(kept, dtype=np.int64)
+        self.added = added + n
         self.id_N[slots_N] = ids_N
         if priorities_N is None:
             self.tree.update(slots_N, np.full(kept, self.max_priority))

@@ -35,15 +35,16 @@ class RingStorage:
             # holds for every transition (prioritized replay derives slots from that).
             self.cursor = (self.cursor + n - self.capacity) % self.capacity
             n = self.capacity
-        slots_N = (self.cursor + np.arange(n)) % self.capacity
+        cursor = self.cursor  # (read once: it lives in the meta array)
+        slots_N = (cursor + np.arange(n)) % self.capacity
         # At most two contiguous slice copies (split at the wrap): several times faster
         # than a fancy-index write for image chunks.
-        head = min(n, self.capacity - self.cursor)
+        head = min(n, self.capacity - cursor)
         for name, src in chunk.fields().items():
             dst = self.arrays[name]
-            dst[self.cursor: self.cursor + head] = src[:head]
+            dst[cursor: cursor + head] = src[:head]
             dst[: n - head] = src[head:]
-        self.cursor = int((self.cursor + n) % self.capacity)
+        self.cursor = (cursor + n) % self.capacity
         self.size = min(self.size + n, self.capacity)
         return slots_N
 
