@@ -29,8 +29,9 @@ from qfleet.replay import describe as describe_replay
 from qfleet.roles import ParamSnapshot, gradient_step
 from qfleet.roles.gradients import Aggregator, Gradient, GradientWorker
 from qfleet.runtime.allreduce import replica_tensors
+from qfleet.runtime.node_exchange import open_exchange
 from qfleet.runtime.ray_common import Host
-from qfleet.runtime.ray_sync import Rounds, SyncSeat
+from qfleet.runtime.ray_sync import FIELDS, Rounds, SyncSeat
 
 CALL_S = 0.02  # async: a call runs work() for at most this long while no gradient comes
 
@@ -101,6 +102,8 @@ class GradHost(Host):
         """Leave the old process group, join a new one and seat this member on ``replica``
         (tensors, meta); '' when joined, else why not (a member that never came is a
         fault the driver handles by rebuilding again)."""
+        if self.seat is not None and self.seat.exchange is not None:
+            self.seat.exchange.close()
         if dist.is_initialized():
             with contextlib.suppress(Exception):  # a broken group: we build a new one anyway
                 dist.destroy_process_group()
@@ -111,6 +114,8 @@ class GradHost(Host):
             dist.init_process_group("gloo", init_method=f"tcp://{ip}:{port}", rank=rank,
                                     world_size=world,
                                     timeout=timedelta(seconds=self.spec.timeout_s))
+            self.seat.exchange = open_exchange(self.seat.size + FIELDS, self.spec.timeout_s,
+                                               ray.get_runtime_context().get_node_id())
         except Exception as err:  # timeouts and lost peers alike
             return _first_line(err)
         return ""

@@ -2,7 +2,8 @@
 optimizer, stepped by the worker itself (as on the processes backend, ``allreduce``).
 
 One call runs ``count`` rounds. A round: work once (a member that holds an unused gradient
-does not), then an ``all_gather`` of one vector per member (its flat gradient, whether it
+does not), then an ``all_gather`` of one vector per member (through shared memory when every member
+runs on one machine: node_exchange) (its flat gradient, whether it
 has one, its rows and staleness, the env steps it took this round), then every member
 takes the same step on its replica: the gathered gradients in rank (= worker) order,
 with the aggregator's own arithmetic and the gate's row weights, so the replicas stay
@@ -30,6 +31,7 @@ import torch.distributed as dist
 
 from qfleet.roles.gradients import Aggregator, Gradient, GradientWorker, row_weights
 from qfleet.runtime.allreduce import Replica, as_replica, step_replica, work_on
+from qfleet.runtime.node_exchange import NodeExchange
 from qfleet.runtime.reports import budget_spent, merge
 
 # after the gradient in a gathered vector (small counts: exact in float32):
@@ -61,6 +63,7 @@ class SyncSeat:
         self.wait = wait
         self.held: Gradient | None = None
         self.had_grad = False
+        self.exchange: NodeExchange | None = None  # members on one machine: no gloo rounds
 
     def keep_if_current(self, held: Gradient | None) -> None:
         """A member re-seated after a loss keeps its unused gradient if the new replica is
@@ -117,8 +120,10 @@ class SyncSeat:
         return vec
 
     def _gather(self, vec: torch.Tensor) -> list[torch.Tensor]:
-        parts = [torch.empty_like(vec) for _ in range(dist.get_world_size())]
         try:
+            if self.exchange is not None:
+                return self.exchange.all_gather(vec)
+            parts = [torch.empty_like(vec) for _ in range(dist.get_world_size())]
             dist.all_gather(parts, vec)
         except Exception as err:  # a peer lost or timed out: a fault
             raise _CollectiveFailed() from err
