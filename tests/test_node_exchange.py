@@ -1,7 +1,7 @@
 """The shared-memory all_gather of sync members on one machine (runtime.node_exchange),
-between real processes in a real gloo group: every member's vector, round after round, with
-members late to post or to read, the same result as gloo's all_gather, a member that stops posting, members
-on different machines (gloo stays), and no file left behind."""
+between real processes in a real gloo group: every member's vector, round after round,
+with members late to post or to read; the same result as gloo's all_gather; a member
+that stops posting; members on different machines (gloo stays); no file left behind."""
 
 from __future__ import annotations
 
