@@ -47,12 +47,21 @@ def busy_cores_s() -> float:
 # ------------------------------------------------------------------ Atari-sized chunks
 
 def atari_chunks(rows: int, count: int, seed: int) -> list[Transitions]:
+    """Chunks as an Atari actor sends them: the frame stacks of an episode, so consecutive
+    rows share F - 1 frames and a row's next_obs is the next row's obs (what the frame codec
+    and FrameStorage exploit); the pixels are random, so nothing else compresses."""
     rng = np.random.default_rng(seed)
-    return [Transitions(rng.integers(0, 256, (rows, *ATARI_OBS), dtype=np.uint8),
-                        rng.integers(0, 6, rows), rng.random(rows, dtype=np.float32),
-                        np.full(rows, 0.99, np.float32),
-                        rng.integers(0, 256, (rows, *ATARI_OBS), dtype=np.uint8))
-            for _ in range(count)]
+    stack = ATARI_OBS[0]
+
+    def chunk() -> Transitions:
+        frames_THW = rng.integers(0, 256, (rows + stack, *ATARI_OBS[1:]), dtype=np.uint8)
+        stacks_NO = np.lib.stride_tricks.sliding_window_view(frames_THW, stack, axis=0)
+        stacks_NO = np.ascontiguousarray(np.moveaxis(stacks_NO, -1, 1))  # (rows + 1, F, H, W)
+        return Transitions(stacks_NO[:-1], rng.integers(0, 6, rows),
+                           rng.random(rows, dtype=np.float32), np.full(rows, 0.99, np.float32),
+                           stacks_NO[1:])
+
+    return [chunk() for _ in range(count)]
 
 
 def obs_mb(rows: int) -> float:

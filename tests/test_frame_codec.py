@@ -48,8 +48,41 @@ def test_decode_gives_back_exactly_what_was_encoded(rows: int, stack: int, pool:
     assert _equal(Transitions.from_fields(frame_codec.decode(coded, table)), data)
 
 
-def test_a_fingerprint_collision_sends_the_frames_unshared(monkeypatch: pytest.MonkeyPatch) \
-        -> None:
+@pytest.fixture(params=["compiled", "numpy"])
+def passes(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The codec's fingerprint and byte-check passes: compiled (frame_kernels), or the
+    NumPy reference an install without numba runs."""
+    if request.param == "numpy":
+        monkeypatch.setattr(frame_codec, "frame_kernels", None)
+    else:
+        pytest.importorskip("numba")
+    return str(request.param)
+
+
+@pytest.mark.parametrize("shape", [(84, 84), (5, 7), (3, 8), (1,)])
+def test_the_compiled_fingerprints_are_the_numpy_ones(shape: tuple[int, ...]) -> None:
+    """Equal numbers, not just equally good ones: a restored FrameStorage's fingerprints
+    must match those of frames written after it."""
+    kernels = pytest.importorskip("qfleet.replay.frame_kernels")
+    frames = np.random.default_rng(1).integers(0, 256, size=(33, *shape), dtype=np.uint8)
+    words_XW = frame_codec._words(frames)
+    want_X = words_XW @ frame_codec._multipliers(words_XW.shape[1])
+    assert np.array_equal(frame_codec.fingerprints(frames), want_X)
+    assert np.array_equal(kernels.fingerprints(words_XW, frame_codec._multipliers(
+        words_XW.shape[1])), want_X)
+
+
+def test_one_byte_apart_is_caught_by_the_byte_check(passes: str) -> None:
+    frames = np.random.default_rng(2).integers(0, 256, size=(6, 84, 84), dtype=np.uint8)
+    frames[4] = frames[1]
+    first_K, ref_X = np.array([0, 1, 2, 3, 5]), np.array([0, 1, 2, 3, 1, 4])
+    assert frame_codec._all_equal(frames, first_K, ref_X)
+    frames[4, 83, 83] ^= 1  # the last byte: a check that stops early misses it
+    assert not frame_codec._all_equal(frames, first_K, ref_X)
+
+
+def test_a_fingerprint_collision_sends_the_frames_unshared(
+        monkeypatch: pytest.MonkeyPatch, passes: str) -> None:
     rng = np.random.default_rng(0)
     data = _stacks(rng.integers(0, 255, size=(5, 4, 4), dtype=np.uint8), 6, 3, rng)
     monkeypatch.setattr(frame_codec, "fingerprints",

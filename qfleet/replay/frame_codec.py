@@ -18,6 +18,11 @@ import numpy as np
 
 from qfleet.replay.records import Field, RecordSpec
 
+try:  # the compiled passes (the fast extra); the NumPy forms below are the reference
+    from qfleet.replay import frame_kernels
+except ImportError:
+    frame_kernels = None  # type: ignore[assignment]
+
 STACKS = ("obs_NO", "next_obs_NO")
 
 
@@ -50,15 +55,31 @@ def _multipliers(words: int) -> np.ndarray:
                                                    dtype=np.uint64) | np.uint64(1)
 
 
-def fingerprints(frames_X: np.ndarray) -> np.ndarray:
-    """A 64-bit fingerprint of each frame's bytes (any shape and dtype per frame)."""
+def _words(frames_X: np.ndarray) -> np.ndarray:
+    """Each frame's bytes as uint64 words, zero-padded to a whole word: (X, W)."""
     count = len(frames_X)
     raw_XB = np.ascontiguousarray(frames_X).reshape(count, -1 if count else 0).view(np.uint8)
     pad = -raw_XB.shape[1] % 8
     if pad:
         raw_XB = np.pad(raw_XB, ((0, 0), (0, pad)))
+    return raw_XB.view(np.uint64)
+
+
+def fingerprints(frames_X: np.ndarray) -> np.ndarray:
+    """A 64-bit fingerprint of each frame's bytes (any shape and dtype per frame)."""
+    words_XW = _words(frames_X)
+    mult_W = _multipliers(words_XW.shape[1])
+    if frame_kernels is not None and len(words_XW):
+        return frame_kernels.fingerprints(words_XW, mult_W)
     # uint64 arithmetic wraps: a random linear hash mod 2**64 in one matmul.
-    return raw_XB.view(np.uint64) @ _multipliers(raw_XB.shape[1] // 8)
+    return words_XW @ mult_W
+
+
+def _all_equal(all_X: np.ndarray, first_K: np.ndarray, ref_X: np.ndarray) -> bool:
+    """Whether every frame equals its fingerprint's first frame, byte for byte."""
+    if frame_kernels is not None:
+        return bool(frame_kernels.equal_to_representatives(_words(all_X), first_K[ref_X]))
+    return bool(np.array_equal(all_X[first_K][ref_X], all_X))
 
 
 def encode(fields: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -70,8 +91,9 @@ def encode(fields: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], np.nda
                               next_NO.reshape(n * stack, *obs_NO.shape[2:])])
     _, first_K, ref_X = np.unique(fingerprints(all_XHW), return_index=True,
                                   return_inverse=True)
-    frames_KHW = all_XHW[first_K]
-    if not np.array_equal(frames_KHW[ref_X], all_XHW):  # a fingerprint collision
+    if _all_equal(all_XHW, first_K, ref_X):
+        frames_KHW = all_XHW[first_K]
+    else:  # a fingerprint collision
         frames_KHW, ref_X = all_XHW, np.arange(len(all_XHW))
     ref_2NF = ref_X.astype(np.int32).reshape(2, n, stack)
     return fields | dict(zip(STACKS, ref_2NF, strict=True)), frames_KHW
