@@ -22,7 +22,7 @@ from qfleet.envs import probe_spaces
 from qfleet.losses import LossOut, TorchBatch, ac_loss
 from qfleet.nets import ActorCritic, make_actor_critic
 from qfleet.policies import Constant
-from qfleet.replay import Replay, transition_spec
+from qfleet.replay import Replay
 from qfleet.roles import Actor
 from qfleet.roles.gradients import Aggregator, GradientWorker, LossFn
 from qfleet.schedules import LrSchedule
@@ -33,7 +33,7 @@ def build(cfg: Config) -> GradientProgram:
 
 
 def wire(cfg: Config, hogwild: bool) -> GradientProgram:
-    obs_shape, obs_dtype, num_actions = probe_spaces(cfg.env)
+    obs_shape, _, num_actions = probe_spaces(cfg.env)
     new_net = partial(make_actor_critic, cfg.net, obs_shape, num_actions)
     torch.manual_seed(cfg.seed)
     model = nn.ModuleDict({"online": new_net()})
@@ -42,7 +42,6 @@ def wire(cfg: Config, hogwild: bool) -> GradientProgram:
         cfg, make_worker=partial(_make_worker, cfg, new_net, loss_fn),
         make_aggregator=partial(Aggregator, model, cfg.learner, schedule=LrSchedule.of(cfg)),
         make_shared_replay=None, make_eval_net=new_net, hogwild=hogwild,
-        record=transition_spec(obs_shape, obs_dtype),
         batch_size=cfg.actors.chunk_size * cfg.env.num_envs)  # the rollout is the batch
 
 

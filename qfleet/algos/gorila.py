@@ -25,7 +25,7 @@ from qfleet.envs import probe_spaces
 from qfleet.losses import LossOut, TorchBatch, dqn_loss
 from qfleet.nets import make_q_network
 from qfleet.policies import EpsilonSchedule
-from qfleet.replay import Replay, make_replay, transition_spec
+from qfleet.replay import Replay, make_replay
 from qfleet.replay.arrays import Alloc, zeros
 from qfleet.roles import Actor
 from qfleet.roles.gradients import Aggregator, GradientWorker, LossFn
@@ -52,7 +52,7 @@ def build(cfg: Config) -> GradientProgram:
         cfg, make_worker=parts.make_worker, make_aggregator=partial(Aggregator, model, cfg.learner,
                                                               schedule=LrSchedule.of(cfg)),
         make_shared_replay=None if scope == "local" else partial(parts.new_replay, (0,)),
-        make_eval_net=new_net, hogwild=False, record=transition_spec(obs_shape, obs_dtype),
+        make_eval_net=new_net, hogwild=False,
         local_replay=scope == "local")
 
 

@@ -106,8 +106,6 @@ class GradientProgram:
     sync_every: int
     hogwild: bool
     batch_size: int
-    record: RecordSpec  # the fields of the transitions workers write to a shared replay
-    max_chunk_rows: int
     local_replay: bool = False  # each worker keeps its own replay (checkpointed by the backend)
     sync: bool = False  # aggregation sync: one group of all workers, every step waits for all
     total_env_steps: int = 0  # the run's budget (0: none): a sync group that steps on its own
@@ -123,7 +121,7 @@ def gradient_program(cfg: Config, *, make_worker: Callable[[int, int, Replay | N
                      make_aggregator: Callable[[], Aggregator],
                      make_shared_replay: ReplayMaker | None,
                      make_eval_net: Callable[[], nn.Module], hogwild: bool,
-                     record: RecordSpec, batch_size: int | None = None,
+                     batch_size: int | None = None,
                      local_replay: bool = False) -> GradientProgram:
     """The aggregation fields every gradient scheme reads the same way from ``cfg``."""
     return GradientProgram(
@@ -132,7 +130,6 @@ def gradient_program(cfg: Config, *, make_worker: Callable[[int, int, Replay | N
         make_eval_net=make_eval_net, group_size=group_size_of(cfg),
         max_staleness=cfg.algo.max_staleness, stale=cfg.algo.stale,
         wait_for_restart=cfg.algo.on_worker_loss == "wait", sync_every=cfg.algo.sync_every,
-        hogwild=hogwild, batch_size=batch_size or cfg.learner.batch_size, record=record,
+        hogwild=hogwild, batch_size=batch_size or cfg.learner.batch_size,
         local_replay=local_replay, sync=aggregation_of(cfg) == "sync",
-        total_env_steps=cfg.train.total_env_steps,
-        max_chunk_rows=(cfg.actors.chunk_size + cfg.algo.n_step - 1) * cfg.env.num_envs)
+        total_env_steps=cfg.train.total_env_steps)
